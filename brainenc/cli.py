@@ -1,0 +1,95 @@
+"""``brainenc`` command line.
+
+``fit | validate | test | predict`` go through :class:`BrainencCLI` (LightningCLI, OmegaConf
+interpolation in configs); the other subcommands are small argparse programs that live next to
+the code they drive and are dispatched from :data:`EXTRA_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+# name -> ("module:function", one-line help); each function takes argv and returns an exit code
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("brainenc.data.cli:main_simulate", "write a simulated brain (simbrain) store"),
+    "prepare": ("brainenc.data.importers:main_prepare", "import a real dataset into the canonical store"),
+    "validate-store": ("brainenc.data.cli:main_validate_store", "check a canonical store and print a summary"),
+    "afo": ("brainenc.recipes.afo:main_afo", "run the All-for-One recipe (resumable stages)"),
+    "transfer": ("brainenc.recipes.transfer:main_transfer", "transfer a universal encoder to a new subject"),
+    "report": ("brainenc.reports:main_report", "per-ROI comparison report from run directories"),
+    "sweep": ("brainenc.sweep:main_sweep", "run a grid of runs (backbones x encoders x datasets x seeds)"),
+    "compare": ("brainenc.reports.compare:main_compare", "print a per-ROI table comparing run directories"),
+}
+
+
+class BrainencCLI(LightningCLI):
+    """LightningCLI with data-to-model links and results written next to the run."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # voxel counts exist only once the stores are opened, hence apply_on="instantiate"
+        parser.link_arguments("data.voxel_counts", "model.init_args.voxel_counts", apply_on="instantiate")
+
+    def after_test(self) -> None:
+        """Write the resolved config beside the results table it produced."""
+        if not self.trainer.is_global_zero:
+            return
+        from brainenc.data.store import atomic_path
+
+        out = Path(self.trainer.default_root_dir) / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as tmp:
+            self.parser.save(self.config["test"], tmp, skip_none=False, overwrite=True,
+                             skip_check=True, multifile=False)
+
+
+def lightning_main(argv: list[str]) -> None:
+    from brainenc.data.datamodule import BrainDataModule
+    from brainenc.lit.encoder_module import EncoderModule
+
+    BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
+                parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                seed_everything_default=0, auto_configure_optimizers=False)
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def usage() -> str:
+    lines = ["usage: brainenc <command> [options]", "", "Lightning commands (YAML configs via -c, --print_config):"]
+    helps = {"fit": "train an encoder", "validate": "evaluate on the validation split",
+             "test": "evaluate on the test split and write the per-voxel results table",
+             "predict": "predict responses for the test images"}
+    lines += [f"  {c:<15} {helps[c]}" for c in LIGHTNING_COMMANDS]
+    lines += ["", "brainenc commands:"]
+    lines += [f"  {c:<15} {h}" for c, (_, h) in EXTRA_COMMANDS.items()]
+    lines += ["", "Run `brainenc <command> --help` for the options of a command.",
+              "Example: brainenc fit -c experiments/quickstart/linear.yaml"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in EXTRA_COMMANDS:
+        return int(_resolve(EXTRA_COMMANDS[cmd][0])(rest) or 0)
+    if cmd in LIGHTNING_COMMANDS:
+        lightning_main(argv)
+        return 0
+    print(f"brainenc: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""BrainDataModule: one or many (dataset, subject) pairs from canonical stores.
+
+Batches are dicts::
+
+    images    float32 (B, 3, S, S) in [0, 1], resized to ``image_size`` (the backbone normalises)
+    responses float32 (B, n_voxels) — single trials, or the mean over an image's repeats
+    stimulus  int64 (B,) rows of the pair's stimuli.h5
+    pair      str "dataset/subject"
+    pair_index int
+
+HDF5 files are opened lazily, once per worker process, and every batch is one sorted read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .sampling import PairBatchSampler
+from .splits import StimulusSplit, split_stimuli
+from .store import Store, StoreError, SubjectInfo
+
+
+@dataclass
+class PairData:
+    """A (dataset, subject) pair with its split and the trial rows of each stimulus."""
+
+    key: str
+    store: Store
+    info: SubjectInfo
+    split: StimulusSplit
+    # CSR map stimulus row -> trial rows: trials_sorted[offsets[i]:offsets[i+1]] for stimulus i
+    trials_sorted: np.ndarray
+    offsets: np.ndarray
+
+    def trials_of(self, stimuli: np.ndarray) -> list[np.ndarray]:
+        return [self.trials_sorted[self.offsets[s]:self.offsets[s + 1]] for s in stimuli]
+
+    def n_repeats(self, stimuli: np.ndarray) -> np.ndarray:
+        return self.offsets[stimuli + 1] - self.offsets[stimuli]
+
+    @classmethod
+    def build(cls, store: Store, subject: str, val_fraction: float, test_fraction: float) -> "PairData":
+        info = store.subject(subject)
+        ts = info.trial_stimulus
+        order = np.argsort(ts, kind="stable")
+        counts = np.bincount(ts, minlength=store.n_stimuli)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        split = split_stimuli(np.unique(ts), store.stimulus_ids, store.split, val_fraction, test_fraction)
+        return cls(info.key, store, info, split, order.astype(np.int64), offsets)
+
+
+class _Files:
+    """Per-process cache of open HDF5 files (reopened after a fork)."""
+
+    def __init__(self):
+        self.pid, self.files = None, {}
+
+    def get(self, path: Path) -> h5py.File:
+        if self.pid != os.getpid():
+            self.pid, self.files = os.getpid(), {}
+        if path not in self.files:
+            self.files[path] = h5py.File(path, "r")
+        return self.files[path]
+
+
+def read_images(f: h5py.File, rows: np.ndarray, image_size: int) -> torch.Tensor:
+    """Read sorted ``rows`` of ``images`` and resize. Returns float32 (B, 3, S, S) in [0, 1]."""
+    imgs = torch.from_numpy(f["images"][np.asarray(rows)]).permute(0, 3, 1, 2).float().div_(255.0)
+    if imgs.shape[-1] != image_size or imgs.shape[-2] != image_size:
+        imgs = F.interpolate(imgs, size=(image_size, image_size), mode="bilinear", antialias=True,
+                             align_corners=False).clamp_(0, 1)
+    return imgs
+
+
+class PairBatchDataset(Dataset):
+    """Reads whole batches given ``(pair_index, rows)`` descriptors from :class:`PairBatchSampler`.
+
+    ``unit="stimuli"``: rows are stimulus rows; responses are averaged over each stimulus' repeats.
+    ``unit="trials"``: rows are trial rows; responses are single trials.
+    """
+
+    def __init__(self, pairs: list[PairData], image_size: int, unit: Literal["stimuli", "trials"]):
+        self.pairs, self.image_size, self.unit = pairs, image_size, unit
+        self._files = _Files()
+
+    def __len__(self) -> int:  # batches are addressed by descriptor, not position
+        return sum(len(p.info.trial_stimulus) for p in self.pairs)
+
+    def __getitem__(self, desc: tuple[int, np.ndarray]) -> dict:
+        p_idx, rows = desc
+        pair = self.pairs[p_idx]
+        resp_ds = self._files.get(pair.info.path)["responses"]
+        if self.unit == "trials":
+            responses = resp_ds[np.asarray(rows)].astype(np.float32)
+            stimuli = pair.info.trial_stimulus[rows]
+        else:
+            stimuli = np.asarray(rows)
+            groups = pair.trials_of(stimuli)
+            trial_rows = np.concatenate(groups)
+            order = np.argsort(trial_rows)
+            block = resp_ds[trial_rows[order]].astype(np.float32)
+            unsorted = np.empty_like(block)
+            unsorted[order] = block
+            owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+            sums = np.zeros((len(groups), block.shape[1]), dtype=np.float64)
+            np.add.at(sums, owner, unsorted)
+            responses = (sums / np.array([len(g) for g in groups])[:, None]).astype(np.float32)
+        # images are read in sorted order; stimuli may repeat within a trial batch
+        uniq, inv = np.unique(stimuli, return_inverse=True)
+        images = read_images(self._files.get(pair.store.stimuli_path), uniq, self.image_size)[inv]
+        return {"images": images, "responses": torch.from_numpy(responses),
+                "stimulus": torch.from_numpy(np.asarray(stimuli, dtype=np.int64)),
+                "pair": pair.key, "pair_index": p_idx}
+
+
+class BrainDataModule(L.LightningDataModule):
+    """Subjects of one or more canonical stores, split on stimuli.
+
+    Parameters
+    ----------
+    stores : store directories (one per dataset)
+    subjects : keep only these ("dataset/subject" or "subject"); None = every subject
+    image_size : side of the square images given to the backbone
+    batch_size, eval_batch_size : images per batch
+    train_unit : "stimuli" (repeat-averaged responses per image) or "trials" (single trials)
+    val_fraction, test_fraction : hash-based fractions (test only when the store has no split)
+    sampling_weights : {"dataset" or "dataset/subject": weight} for mixing pairs in training
+    simulate : simbrain preset to generate missing stores with (e.g. "quickstart"), or None
+    """
+
+    def __init__(self, stores: list[str] = ["data/simbrain-quickstart/simbrain7t"],  # noqa: B006
+                 subjects: Optional[list[str]] = None, image_size: int = 64, batch_size: int = 32,
+                 eval_batch_size: int = 64, train_unit: Literal["stimuli", "trials"] = "stimuli",
+                 val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 sampling_weights: Optional[dict[str, float]] = None, num_workers: int = 0,
+                 simulate: Optional[str] = None, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.store_dirs = [Path(s) for s in stores]
+        self.pairs: list[PairData] = []
+
+    # ---------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        missing = [d for d in self.store_dirs if not (d / "manifest.yaml").exists()]
+        if missing and self.hparams.simulate:
+            from .simbrain import simulate
+
+            for parent in sorted({d.parent for d in missing}):
+                simulate(preset=self.hparams.simulate, out=parent, seed=self.hparams.seed)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.pairs:
+            return
+        wanted = self.hparams.subjects
+        for d in self.store_dirs:
+            if not (d / "manifest.yaml").exists() and self.hparams.simulate:
+                self.prepare_data()  # e.g. called outside a Trainer
+            store = Store(d)
+            for s in store.subjects:
+                key = f"{store.name}/{s}"
+                if wanted is None or key in wanted or s in wanted:
+                    self.pairs.append(PairData.build(store, s, self.hparams.val_fraction,
+                                                     self.hparams.test_fraction))
+        if not self.pairs:
+            raise StoreError(", ".join(map(str, self.store_dirs)), "subjects",
+                             f"at least one subject matching {wanted}", "none")
+        for p in self.pairs:
+            if len(p.split.train) == 0 or len(p.split.test) == 0:
+                raise StoreError(p.info.path, "trial_stimulus",
+                                 "stimuli in both the train and the test split",
+                                 f"train={len(p.split.train)} test={len(p.split.test)}")
+
+    # ---------------------------------------------------------------- what models need
+    @property
+    def voxel_counts(self) -> dict[str, int]:
+        """{"dataset/subject": n_voxels}, linked into the model by the CLI."""
+        self.setup()
+        return {p.key: p.info.n_voxels for p in self.pairs}
+
+    def pair(self, key: str) -> PairData:
+        for p in self.pairs:
+            if p.key == key:
+                return p
+        raise KeyError(f"unknown pair {key!r}; have {[p.key for p in self.pairs]}")
+
+    def _weights(self) -> Optional[list[float]]:
+        w = self.hparams.sampling_weights
+        if not w:
+            return None
+        out = []
+        for p in self.pairs:
+            out.append(float(w.get(p.key, w.get(p.info.dataset, 1.0))))
+        return out
+
+    # ---------------------------------------------------------------- loaders
+    def _units(self, split: str) -> list[np.ndarray]:
+        if split == "train" and self.hparams.train_unit == "trials":
+            return [np.concatenate(p.trials_of(p.split.train)) for p in self.pairs]
+        return [p.split.of(split) for p in self.pairs]
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        unit = self.hparams.train_unit if train else "stimuli"
+        sampler = PairBatchSampler(
+            self._units(split), self.hparams.batch_size if train else self.hparams.eval_batch_size,
+            shuffle=train, seed=self.hparams.seed, weights=self._weights() if train else None, pad=train)
+        nw = self.hparams.num_workers
+        return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit), batch_size=None,
+                          sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,178 @@
+"""EncoderModule: training logic shared by every encoder family.
+
+Architecture lives in the injected :class:`~brainenc.models.backbones.Backbone` and the readout
+built by a factory (chosen by ``class_path`` in YAML); this module holds only the loss, the
+optimiser, voxel sampling, evaluation in voxel chunks and the per-voxel metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from brainenc.metrics import VoxelPearson
+from brainenc.metrics.retrieval import identification_accuracy
+from brainenc.models.backbones import Backbone, Features
+from brainenc.models.losses import MSELoss, VoxelLoss
+from brainenc.models.readout import FeatureSpec, Readout, ReadoutFactory, pair_slot
+from .collect import PredictionCollector
+
+
+class EncoderModule(L.LightningModule):
+    """Backbone + readout, trained per (dataset, subject) batch.
+
+    Parameters
+    ----------
+    backbone : feature pyramid extractor (frozen, LoRA or trainable)
+    readout : factory ``(voxel_counts, FeatureSpec) -> Readout`` (a ``class_path`` in YAML)
+    voxel_counts : {"dataset/subject": n_voxels}; linked from the datamodule by the CLI
+    loss : per-voxel loss (default MSE)
+    lr, weight_decay : AdamW settings for the readout
+    backbone_lr : learning rate for trainable backbone parameters (LoRA or full)
+    warmup_fraction : linear warm-up share of the steps before cosine decay
+    voxels_per_step : train on a random subset of this many voxels per batch (None = all)
+    eval_voxel_chunk : evaluate voxels in chunks of this size to bound memory (None = all at once)
+    model_name : label written into the results table
+    """
+
+    def __init__(self, backbone: Backbone, readout: ReadoutFactory,
+                 voxel_counts: Optional[dict[str, int]] = None, loss: Optional[VoxelLoss] = None,
+                 lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
+                 warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
+                 eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder"):
+        super().__init__()
+        if not voxel_counts:
+            raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "
+                             "data.voxel_counts (pass it explicitly when building the module in Python)")
+        self.save_hyperparameters(ignore=["backbone", "readout", "loss"])
+        self.backbone = backbone
+        self.readout: Readout = readout(dict(voxel_counts), FeatureSpec.of(backbone))
+        self.loss_fn = loss if loss is not None else MSELoss()
+        self.voxel_counts = dict(voxel_counts)
+        self.val_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
+        self.test_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
+        self.test_collect = nn.ModuleDict({pair_slot(k): PredictionCollector() for k in voxel_counts})
+        self.test_results: dict = {}
+        self._t0 = time.time()
+
+    # ---------------------------------------------------------------- model
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "pairs"):
+            dm.setup(stage)
+            for p in dm.pairs:
+                if p.key in self.voxel_counts:
+                    self.readout.set_voxel_info(p.key, p.info.coords)
+
+    def features(self, images: Tensor) -> Features:
+        return self.backbone(images)
+
+    def forward(self, images: Tensor, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        """images (B, 3, S, S) in [0, 1] -> responses (B, V)."""
+        return self.readout(self.features(images), pair, voxels)
+
+    def predict_all(self, feats: Features, pair: str) -> Tensor:
+        """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels)."""
+        n, chunk = self.voxel_counts[pair], self.hparams.eval_voxel_chunk
+        if not chunk or chunk >= n:
+            return self.readout(feats, pair)
+        idx = torch.arange(n, device=self.device)
+        return torch.cat([self.readout(feats, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pair, target = batch["pair"], batch["responses"]
+        feats = self.features(batch["images"])
+        voxels = None
+        k = self.hparams.voxels_per_step
+        if k and k < target.shape[1]:
+            voxels = torch.randperm(target.shape[1], device=target.device)[:k]
+            target = target[:, voxels]
+        pred = self.readout(feats, pair, voxels)
+        loss = self.loss_fn(pred, target) + self.readout.regularization()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
+        return loss
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict, collect: Optional[nn.ModuleDict] = None) -> Tensor:
+        pair = batch["pair"]
+        pred = self.predict_all(self.features(batch["images"]), pair)
+        metrics[pair_slot(pair)].update(pred, batch["responses"])
+        if collect is not None:
+            collect[pair_slot(pair)].update(pred, batch["responses"], batch["stimulus"])
+        return pred
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_pearson)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_pearson, self.test_collect)
+
+    def _pearson_all(self, metrics: nn.ModuleDict) -> dict[str, np.ndarray]:
+        # every rank computes every pair (a collective under DDP), even one it saw no batch of
+        out = {}
+        for key in self.voxel_counts:
+            m = metrics[pair_slot(key)]
+            out[key] = m.compute().cpu().numpy()
+            m.reset()
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        r = self._pearson_all(self.val_pearson)
+        if not r:
+            return
+        allr = np.concatenate(list(r.values()))
+        self.log("val/pearson_median", float(np.nanmedian(allr)) if np.isfinite(allr).any() else 0.0,
+                 prog_bar=True, sync_dist=False)
+        for key, v in r.items():
+            self.log(f"val/{key}/pearson_median", float(np.nanmedian(v)) if np.isfinite(v).any() else 0.0)
+
+    def on_test_epoch_end(self) -> None:
+        pearson = self._pearson_all(self.test_pearson)
+        retrieval = {}
+        for key in pearson:
+            c = self.test_collect[pair_slot(key)]
+            pred, target, stim = c.compute()
+            c.reset()
+            retrieval[key] = identification_accuracy(target.cpu().numpy(), pred.cpu().numpy())
+        self.test_results = {"pearson": pearson, "retrieval": retrieval}
+        allr = np.concatenate(list(pearson.values()))
+        self.log("test/pearson_median", float(np.nanmedian(allr)))
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.trainer.is_global_zero and dm is not None and hasattr(dm, "pairs"):
+            from brainenc.results import write_results
+
+            write_results(self.trainer.default_root_dir, dm, pearson, retrieval, meta=self.result_meta())
+
+    def result_meta(self) -> dict:
+        return {"model": self.hparams.model_name, "backbone": self.backbone.name,
+                "wall_time_s": time.time() - self._t0}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        pred = self.predict_all(self.features(batch["images"]), batch["pair"])
+        return {"pair": batch["pair"], "stimulus": batch["stimulus"].cpu(), "pred": pred.cpu()}
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        head = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        body = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+        groups = [{"params": head, "lr": self.hparams.lr}]
+        if body:
+            groups.append({"params": body, "lr": self.hparams.backbone_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = max(1, int(self.hparams.warmup_fraction * total))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
