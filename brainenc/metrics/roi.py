@@ -1,0 +1,49 @@
+"""Summaries of a per-voxel results table by ROI (or any grouping)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+__all__ = ["roi_summary"]
+
+
+def roi_summary(
+    df: pd.DataFrame,
+    value_cols: Sequence[str] = ("pearson",),
+    by: Sequence[str] = ("model", "dataset", "subject", "roi"),
+) -> pd.DataFrame:
+    """NaN-aware median / mean / count of per-voxel values within groups.
+
+    Parameters
+    ----------
+    df : DataFrame (n_rows, ...)
+        Tidy per-voxel table, one row per (run, voxel[, roi]) with the ``by`` and ``value_cols``
+        columns.
+    value_cols : sequence of str
+        Numeric columns to summarise (e.g. ``"pearson"``, ``"normalised_score"``).
+    by : sequence of str
+        Grouping columns. Rows whose group label is missing form their own group, so voxels
+        outside every ROI are reported, not silently dropped.
+
+    Returns
+    -------
+    summary : DataFrame (n_groups * len(value_cols), len(by) + 5)
+        Long (tidy) format, columns ``[*by, "metric", "median", "mean", "count", "n_nan"]``.
+        ``median`` and ``mean`` ignore NaN; ``count`` is the number of non-NaN values and
+        ``n_nan`` the number of NaN ones (so ``count + n_nan`` is the group size).
+    """
+    by, value_cols = list(by), list(value_cols)
+    missing = [c for c in by + value_cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"roi_summary: column(s) {missing} not in the table (columns: {list(df.columns)})")
+    if not value_cols:
+        raise ValueError("roi_summary: value_cols must name at least one column")
+
+    long = df[by + value_cols].melt(id_vars=by, value_vars=value_cols, var_name="metric")
+    long["value"] = pd.to_numeric(long["value"], errors="raise").astype("float64")
+    grouped = long.groupby(by + ["metric"], dropna=False, observed=True, sort=True)["value"]
+    out = grouped.agg(median="median", mean="mean", count="count", size="size").reset_index()
+    out["n_nan"] = out.pop("size") - out["count"]
+    return out[by + ["metric", "median", "mean", "count", "n_nan"]]
