@@ -336,7 +336,7 @@ class NSDImporter(Importer):
                 if zscore:
                     x = zscore_rows(x)
                 sl = slice((sess - 1) * TRIALS_PER_SESSION, sess * TRIALS_PER_SESSION)
-                w.write_trials(x.astype(np.float32, copy=False), trial_stim[sl],
+                w.write_trials(x, trial_stim[sl],
                                np.full(TRIALS_PER_SESSION, sess, np.int32))
 
         session_files = [p for s in range(1, n_sess + 1)
@@ -377,7 +377,8 @@ class NSDImporter(Importer):
                 for sl in iter_blocks(TRIALS_PER_SESSION, block):
                     # h5py reads C order (trials, Z, Y, X): index with (k, j, i).
                     out[sl] = ds[sl][:, k, j, i]
-            return out / np.float32(scale)
+            out /= np.float32(scale)
+            return out
         import nibabel as nib
 
         try:
@@ -395,7 +396,8 @@ class NSDImporter(Importer):
         divide = scale if raw_int and slope in (1.0, None) and inter in (0.0, None) else 1.0
         for sl in iter_blocks(TRIALS_PER_SESSION, block):
             out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
-        return out / np.float32(divide)
+        out /= np.float32(divide)
+        return out
 
     @staticmethod
     def _read_surface_session(paths: list[Path], mask: np.ndarray, n_per_hemi: list[int], block_bytes: float,
@@ -416,5 +418,6 @@ class NSDImporter(Importer):
             for sl in iter_blocks(TRIALS_PER_SESSION, block):
                 blk = np.asarray(img.dataobj[..., sl]).reshape(n, -1)
                 out[sl] = blk[m].T
-            parts.append(out / np.float32(scale if raw_int else 1.0))
+            out /= np.float32(scale if raw_int else 1.0)
+            parts.append(out)
         return np.concatenate(parts, axis=1)
