@@ -1,0 +1,266 @@
+"""Write simulated datasets as canonical stores, streaming images and trials in chunks.
+
+Per dataset: (1) lay out every subject's cortex and trial order; (2) render the images chunk by
+chunk, write them, compute their energy maps once and every subject's raw noise-free responses
+into ``truth/responses`` while accumulating per-voxel sums; (3) normalise ``truth/responses`` in
+place, block by block; (4) write trials session by session (truth rows of the session's stimuli
++ Gaussian noise); (5) write the manifest last.  Peak memory is set by the chunk sizes, never by
+n_trials x n_voxels.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..store import MANIFEST, STIMULI, RoiAtlas, StimuliWriter, SubjectWriter, write_manifest
+from . import cortex
+from .cortex import ROI_LABELS, VOXEL_TYPE_LABELS, build_cortex, sample_map
+from .presets import GENERATOR_VERSION, DatasetSpec, Preset, get_preset, stimulus_plan
+from .responses import VoxelModel, energy_maps
+from .stimuli import label_attrs, render_images
+
+CITATION = ("brainenc simbrain: a simulated image-to-fMRI experiment with known ground truth, "
+            "modelled on the Natural Scenes Dataset (Allen et al. 2022, Nat Neurosci 25:116-126); "
+            "retinotopy after Schwartz 1977, Horton & Hoyt 1991, Dumoulin & Wandell 2008; "
+            "compressive spatial summation after Kay et al. 2013.")
+SPLIT_RULE = ("split on stimuli: the first n_test image ids (sim-00000..) form the shared test set "
+              "(like NSD shared1000), shown test_repeats times to every subject of every dataset; "
+              "all other images are train. Images shared between datasets keep id and split.")
+N_CALIBRATION = 32
+CALIBRATION_ID0 = 50_000_000  # image ids of the calibration stream, far from any stimulus id
+
+
+def _code(name: str) -> int:
+    """A stable integer for a dataset name, used in seeds (Python's hash() is salted)."""
+    return zlib.crc32(name.encode())
+
+
+def stimulus_id(i: int) -> str:
+    return f"sim-{int(i):05d}"
+
+
+@functools.lru_cache(maxsize=4)
+def calibration_ref(seed: int, size: int) -> np.ndarray:
+    """Mean energy per band over a fixed calibration batch, so band drives are O(1).
+
+    Returns float64 (n_bands,).
+    """
+    imgs, _ = render_images(seed, range(CALIBRATION_ID0, CALIBRATION_ID0 + N_CALIBRATION), size)
+    return np.array([f.mean() for f in energy_maps(imgs)], dtype=np.float64)
+
+
+def trial_plan(rng: np.random.Generator, split: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Stimulus row of every trial, in presentation order.
+
+    Returns int64 (n_trials,): test rows ``test_repeats`` times, train rows ``train_repeats``
+    times plus one extra showing for a random ``train_extra_fraction`` of them, shuffled so that
+    an image's repeats fall in different sessions.
+    """
+    reps = np.where(split == 1, spec.test_repeats, spec.train_repeats).astype(np.int64)
+    train = np.flatnonzero(split == 0)
+    n_extra = int(round(spec.train_extra_fraction * len(train)))
+    reps[rng.choice(train, n_extra, replace=False)] += 1
+    trials = np.repeat(np.arange(len(split)), reps)
+    return trials[rng.permutation(len(trials))]
+
+
+def existing_status(root: Path, preset: str, seed: int) -> str:
+    """'missing', 'complete' (manifest matches preset, seed and generator) or 'different'."""
+    m = root / MANIFEST
+    if not m.exists():
+        return "missing"
+    try:
+        man = yaml.safe_load(m.read_text()) or {}
+    except yaml.YAMLError:
+        return "different"
+    same = (man.get("source") == "simbrain" and man.get("preset") == preset
+            and man.get("seed") == seed and man.get("generator_version") == GENERATOR_VERSION)
+    return "complete" if same else "different"
+
+
+def _clear(root: Path) -> None:
+    """Remove a previous store's files (manifest first, so a crash leaves it 'incomplete')."""
+    (root / MANIFEST).unlink(missing_ok=True)
+    for p in [root / STIMULI, *root.glob("subj*.h5")]:
+        p.unlink(missing_ok=True)
+    # leftover temporary files from interrupted writes
+    for p in root.glob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray, split: np.ndarray,
+                  seed: int) -> None:
+    """Simulate one dataset into the store directory ``root`` (see module docstring)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _clear(root)
+    code, n, size = _code(spec.name), len(ids), preset.image_size
+    ref = calibration_ref(seed, size)
+
+    subjects = []
+    for si, (subj, nvox) in enumerate(zip(spec.subjects, spec.n_voxels)):
+        rng = np.random.default_rng([seed, code, si, 1])
+        m = sample_map(rng)
+        vt = build_cortex(m, nvox, preset.fractions, rng, spec.ncsnr_median, spec.ncsnr_log_sd,
+                          preset.visual_angle_deg)
+        trials = trial_plan(np.random.default_rng([seed, code, si, 2]), split, spec)
+        subjects.append({"name": subj, "map": m, "vt": vt, "trials": trials,
+                         "model": VoxelModel(vt, size, preset.visual_angle_deg, ref),
+                         "sum": np.zeros(nvox), "sumsq": np.zeros(nvox)})
+
+    stim = StimuliWriter(root / STIMULI, n, (size, size), preset.visual_angle_deg,
+                         attrs={"source": "simbrain"})
+    writers = []
+    try:
+        for s in subjects:
+            vt = s["vt"]
+            w = SubjectWriter(root / f"{s['name']}.h5", dataset=spec.name, subject=s["name"],
+                              n_trials=len(s["trials"]), n_voxels=vt.n, coords=vt.coords,
+                              space="simbrain", field_strength_tesla=spec.field_strength_tesla,
+                              units="z", rois={"simbrain": RoiAtlas(vt.roi, ROI_LABELS)},
+                              ncsnr=vt.ncsnr, dtype=spec.dtype, attrs={"source": "simbrain"})
+            rows = max(1, min(n, (1 << 18) // (4 * vt.n)))  # ~256 KB chunks of whole rows
+            s["truth"] = w.f.create_dataset("truth/responses", (n, vt.n), dtype="float32",
+                                            chunks=(rows, vt.n))
+            writers.append(w)
+
+        # pass 1: images, labels and raw noise-free responses, chunk by chunk
+        labels = []
+        for a in range(0, n, preset.image_chunk):
+            b = min(a + preset.image_chunk, n)
+            imgs, lab = render_images(seed, ids[a:b], size)
+            stim.write(imgs, [stimulus_id(i) for i in ids[a:b]])
+            labels.append(lab)
+            feats = energy_maps(imgs)
+            for s in subjects:
+                raw = s["model"].raw(feats, lab)
+                s["truth"][a:b] = raw
+                s["sum"] += raw.sum(0, dtype=np.float64)
+                s["sumsq"] += np.square(raw, dtype=np.float64).sum(0)
+        stim.write_array("split", split.astype(np.uint8),
+                         attrs={"codes": "0 train, 1 test", "rule": SPLIT_RULE})
+        attrs = label_attrs()
+        for k in labels[0]:
+            stim.write_array(f"labels/{k}", np.concatenate([lab[k] for lab in labels]),
+                             attrs=attrs.get(k))
+        stim.close()
+
+        for s, w in zip(subjects, writers):
+            _finish_subject(s, w, spec, seed, code, subjects.index(s))
+            w.close()
+    except BaseException:
+        stim.abort()
+        for w in writers:
+            w.abort()
+        raise
+
+    write_manifest(root, {
+        "dataset": spec.name, "subjects": spec.subjects, "source": "simbrain",
+        "preset": preset.name, "seed": int(seed), "generator_version": GENERATOR_VERSION,
+        "field_strength_tesla": spec.field_strength_tesla, "n_stimuli": n,
+        "n_test": int(split.sum()), "split_rule": SPLIT_RULE, "citation": CITATION,
+        "description": (f"Simulated {spec.field_strength_tesla:g}T-like dataset: "
+                        f"{len(spec.subjects)} subjects viewing {n} recomposed photographs "
+                        f"({preset.visual_angle_deg} deg); ground truth in each subject's truth/ group."),
+        "stimulus_sources": "skimage.data photos and textures, skimage.data.lfw_subset faces, "
+                            "sklearn sample images (china, flower), matplotlib grace_hopper.jpg",
+        "generator": {
+            "preset": preset.as_dict(), "dataset": spec.__dict__ | {"n_voxels": list(spec.n_voxels)},
+            "population": {"prf_slope": cortex.PRF_SLOPE, "prf_intercept": cortex.PRF_INTERCEPT,
+                           "css_exponent": cortex.CSS_EXPONENT,
+                           "sf_fraction_of_nyquist": cortex.SF_FRACTION_OF_NYQUIST,
+                           "polar_beta": cortex.POLAR_BETA, "ncsnr_roi_factor": cortex.NCSNR_ROI_FACTOR},
+            "subjects": {s["name"]: s["map"].as_dict() for s in subjects},
+        },
+    })
+
+
+def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, code: int, si: int) -> None:
+    """Normalise the subject's truth in place, write its trials and its truth arrays."""
+    vt, truth, n = s["vt"], s["truth"], s["truth"].shape[0]
+    mean = s["sum"] / n
+    sd = np.sqrt(np.maximum(s["sumsq"] / n - mean ** 2, 0))
+    flat = sd <= 1e-6 * (1 + np.abs(mean))
+    ncsnr = np.where(flat, 0.0, vt.ncsnr.astype(np.float64))
+    if (flat & (vt.roi > 0)).any():  # a signal voxel that nothing on the screen drives
+        w.f["voxels/ncsnr"][...] = ncsnr.astype(np.float32)
+    signal_sd = ncsnr / np.sqrt(1 + ncsnr ** 2)
+    noise_sd = 1 / np.sqrt(1 + ncsnr ** 2)
+    scale = np.where(flat, 0.0, signal_sd / np.where(flat, 1, sd)).astype(np.float32)
+    mean32 = mean.astype(np.float32)
+    step = max(1, (1 << 25) // (4 * vt.n))  # ~32 MB blocks
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        truth[a:b] = (truth[a:b] - mean32) * scale
+
+    trials, tps = s["trials"], spec.trials_per_session
+    noise32 = noise_sd.astype(np.float32)
+    for sess, a in enumerate(range(0, len(trials), tps)):
+        rows = trials[a:a + tps]
+        uniq, inv = np.unique(rows, return_inverse=True)
+        sig = truth[uniq][inv]  # h5py needs increasing indices; expand repeats afterwards
+        rng = np.random.default_rng([seed, code, si, 3, sess])
+        noise = rng.standard_normal(sig.shape, dtype=np.float32)
+        w.write_trials(sig + noise * noise32, rows, np.full(len(rows), sess))
+
+    w.write_group("truth", {
+        "prf_x_deg": vt.prf_x.astype(np.float32), "prf_y_deg": vt.prf_y.astype(np.float32),
+        "prf_sigma_deg": vt.prf_sigma.astype(np.float32), "voxel_type": vt.roi.astype(np.int16),
+        "signal_sd": signal_sd.astype(np.float32), "noise_sd": noise_sd.astype(np.float32),
+        "flat_xy": vt.flat_xy, "hemisphere": vt.hemi, "css_exponent": vt.css_exponent.astype(np.float32),
+        "orientation_pref_rad": vt.ori_pref.astype(np.float32),
+        "orientation_gain": vt.ori_gain.astype(np.float32),
+    }, attrs={"map": yaml.safe_dump(s["map"].as_dict(), sort_keys=False),
+              "units": "responses in z (total per-trial variance 1); degrees; flat_xy in mm",
+              "description": "noise-free responses and true voxel parameters; see docs/simbrain.md"})
+    g = w.f["truth"]
+    g["voxel_type"].attrs["labels"] = yaml.safe_dump(VOXEL_TYPE_LABELS)
+    g["hemisphere"].attrs["labels"] = yaml.safe_dump({0: "left", 1: "right"})
+    g["responses"].attrs["description"] = "noise-free response to every row of stimuli.h5"
+    g["orientation_pref_rad"].attrs["description"] = "preferred frequency direction (rad, 0 = horizontal)"
+
+
+def simulate(preset: str = "tiny", out: str | Path = "data/simbrain", seed: int = 0,
+             overwrite: bool = False) -> dict[str, Path]:
+    """Simulate the preset's datasets into ``out/<dataset>`` (canonical stores).
+
+    Parameters
+    ----------
+    preset : a key of :data:`PRESETS` ("tiny", "quickstart", "nsd-scale")
+    out : parent directory of the stores
+    seed : every random draw derives from it; same seed, same arrays (bit for bit)
+    overwrite : replace stores written with other parameters (else raise)
+
+    Returns
+    -------
+    {dataset name: store directory}, e.g. ``{"simbrain7t": out/"simbrain7t",
+    "simbrain3t": out/"simbrain3t"}`` (nsd-scale has only simbrain7t).  A store that is already
+    complete with the same preset and seed is left alone.
+    """
+    p = get_preset(preset)
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"simbrain seed must be a non-negative integer, got {seed}")
+    out = Path(out)
+    plan = stimulus_plan(p)
+    paths = {}
+    for spec in p.datasets:
+        root = out / spec.name
+        status = existing_status(root, p.name, seed)
+        if status == "different" and not overwrite:
+            raise FileExistsError(
+                f"{root / MANIFEST}: field 'preset/seed': expected preset={p.name!r} seed={seed} "
+                f"generator_version={GENERATOR_VERSION}; a store with other parameters exists "
+                f"(pass overwrite=True to replace it)")
+        if status != "complete":
+            write_dataset(root, p, spec, plan[spec.name]["ids"], plan[spec.name]["split"], seed)
+        paths[spec.name] = root
+    return paths
