@@ -1,0 +1,306 @@
+"""Put per-voxel scores back onto a brain: volumes, fsaverage surfaces, simbrain flat sheets.
+
+Three kinds of map, chosen by the ``space`` column of voxels.csv:
+
+* volume spaces ("MNI152", "func1pt8mm", any other non-surface space):
+  voxels go back into a 3-D grid.  For MNI152 the grid is nilearn's bundled
+  2 mm template (glass brain); for native spaces the grid is built from the
+  coordinates themselves (spacing inferred from the coordinates, 1.8 mm if it
+  cannot be), shown as axial slices over the voxel coverage.
+* surface spaces ("fsaverage*"): values go onto nilearn's bundled fsaverage5
+  inflated mesh, by vertex index (optional ``vertex`` + ``hemi`` columns) or
+  else by nearest fsaverage5 vertex to (x, y, z).
+* simbrain ("simbrain*"): a scatter of (flat_x, flat_y) coloured by score,
+  one panel per hemisphere.
+
+Every function returns a matplotlib Figure or raises; the caller turns any
+exception into a note so a map failure never kills the report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+#: fsaverage5 has 10242 vertices per hemisphere; finer fsaverages (6, 7) are
+#: nested icosahedra whose first 10242 vertices are exactly fsaverage5's.
+FSAVERAGE5_N = 10242
+DEFAULT_GRID_MM = 1.8
+
+
+def map_kind(space: str) -> str:
+    """"surface", "flat" or "volume" for a ``space`` value."""
+    s = str(space).lower()
+    if s.startswith("fsaverage"):
+        return "surface"
+    if s.startswith("simbrain"):
+        return "flat"
+    return "volume"
+
+
+def _aggregate(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Mean of ``values`` per target ``index`` (several voxels may land in one cell).
+
+    Returns array (size,) with NaN where nothing landed.
+    """
+    ok = np.isfinite(values)
+    s = np.bincount(index[ok], weights=values[ok], minlength=size)
+    c = np.bincount(index[ok], minlength=size)
+    out = np.full(size, np.nan)
+    out[c > 0] = s[c > 0] / c[c > 0]
+    return out
+
+
+def infer_spacing(coords: np.ndarray, default: float = DEFAULT_GRID_MM) -> np.ndarray:
+    """Per-axis grid spacing (3,) in mm: the most common gap between sorted unique coordinates.
+
+    Why: native-space tables come from a voxel grid whose spacing is not in
+    the table; using the data's own spacing puts one voxel in one cell.
+    Falls back to ``default`` for an axis with fewer than two distinct values.
+    """
+    out = np.full(3, float(default))
+    for k in range(3):
+        u = np.unique(np.round(coords[:, k], 3))
+        if u.size < 2:
+            continue
+        gaps = np.round(np.diff(u), 2)
+        gaps = gaps[gaps > 0.05]
+        if gaps.size:
+            vals, counts = np.unique(gaps, return_counts=True)
+            out[k] = float(vals[np.argmax(counts)])
+    return out
+
+
+def volume_image(coords: np.ndarray, values: np.ndarray, space: str):
+    """Place voxel values into a Nifti image.
+
+    Parameters
+    ----------
+    coords : array (n_voxels, 3) mm
+    values : array (n_voxels,)
+    space : "MNI152" uses the nilearn 2 mm MNI152 template grid; anything else
+        builds a grid from the coordinates.
+
+    Returns
+    -------
+    img : Nifti1Image, 0 outside the data (nilearn zero-fills NaN anyway), coverage : Nifti1Image (1 where data),
+    n_outside : int, voxels that fell outside the template grid (MNI only).
+    """
+    import nibabel as nib
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if str(space).upper().startswith("MNI"):
+        from nilearn import datasets
+
+        tpl = datasets.load_mni152_template(resolution=2)
+        affine, shape = tpl.affine, tpl.shape[:3]
+    else:
+        spacing = infer_spacing(coords)
+        origin = np.nanmin(coords, axis=0) - 2 * spacing  # 2-voxel margin for display
+        affine = np.diag([*spacing, 1.0])
+        affine[:3, 3] = origin
+        extent = np.nanmax(coords, axis=0) - origin
+        shape = tuple(int(v) for v in np.ceil(extent / spacing) + 3)
+    inv = np.linalg.inv(affine)
+    ijk = np.rint(coords @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+    inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1) & np.all(np.isfinite(coords), axis=1)
+    flat = np.ravel_multi_index(ijk[inside].T, shape)
+    size = int(np.prod(shape))
+    data = np.nan_to_num(_aggregate(flat, np.asarray(values, dtype=np.float64)[inside], size))
+    data = data.reshape(shape)
+    cov = np.zeros(size)
+    cov[flat] = 1.0
+    return (nib.Nifti1Image(data.astype(np.float32), affine),
+            nib.Nifti1Image(cov.reshape(shape).astype(np.float32), affine),
+            int((~inside).sum()))
+
+
+def _hemi_of(df: pd.DataFrame) -> np.ndarray:
+    """"left"/"right" per row, from a ``hemi`` column (lh/rh/left/right/L/R) or the sign of x."""
+    if "hemi" in df.columns:
+        h = df["hemi"].astype(str).str.lower().str[0].map({"l": "left", "r": "right"})
+        if h.notna().all():
+            return h.to_numpy()
+    return np.where(df["x"].to_numpy() < 0, "left", "right")
+
+
+def surface_values(df: pd.DataFrame, value: str = "pearson") -> tuple[dict[str, np.ndarray], str]:
+    """Map one subject's per-voxel values onto fsaverage5 (10242 vertices per hemisphere).
+
+    Parameters
+    ----------
+    df : rows of one (label, dataset, subject) with x, y, z and optionally vertex, hemi.
+
+    Returns
+    -------
+    values : {"left": (10242,), "right": (10242,)} NaN where no data,
+    how : a sentence saying how the mapping was done (goes into the report).
+    """
+    hemi = _hemi_of(df)
+    vals = df[value].to_numpy(dtype=np.float64)
+    out = {}
+    if "vertex" in df.columns and df["vertex"].notna().all():
+        v = df["vertex"].to_numpy().astype(np.int64)
+        keep = v < FSAVERAGE5_N
+        for h in ("left", "right"):
+            m = keep & (hemi == h)
+            out[h] = _aggregate(v[m], vals[m], FSAVERAGE5_N)
+        if keep.all():
+            how = "fsaverage5 vertices by index"
+        else:
+            how = (f"vertex index: {int(keep.sum())} of {len(v)} vertices are shared with fsaverage5 "
+                   "(nested icosahedron) and shown; the finer vertices are not drawn")
+        return out, how
+
+    from nilearn import datasets
+    from scipy.spatial import cKDTree
+
+    fs = datasets.load_fsaverage("fsaverage5")
+    xyz = df[["x", "y", "z"]].to_numpy(dtype=np.float64)
+    best = None
+    # The table's coordinates may be on any of the standard fsaverage meshes: use
+    # the one they sit on (smallest median distance to its vertices).
+    for mesh in ("pial", "white_matter", "inflated", "sphere"):
+        dist = np.empty(len(df))
+        idx = np.empty(len(df), dtype=np.int64)
+        for h in ("left", "right"):
+            m = hemi == h
+            if m.any():
+                tree = cKDTree(fs[mesh].parts[h].coordinates)
+                dist[m], idx[m] = tree.query(xyz[m])
+        med = float(np.median(dist))
+        if best is None or med < best[0]:
+            best = (med, mesh, dist, idx)
+    med, mesh, dist, idx = best
+    if med > 4.0:
+        raise ValueError(f"coordinates are not on an fsaverage mesh (median distance to the "
+                         f"nearest fsaverage5 vertex {med:.1f} mm on the closest mesh, '{mesh}')")
+    near = dist <= 8.0
+    for h in ("left", "right"):
+        m = near & (hemi == h)
+        out[h] = _aggregate(idx[m], vals[m], FSAVERAGE5_N)
+    return out, (f"nearest fsaverage5 vertex on the {mesh} mesh (median distance {med:.1f} mm; "
+                 f"{int((~near).sum())} points farther than 8 mm dropped)")
+
+
+def _robust_vmax(values: np.ndarray) -> float:
+    v = np.abs(values[np.isfinite(values)])
+    return float(np.percentile(v, 99)) if v.size and np.percentile(v, 99) > 0 else 1.0
+
+
+def brainmap_figure(df: pd.DataFrame, labels: list[str], value: str = "pearson",
+                    vmax: float | None = None):
+    """One figure for one (dataset, subject): one row per model label.
+
+    Parameters
+    ----------
+    df : rows of one (dataset, subject), all labels; needs space, x, y, z, ``value``
+        and flat_x/flat_y for simbrain, vertex/hemi optionally for fsaverage.
+    labels : model labels to draw, one row each (missing ones are skipped).
+    vmax : shared colour limit; default the 99th percentile of |value|.
+
+    Returns
+    -------
+    fig : matplotlib Figure, notes : list of str (how data were mapped).
+    """
+    from .plots import new_figure
+
+    spaces = df["space"].dropna().unique()
+    if len(spaces) != 1:
+        raise ValueError(f"expected one coordinate space per subject, found {list(spaces)}")
+    space = str(spaces[0])
+    kind = map_kind(space)
+    labels = [lab for lab in labels if (df["label"] == lab).any()]
+    vmax = vmax or _robust_vmax(df[value].to_numpy(dtype=np.float64))
+    notes: list[str] = []
+    n = len(labels)
+    cmap = "cold_hot"
+
+    if kind == "flat":
+        has_flat = {"flat_x", "flat_y"} <= set(df.columns) and df[["flat_x", "flat_y"]].notna().all().all()
+        if not has_flat:
+            notes.append("no flat_x/flat_y columns: drew the (x, y) coordinates instead")
+        hemis = sorted(df["hemi"].dropna().astype(str).unique()) if "hemi" in df.columns else [None]
+        hemis = hemis or [None]
+        fig, axes = new_figure(n, len(hemis), figsize=(4.2 * len(hemis) + 0.8, 3.4 * n))
+        sc = None
+        for i, lab in enumerate(labels):
+            d = df[df["label"] == lab]
+            for j, h in enumerate(hemis):
+                dh = d if h is None else d[d["hemi"].astype(str) == h]
+                ax = axes[i, j]
+                xs = dh["flat_x" if has_flat else "x"]
+                ys = dh["flat_y" if has_flat else "y"]
+                v = dh[value].to_numpy(dtype=np.float64)
+                nan = ~np.isfinite(v)
+                ax.scatter(xs[nan], ys[nan], s=4, c="0.8", marker="x", linewidths=0.5)
+                # Dense sheets need small dots, sparse ones bigger dots to be visible.
+                size = float(np.clip(3000.0 / max(1, len(dh)), 1.0, 25.0))
+                sc = ax.scatter(xs[~nan], ys[~nan], c=v[~nan], s=size, cmap="RdBu_r",
+                                vmin=-vmax, vmax=vmax, linewidths=0)
+                # ROI names at their median position orient the reader on the sheet.
+                for roi, g in dh.groupby("roi"):
+                    if roi != "none":
+                        ax.annotate(str(roi), (np.median(xs.loc[g.index]), np.median(ys.loc[g.index])),
+                                    fontsize=7, ha="center", va="center", color="k",
+                                    bbox={"boxstyle": "round,pad=0.1", "fc": "w", "alpha": 0.6, "lw": 0})
+                ax.set_aspect("equal")
+                ax.set_title(f"{lab}" + (f" — {h}" if h is not None else ""), fontsize=9)
+                ax.set_xlabel("flat x (mm)", fontsize=8)
+                ax.set_ylabel("flat y (mm)", fontsize=8)
+                ax.tick_params(labelsize=7)
+        if sc is not None:
+            fig.colorbar(sc, ax=axes, shrink=0.6, label=value)
+        return fig, notes
+
+    from nilearn import plotting
+
+    if kind == "volume":
+        mni = space.upper().startswith("MNI")
+        fig, axes = new_figure(n, 1, figsize=(10, 2.8 * n), layout=None)
+        for i, lab in enumerate(labels):
+            d = df[df["label"] == lab]
+            img, cov, n_out = volume_image(d[["x", "y", "z"]].to_numpy(), d[value].to_numpy(), space)
+            if n_out:
+                notes.append(f"{lab}: {n_out} voxels outside the MNI152 2 mm template grid were dropped")
+            title = f"{lab} ({value})"
+            if mni:
+                plotting.plot_glass_brain(img, axes=axes[i, 0], figure=fig, colorbar=True,
+                                          plot_abs=False, cmap=cmap, vmin=-vmax, vmax=vmax,
+                                          symmetric_cbar=True, threshold=1e-6, title=title)
+            else:
+                plotting.plot_stat_map(img, bg_img=cov, axes=axes[i, 0], figure=fig, colorbar=True,
+                                       display_mode="z", cut_coords=6, cmap=cmap, vmin=-vmax,
+                                       vmax=vmax, symmetric_cbar=True, threshold=1e-6, title=title,
+                                       draw_cross=False, black_bg=False, dim=0)
+        if mni:
+            notes.append("MNI152 voxels placed on nilearn's 2 mm template grid (glass brain)")
+        else:
+            sp = infer_spacing(df[["x", "y", "z"]].to_numpy(dtype=np.float64))
+            notes.append(f"native space '{space}': grid built from the coordinates "
+                         f"(spacing {', '.join(f'{s:g}' for s in sp)} mm); grey = voxels in the table")
+        return fig, notes
+
+    # surface
+    from nilearn import datasets
+
+    fs = datasets.load_fsaverage("fsaverage5")
+    try:
+        sulc = datasets.load_fsaverage_data("fsaverage5", data_type="sulcal")
+        bg = {h: np.asarray(sulc.data.parts[h]) for h in ("left", "right")}
+    except Exception:  # background shading is cosmetic; draw without it
+        bg = {"left": None, "right": None}
+    views = [("left", "lateral"), ("left", "medial"), ("right", "lateral"), ("right", "medial")]
+    fig, axes = new_figure(n, 4, figsize=(12, 3.0 * n), layout=None, projection="3d")
+    for i, lab in enumerate(labels):
+        vals, how = surface_values(df[df["label"] == lab], value)
+        if i == 0:
+            notes.append(f"surface: {how}; drawn on fsaverage5 inflated")
+        for j, (h, view) in enumerate(views):
+            data = np.nan_to_num(vals[h], nan=0.0)
+            plotting.plot_surf_stat_map(
+                fs["inflated"].parts[h], data, hemi=h, view=view, bg_map=bg[h],
+                axes=axes[i, j], figure=fig, colorbar=(j == 3), cmap=cmap, vmin=-vmax,
+                vmax=vmax, symmetric_cbar=True, threshold=1e-6,
+                title=f"{lab} {h} {view}" if j == 0 else f"{h} {view}")
+    return fig, notes

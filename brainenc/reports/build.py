@@ -1,0 +1,238 @@
+"""Assemble a comparison report from run directories.
+
+Output layout (``OUT``)::
+
+    report.md            Markdown, figures linked from figures/
+    report.html          self-contained (figures inlined as base64 PNG, inline CSS)
+    tables/runs.csv      one row per model label: run, model, backbone, seed, wall time, path
+    tables/roi_summary.csv   per label x dataset x subject x ROI (see tables.roi_summary)
+    tables/paired.csv        per model pair x dataset x subject x ROI (see tables.paired_comparisons)
+    tables/retrieval.csv     retrieval top-1/top-5 from summary.json (header only if none)
+    figures/*.png        the figures of the report
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import html as render
+from . import plots, tables
+from .tables import ALL, ReportInputError
+
+#: Columns of roi_summary shown in the report's tables (the CSV has them all).
+SHOWN_SUMMARY = ["label", "roi", "n_valid", "n_nan", "median_pearson", "median_pearson_ci_low",
+                 "median_pearson_ci_high", "mean_pearson", "median_normalised", "median_noise_ceiling",
+                 "frac_sig", "frac_sig_fdr"]
+SHOWN_PAIRED = ["model_a", "model_b", "roi", "n_pairs", "median_diff", "win_frac_a", "wilcoxon_p"]
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file in the same directory, then rename (never a half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    _atomic_write(path, df.to_csv(index=False))
+
+
+def _save_figure(fig, out: Path, name: str) -> str:
+    """Save ``fig`` as figures/<name>.png; return the path relative to ``out``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    rel = f"figures/{name}.png"
+    _atomic_write(out / rel, buf.getvalue())
+    return rel
+
+
+def _slug(*parts: object) -> str:
+    text = "_".join(str(p) for p in parts)
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
+
+
+def roi_mismatch_notes(df: pd.DataFrame) -> list[str]:
+    """Notes for voxels whose ROI label differs between models (paired stats use model A's)."""
+    notes = []
+    per_voxel = df.groupby(["dataset", "subject", "voxel"])["roi"].nunique()
+    bad = per_voxel[per_voxel > 1]
+    if len(bad):
+        ds, sub, vox = bad.index[0]
+        notes.append(f"{len(bad)} voxels carry different ROI labels in different runs (e.g. "
+                     f"{ds}/{sub} voxel {vox}); paired comparisons use the first model's label.")
+    return notes
+
+
+def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000, seed: int = 0,
+                 brainmaps: bool = True, figures: bool = True, max_pairs: int = 6, max_brainmaps: int = 12,
+                 title: str = "brainenc comparison report") -> Path:
+    """Build the report for ``run_dirs`` into directory ``out``.
+
+    Parameters
+    ----------
+    run_dirs : sequence of paths, each holding results/voxels.csv (+ summary.json)
+    out : output directory (created; existing report files are replaced)
+    threshold_p : one-sided p threshold for "voxel significantly > 0" (and FDR q)
+    n_boot : bootstrap resamples for the CIs of medians (0 disables CIs)
+    seed : bootstrap / subsampling seed; the same inputs and seed give identical tables
+    brainmaps : draw brain maps (nilearn); failures become notes either way
+    figures : draw any figures at all (False: tables and text only, much faster)
+    max_pairs : model pairs drawn as scatter plots per dataset (the table has all pairs)
+    max_brainmaps : brain-map figures at most (one per dataset x subject)
+
+    Returns
+    -------
+    Path of report.html.
+
+    Raises
+    ------
+    ReportInputError for unusable inputs (missing file/column, duplicate rows).
+    """
+    run_dirs = [Path(p) for p in run_dirs]
+    if not run_dirs:
+        raise ReportInputError("no run directories given; expected at least one RUN_DIR")
+    resolved = [p.resolve() for p in run_dirs]
+    if len(set(resolved)) != len(resolved):
+        raise ReportInputError(f"the same run directory was given twice: {[str(p) for p in run_dirs]}")
+    out = Path(out)
+
+    runs = tables.assign_labels([tables.load_run(p) for p in run_dirs])
+    notes = tables.attach_n_test(runs)
+    df = tables.concat_runs(runs)
+    notes += roi_mismatch_notes(df)
+    labels = sorted(df["label"].unique())
+    colours = plots.model_colours(labels)
+
+    runs_df = tables.runs_table(runs)
+    summary = tables.roi_summary(df, threshold_p=threshold_p, n_boot=n_boot, seed=seed)
+    paired = tables.paired_comparisons(df)
+    retrieval = tables.retrieval_table(runs)
+    for name, t in (("runs", runs_df), ("roi_summary", summary), ("paired", paired),
+                    ("retrieval", retrieval)):
+        _write_csv(t, out / "tables" / f"{name}.csv")
+
+    blocks: list = [
+        ("p", f"{len(labels)} model(s) from {len(runs)} run(s). Scores are per-voxel Pearson r on "
+              "the test set and the noise-normalised score 100·r²/(NC/100) in percent. "
+              "Medians carry 95% percentile bootstrap CIs over voxels "
+              f"({n_boot} resamples, seed {seed}). A voxel is significant when the one-sided "
+              f"test of r > 0 at n = test images gives p < {threshold_p}; frac_sig_fdr applies "
+              "Benjamini-Hochberg over each model's voxels of one subject. See docs/reports.md."),
+        ("table", runs_df.drop(columns=["path"]), "Runs"),
+    ]
+    if notes:
+        blocks.append(("notes", list(notes)))
+    if not retrieval.empty:
+        blocks += [("h", 2, "Retrieval"),
+                   ("table", retrieval.drop(columns=["key"]), "Image retrieval from predicted responses")]
+
+    map_budget = max_brainmaps
+    for dataset in sorted(df["dataset"].unique()):
+        dnotes: list[str] = []
+        dd = df[df["dataset"] == dataset]
+        ds = summary[summary["dataset"] == dataset]
+        dp = paired[paired["dataset"] == dataset]
+        subjects = sorted(dd["subject"].unique())
+        top = ALL if len(subjects) > 1 else subjects[0]
+        blocks.append(("h", 2, f"Dataset {dataset}"))
+        blocks.append(("table", ds[ds["subject"] == top][SHOWN_SUMMARY],
+                       f"Per-ROI scores, subject {top}" + (" (voxels of all subjects pooled)" if top == ALL else "")))
+        if not dp.empty:
+            blocks.append(("table", dp[dp["subject"] == top][SHOWN_PAIRED],
+                           f"Paired per-voxel comparisons (A − B), subject {top}"))
+
+        def figure(make, name, caption):
+            # A figure that fails becomes a note: the numbers in the tables still stand.
+            if not figures:
+                return
+            try:
+                fig = make()
+            except Exception as exc:  # noqa: BLE001 - any plotting failure degrades to a note
+                dnotes.append(f"figure '{caption}' skipped: {type(exc).__name__}: {exc}")
+                return
+            blocks.append(("figure", _save_figure(fig, out, name), caption))
+
+        figure(lambda: plots.roi_bars(summary, dataset, colours, "median_pearson"),
+               _slug("bars", dataset, "pearson"), f"{dataset}: median Pearson r per ROI with bootstrap CI")
+        if np.isfinite(ds["median_normalised"]).any():
+            figure(lambda: plots.roi_bars(summary, dataset, colours, "median_normalised"),
+                   _slug("bars", dataset, "normalised"),
+                   f"{dataset}: median noise-normalised score (%) per ROI with bootstrap CI")
+        figure(lambda: plots.score_histograms(dd, dataset, colours), _slug("hist", dataset),
+               f"{dataset}: distributions of per-voxel scores")
+        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
+                 if (dd["label"] == a).any() and (dd["label"] == b).any()]
+        if len(pairs) > max_pairs:
+            dnotes.append(f"{len(pairs)} model pairs; scatter plots drawn for the first {max_pairs} "
+                          "(tables/paired.csv has all)")
+        for a, b in pairs[:max_pairs]:
+            figure(lambda a=a, b=b: plots.pair_scatter(dd, a, b, dataset, seed=seed),
+                   _slug("scatter", dataset, a, "vs", b), f"{dataset}: per-voxel r, {a} vs {b}")
+
+        if brainmaps and figures:
+            blocks.append(("h", 3, "Brain maps (per-voxel Pearson r)"))
+            vmax = _shared_vmax(dd["pearson"].to_numpy(dtype=np.float64))
+            for subject in subjects:
+                if map_budget <= 0:
+                    dnotes.append(f"brain map for subject {subject} skipped (max_brainmaps={max_brainmaps})")
+                    continue
+                map_budget -= 1
+                _brainmap_block(blocks, dnotes, dd[dd["subject"] == subject], labels, out,
+                                dataset, subject, vmax)
+
+        if len(subjects) > 1:
+            detail = []
+            for subject in subjects:
+                detail.append(("table", ds[ds["subject"] == subject][SHOWN_SUMMARY],
+                               f"Per-ROI scores, subject {subject}"))
+                if not dp.empty:
+                    detail.append(("table", dp[dp["subject"] == subject][SHOWN_PAIRED],
+                                   f"Paired comparisons, subject {subject}"))
+            blocks.append(("details", f"{dataset}: per-subject tables", detail))
+        if dnotes:
+            blocks.append(("notes", dnotes))
+
+    _atomic_write(out / "report.md", render.render_markdown(title, blocks))
+    html_path = out / "report.html"
+    _atomic_write(html_path, render.render_html(title, blocks, out))
+    return html_path
+
+
+def _shared_vmax(values: np.ndarray) -> float:
+    """Colour limit shared by every model of a dataset so maps compare: 99th pct of |r|."""
+    v = np.abs(values[np.isfinite(values)])
+    if v.size == 0:
+        return 1.0
+    q = float(np.percentile(v, 99))
+    return q if q > 0 else 1.0
+
+
+def _brainmap_block(blocks, notes, dsub: pd.DataFrame, labels, out, dataset, subject, vmax) -> None:
+    """Append one brain-map figure for (dataset, subject), or a note saying why not."""
+    caption = f"{dataset} subject {subject}: per-voxel Pearson r"
+    try:
+        from .brainmaps import brainmap_figure
+
+        fig, how = brainmap_figure(dsub, labels, "pearson", vmax=vmax)
+        rel = _save_figure(fig, out, _slug("brainmap", dataset, subject))
+    except Exception as exc:  # noqa: BLE001 - a map failure must never kill the report
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        notes.append(f"brain map for {dataset} subject {subject} skipped: "
+                     f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})")
+        return
+    blocks.append(("figure", rel, caption + ("; " + "; ".join(how) if how else "")))

@@ -1,0 +1,150 @@
+"""Report figures (matplotlib, Agg).  Each function returns a Figure; the caller saves it.
+
+Colours: one fixed colour per model label across every figure of a report,
+so a model is recognisable from figure to figure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+ALL = "all"
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=(6, 4), layout="constrained", **subplot_kw):
+    """A pyplot-free Figure and its axes array (nrows, ncols).
+
+    Why: Figure objects made without pyplot need no backend switch (no global
+    state) and are freed with the last reference, so a long report leaks nothing.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout=layout)
+    axes = fig.subplots(nrows, ncols, squeeze=False, subplot_kw=subplot_kw or None)
+    return fig, axes
+
+
+def model_colours(labels: list[str]) -> dict[str, tuple]:
+    """Label -> RGBA colour (tab10, cycling)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _roi_order(rois) -> list[str]:
+    """ROIs alphabetically, then "none", then "all" (pooled) last."""
+    rois = list(dict.fromkeys(rois))
+    named = sorted(r for r in rois if r not in ("none", ALL))
+    return named + [r for r in ("none", ALL) if r in rois]
+
+
+def roi_bars(summary: pd.DataFrame, dataset: str, colours: dict, metric: str = "median_pearson"):
+    """Per-ROI bars of ``metric`` with its bootstrap CI, models side by side.
+
+    Parameters
+    ----------
+    summary : roi_summary() frame (label, dataset, subject, roi, <metric>, <metric>_ci_low/high)
+    dataset : one panel per subject of this dataset (pooled "all" first when present).
+    """
+    d = summary[summary["dataset"] == dataset]
+    subjects = sorted(s for s in d["subject"].unique() if s != ALL)
+    if ALL in set(d["subject"]):
+        subjects = [ALL] + subjects
+    labels = [lab for lab in colours if (d["label"] == lab).any()]
+    rois = _roi_order(d["roi"])
+    ncol = min(3, len(subjects))
+    nrow = int(np.ceil(len(subjects) / ncol))
+    width = max(4.5, 0.45 * len(rois) * max(1, len(labels)) ** 0.5 + 1.5)
+    fig, axes = new_figure(nrow, ncol, figsize=(width * ncol, 3.2 * nrow + 0.6))
+    bw = 0.8 / max(1, len(labels))
+    x = np.arange(len(rois))
+    for k, subject in enumerate(subjects):
+        ax = axes[k // ncol, k % ncol]
+        ds = d[d["subject"] == subject].set_index(["label", "roi"])
+        for i, lab in enumerate(labels):
+            rows = [ds.loc[(lab, r)] if (lab, r) in ds.index else None for r in rois]
+            y = np.array([np.nan if r is None else r[metric] for r in rows], dtype=float)
+            lo = np.array([np.nan if r is None else r[f"{metric}_ci_low"] for r in rows], dtype=float)
+            hi = np.array([np.nan if r is None else r[f"{metric}_ci_high"] for r in rows], dtype=float)
+            # errorbar wants non-negative distances; a missing CI is drawn without a bar.
+            err = np.vstack([np.nan_to_num(y - lo, nan=0.0), np.nan_to_num(hi - y, nan=0.0)]).clip(0)
+            ax.bar(x + (i - (len(labels) - 1) / 2) * bw, y, bw, color=colours[lab], label=lab,
+                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(x, rois, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{dataset} — subject {subject}" + (" (pooled)" if subject == ALL else ""),
+                     fontsize=10)
+        ax.set_ylabel(metric.replace("_", " "), fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    for k in range(len(subjects), nrow * ncol):
+        axes[k // ncol, k % ncol].set_visible(False)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(4, len(names)), fontsize=8)
+    return fig
+
+
+def pair_scatter(df: pd.DataFrame, a: str, b: str, dataset: str, max_points: int = 20000,
+                 seed: int = 0):
+    """Per-voxel Pearson of model ``a`` (x) vs ``b`` (y) on matched voxels, coloured by ROI.
+
+    Parameters
+    ----------
+    df : concatenated voxel rows (label, dataset, subject, voxel, roi, pearson).
+    max_points : voxels drawn at most (seeded subsample); all are matched first.
+    """
+    import matplotlib
+
+    key = ["subject", "voxel"]
+    d = df[df["dataset"] == dataset]
+    m = d.loc[d["label"] == a, key + ["roi", "pearson"]].merge(
+        d.loc[d["label"] == b, key + ["pearson"]], on=key, suffixes=("_a", "_b"))
+    m = m[np.isfinite(m["pearson_a"]) & np.isfinite(m["pearson_b"])]
+    if len(m) > max_points:
+        m = m.sample(max_points, random_state=seed)
+    fig, axes = new_figure(figsize=(5.6, 5))
+    ax = axes[0, 0]
+    rois = _roi_order(m["roi"])
+    cmap = matplotlib.colormaps["tab20"]
+    for i, roi in enumerate(rois):
+        g = m[m["roi"] == roi]
+        ax.scatter(g["pearson_a"], g["pearson_b"], s=5, alpha=0.6, color=cmap(i % 20), label=roi,
+                   linewidths=0)
+    lim = [min(m["pearson_a"].min(), m["pearson_b"].min(), 0), max(m["pearson_a"].max(), m["pearson_b"].max(), 0.1)]
+    ax.plot(lim, lim, "k--", lw=0.7)
+    ax.set_xlabel(f"Pearson r — {a}")
+    ax.set_ylabel(f"Pearson r — {b}")
+    ax.set_title(f"{dataset}: per-voxel r ({len(m)} voxels)", fontsize=10)
+    ax.legend(fontsize=7, markerscale=2, loc="upper left", frameon=False)
+    return fig
+
+
+def score_histograms(df: pd.DataFrame, dataset: str, colours: dict):
+    """Step histograms of per-voxel Pearson r and noise-normalised score, models overlaid."""
+    d = df[df["dataset"] == dataset]
+    fig, axes = new_figure(1, 2, figsize=(10, 3.4))
+    axes = axes[0]
+    for ax, col, xlabel in ((axes[0], "pearson", "Pearson r"),
+                            (axes[1], "normalised", "noise-normalised score (%)")):
+        v_all = d[col].to_numpy(dtype=float)
+        v_all = v_all[np.isfinite(v_all)]
+        if v_all.size == 0:
+            ax.text(0.5, 0.5, f"no finite '{col}' values", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        # Normalised scores explode where the noise ceiling is tiny; clip the axis, not the data.
+        lo, hi = np.percentile(v_all, [0.5, 99.5]) if col == "normalised" else (v_all.min(), v_all.max())
+        if hi <= lo:
+            hi = lo + 1e-3
+        bins = np.linspace(lo, hi, 50)
+        for lab, colour in colours.items():
+            v = d.loc[d["label"] == lab, col].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size:
+                ax.hist(np.clip(v, lo, hi), bins=bins, histtype="step", color=colour, label=lab, lw=1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("voxels")
+    axes[0].legend(fontsize=8, frameon=False)
+    fig.suptitle(f"{dataset}: per-voxel score distributions (all subjects)", fontsize=10)
+    return fig

@@ -1,0 +1,468 @@
+"""Load run directories and derive the per-ROI and paired comparison tables.
+
+Everything here works on the tidy per-voxel table every run writes
+(``RUN_DIR/results/voxels.csv``, see docs/reports.md) plus the small
+``results/summary.json``; nothing reads model checkpoints or the data store.
+
+Vocabulary used in the output tables
+------------------------------------
+label
+    The model label used in comparisons: the ``model`` column of voxels.csv,
+    or ``"<model> [<run>]"`` when two runs share a model name.
+group
+    One (dataset, subject, roi) cell.  ``subject == "all"`` pools the voxels
+    of every subject of a dataset; ``roi == "all"`` pools every ROI
+    (including unlabelled voxels, ``roi == "none"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: Columns voxels.csv must have, with what each holds (used in error messages).
+REQUIRED_COLUMNS: dict[str, str] = {
+    "run": "run name (str)",
+    "model": "model name (str)",
+    "backbone": "backbone name (str)",
+    "seed": "integer seed",
+    "dataset": "dataset name (str)",
+    "subject": "subject id (str or int)",
+    "voxel": "integer voxel index within the subject",
+    "roi": 'ROI name from the primary atlas ("none" if unlabelled)',
+    "x": "x coordinate in mm",
+    "y": "y coordinate in mm",
+    "z": "z coordinate in mm",
+    "space": 'coordinate space, e.g. "MNI152", "func1pt8mm", "fsaverage", "simbrain-flat"',
+    "pearson": "per-voxel Pearson r on the test set (float, NaN allowed)",
+    "noise_ceiling": "noise ceiling in percent (float, NaN allowed)",
+    "normalised": "noise-normalised score in percent (float, NaN allowed)",
+    "oracle": "simbrain oracle Pearson (float; NaN for real data)",
+}
+NUMERIC_COLUMNS = ("voxel", "x", "y", "z", "pearson", "noise_ceiling", "normalised", "oracle")
+ALL = "all"
+
+
+class ReportInputError(ValueError):
+    """Bad report input: the message names the file, the field and what was expected."""
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it.
+
+    Attributes
+    ----------
+    path : Path
+        The run directory.
+    voxels : DataFrame (n_rows, n_columns)
+        voxels.csv with ``subject`` and ``roi`` as str and ``label`` added.
+    summary : dict
+        results/summary.json ({} if absent).
+    """
+
+    path: Path
+    voxels: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.summary.get("run") or self.voxels["run"].iloc[0])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read and validate ``RUN_DIR/results/voxels.csv`` (+ summary.json if present).
+
+    Raises
+    ------
+    ReportInputError
+        Missing file, missing column, non-numeric numeric column, or duplicate
+        (run, model, dataset, subject, voxel) rows.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "results" / "voxels.csv"
+    if not path.is_file():
+        raise ReportInputError(
+            f"{path}: file not found; expected the run's per-voxel table "
+            f"(RUN_DIR/results/voxels.csv with columns {', '.join(REQUIRED_COLUMNS)})"
+        )
+    try:
+        # subject/roi/run are identifiers: keep them as strings ("01" must stay "01").
+        df = pd.read_csv(path, dtype={"subject": str, "roi": str, "run": str, "model": str,
+                                      "dataset": str, "space": str, "backbone": str},
+                         keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportInputError(f"{path}: could not be parsed as CSV ({exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        expected = "; ".join(f"'{c}' ({REQUIRED_COLUMNS[c]})" for c in missing)
+        raise ReportInputError(f"{path}: missing column(s) {expected}; found columns {list(df.columns)}")
+    if df.empty:
+        raise ReportInputError(f"{path}: has a header but no rows; expected one row per voxel")
+    for col in NUMERIC_COLUMNS + tuple(c for c in ("n_test", "flat_x", "flat_y") if c in df.columns):
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
+            example = df.loc[bad, col].iloc[0]
+            raise ReportInputError(
+                f"{path}: column '{col}' must be numeric; row {int(bad.idxmax()) + 2} holds {example!r}"
+            )
+    # A missing ROI label is the same thing as an unlabelled voxel.
+    df["roi"] = df["roi"].fillna("none")
+    df["subject"] = df["subject"].astype(str)
+    key = ["run", "model", "dataset", "subject", "voxel"]
+    dup = df.duplicated(key)
+    if dup.any():
+        row = df.loc[dup].iloc[0]
+        raise ReportInputError(
+            f"{path}: duplicate rows for {dict(row[key])}; expected one row per "
+            "(run, model, dataset, subject, voxel)"
+        )
+    summary: dict = {}
+    spath = run_dir / "results" / "summary.json"
+    if spath.is_file():
+        try:
+            summary = json.loads(spath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportInputError(f"{spath}: not valid JSON ({exc})") from None
+        if not isinstance(summary, dict):
+            raise ReportInputError(f"{spath}: expected a JSON object, got {type(summary).__name__}")
+    return Run(path=run_dir, voxels=df, summary=summary)
+
+
+def assign_labels(runs: list[Run]) -> list[Run]:
+    """Add a ``label`` column: the model name, or "model [run]" when a model name repeats.
+
+    Labels must be unique per (run, model) pair; a remaining clash (same model
+    and run name in two directories) is an input error.
+    """
+    pairs = []
+    for r in runs:
+        for run_name, model in r.voxels[["run", "model"]].drop_duplicates().itertuples(index=False):
+            pairs.append((run_name, model, r.path))
+    counts: dict[str, int] = {}
+    for _, model, _ in pairs:
+        counts[model] = counts.get(model, 0) + 1
+    seen: dict[str, Path] = {}
+    for r in runs:
+        def label(row_run: str, row_model: str) -> str:
+            return row_model if counts[row_model] == 1 else f"{row_model} [{row_run}]"
+        r.voxels["label"] = [label(a, b) for a, b in zip(r.voxels["run"], r.voxels["model"])]
+        for lab in r.voxels["label"].unique():
+            if lab in seen and seen[lab] != r.path:
+                raise ReportInputError(
+                    f"{r.path / 'results' / 'voxels.csv'}: model label {lab!r} also appears in "
+                    f"{seen[lab] / 'results' / 'voxels.csv'}; expected distinct (run, model) pairs"
+                )
+            seen[lab] = r.path
+    return runs
+
+
+def attach_n_test(runs: list[Run]) -> list[str]:
+    """Make sure every row has an ``n_test`` value (number of test images) if one is known.
+
+    Source order: the optional ``n_test`` column of voxels.csv; else summary.json
+    ``n_test_images`` (an int, or a dict keyed by "dataset/subject"); else NaN.
+
+    Returns
+    -------
+    notes : list of str
+        One note per run without any test-set size (significance is skipped there).
+    """
+    notes = []
+    for r in runs:
+        df = r.voxels
+        if "n_test" not in df.columns:
+            df["n_test"] = np.nan
+        src = r.summary.get("n_test_images")
+        if df["n_test"].isna().any() and src is not None:
+            if isinstance(src, dict):
+                keys = df["dataset"] + "/" + df["subject"]
+                fill = pd.to_numeric(keys.map(src), errors="coerce")
+            else:
+                fill = pd.Series(float(src), index=df.index)
+            df["n_test"] = df["n_test"].fillna(fill)
+        if df["n_test"].isna().all():
+            notes.append(
+                f"{r.name}: no test-set size (no 'n_test' column in voxels.csv and no "
+                "'n_test_images' in summary.json); significance fractions are left empty."
+            )
+    return notes
+
+
+def concat_runs(runs: list[Run]) -> pd.DataFrame:
+    """All runs' voxel rows in one frame (n_rows_total, n_columns)."""
+    return pd.concat([r.voxels for r in runs], ignore_index=True, sort=False)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def pearson_p_one_sided(r: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """One-sided p-value of H1: rho > 0 for sample correlations.
+
+    Uses t = r * sqrt((n - 2) / (1 - r^2)) with n - 2 degrees of freedom, the
+    exact null distribution of r for bivariate normal data.
+
+    Parameters
+    ----------
+    r : array (n_voxels,)
+    n : array (n_voxels,)  number of test images per voxel
+    Returns
+    -------
+    p : array (n_voxels,), NaN where r or n is NaN or n < 3.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rc = np.clip(r, -1.0, 1.0)
+        t = rc * np.sqrt((n - 2.0) / (1.0 - rc**2))
+        p = stats.t.sf(t, n - 2.0)
+    p = np.where(rc >= 1.0, 0.0, np.where(rc <= -1.0, 1.0, p))
+    p[~np.isfinite(r) | ~np.isfinite(n) | (n < 3)] = np.nan
+    return p
+
+
+def bh_reject(p: np.ndarray, alpha: float) -> np.ndarray:
+    """Benjamini-Hochberg FDR rejections over the finite entries of ``p`` (NaN -> False)."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.zeros(p.shape, dtype=bool)
+    ok = np.isfinite(p)
+    if ok.any():
+        q = stats.false_discovery_control(p[ok], method="bh")
+        out[ok] = q <= alpha
+    return out
+
+
+def stable_seed(seed: int, *key: object) -> int:
+    """A seed derived from ``seed`` and a group key, independent of group order.
+
+    Why: each cell's bootstrap must not change when another run is added to
+    the report, so the generator is keyed by the cell, not by iteration order.
+    """
+    text = "\x1f".join(map(str, key)).encode()
+    return (int(seed) * 1_000_003 + zlib.crc32(text)) % (2**63)
+
+
+def bootstrap_median_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the median over voxels.
+
+    Parameters
+    ----------
+    values : array (n_voxels,) finite values (NaNs must be removed by the caller)
+    n_boot : number of resamples (0 -> no CI)
+    Returns
+    -------
+    (low, high) : floats, NaN when there are no values or n_boot == 0.
+    """
+    # Sorting once lets each resample's median be read off the order statistics of
+    # its *indices* (x sorted => order of x[idx] = order of idx): partitioning int32
+    # indices is ~2x faster than gathering floats and calling np.median, same result.
+    xs = np.sort(np.asarray(values, dtype=np.float64))
+    n = xs.size
+    if n == 0 or n_boot <= 0:
+        return (math.nan, math.nan)
+    k = n // 2
+    meds = np.empty(n_boot)
+    # Resample in blocks so memory stays ~ 8M indices whatever the voxel count.
+    block = max(1, min(n_boot, 8_000_000 // n))
+    for start in range(0, n_boot, block):
+        stop = min(n_boot, start + block)
+        idx = rng.integers(0, n, size=(stop - start, n), dtype=np.int32 if n < 2**31 else np.int64)
+        if n % 2:
+            meds[start:stop] = xs[np.partition(idx, k, axis=1)[:, k]]
+        else:
+            part = np.partition(idx, (k - 1, k), axis=1)
+            meds[start:stop] = 0.5 * (xs[part[:, k - 1]] + xs[part[:, k]])
+    a = (1.0 - level) / 2.0
+    lo, hi = np.percentile(meds, [100 * a, 100 * (1 - a)])
+    return (float(lo), float(hi))
+
+
+def _finite(a: pd.Series) -> np.ndarray:
+    v = a.to_numpy(dtype=np.float64)
+    return v[np.isfinite(v)]
+
+
+def _groups(df: pd.DataFrame):
+    """Yield (dataset, subject, roi, rows) for every cell incl. pooled "all" cells.
+
+    ``subject == "all"`` is only produced when a dataset has more than one subject.
+    """
+    for dataset, dd in df.groupby("dataset", sort=True):
+        subjects = sorted(dd["subject"].unique())
+        subject_sets = [(s, dd[dd["subject"] == s]) for s in subjects]
+        if len(subjects) > 1:
+            subject_sets.append((ALL, dd))
+        for subject, ds in subject_sets:
+            for roi, dr in ds.groupby("roi", sort=True):
+                yield dataset, subject, roi, dr
+            yield dataset, subject, ALL, ds
+
+
+def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 1000,
+                seed: int = 0, ci_level: float = 0.95) -> pd.DataFrame:
+    """Per model label, dataset, subject and ROI summary of per-voxel scores.
+
+    Parameters
+    ----------
+    df : DataFrame (n_rows, ...) concatenated voxel tables with ``label`` and ``n_test``.
+
+    Returns
+    -------
+    DataFrame, one row per (label, dataset, subject, roi) with columns
+        label, run, model, backbone, seed, dataset, subject, roi,
+        n_voxels (rows), n_valid (finite pearson), n_nan,
+        median_pearson, median_pearson_ci_low, median_pearson_ci_high, mean_pearson,
+        median_normalised, median_normalised_ci_low, median_normalised_ci_high,
+        median_noise_ceiling, median_oracle,
+        n_test (median over voxels), frac_sig (fraction of valid voxels with
+        one-sided p < threshold_p), frac_sig_fdr (same after Benjamini-Hochberg
+        over all voxels of the run's (dataset, subject)).
+    """
+    df = df.copy()
+    df["_p"] = pearson_p_one_sided(df["pearson"].to_numpy(), df["n_test"].to_numpy())
+    # FDR family = every voxel of one model on one subject: the natural "whole brain" claim.
+    df["_fdr"] = False
+    for _, idx in df.groupby(["label", "dataset", "subject"]).groups.items():
+        df.loc[idx, "_fdr"] = bh_reject(df.loc[idx, "_p"].to_numpy(), threshold_p)
+    rows = []
+    for label, dl in df.groupby("label", sort=True):
+        meta = dl.iloc[0]
+        for dataset, subject, roi, g in _groups(dl):
+            r = _finite(g["pearson"])
+            nrm = _finite(g["normalised"])
+            p = g["_p"].to_numpy()
+            valid_p = np.isfinite(p)
+            rng = np.random.default_rng(stable_seed(seed, label, dataset, subject, roi, "pearson"))
+            lo, hi = bootstrap_median_ci(r, n_boot, rng, ci_level)
+            rng = np.random.default_rng(stable_seed(seed, label, dataset, subject, roi, "normalised"))
+            nlo, nhi = bootstrap_median_ci(nrm, n_boot, rng, ci_level)
+            ntest = _finite(g["n_test"])
+            rows.append({
+                "label": label, "run": meta["run"], "model": meta["model"],
+                "backbone": meta["backbone"], "seed": meta["seed"],
+                "dataset": dataset, "subject": subject, "roi": roi,
+                "n_voxels": len(g), "n_valid": r.size, "n_nan": len(g) - r.size,
+                "median_pearson": np.median(r) if r.size else np.nan,
+                "median_pearson_ci_low": lo, "median_pearson_ci_high": hi,
+                "mean_pearson": r.mean() if r.size else np.nan,
+                "median_normalised": np.median(nrm) if nrm.size else np.nan,
+                "median_normalised_ci_low": nlo, "median_normalised_ci_high": nhi,
+                "median_noise_ceiling": _nanmedian(g["noise_ceiling"]),
+                "median_oracle": _nanmedian(g["oracle"]),
+                "n_test": np.median(ntest) if ntest.size else np.nan,
+                # Denominator: voxels with a defined p (finite r and n); NaN voxels are
+                # counted in n_nan instead so a model is not rewarded for them.
+                "frac_sig": (p[valid_p] < threshold_p).mean() if valid_p.any() else np.nan,
+                "frac_sig_fdr": g["_fdr"].to_numpy()[valid_p].mean() if valid_p.any() else np.nan,
+            })
+    return pd.DataFrame(rows)
+
+
+def _nanmedian(s: pd.Series) -> float:
+    v = _finite(s)
+    return float(np.median(v)) if v.size else math.nan
+
+
+def paired_comparisons(df: pd.DataFrame, max_pairs: int | None = None) -> pd.DataFrame:
+    """Per-voxel paired comparisons of every pair of model labels.
+
+    Voxels are matched on (dataset, subject, voxel); the ROI is taken from the
+    first model of the pair.  Only voxels with finite Pearson in both models count.
+
+    Returns
+    -------
+    DataFrame, one row per (model_a, model_b, dataset, subject, roi) with columns
+        model_a, model_b, dataset, subject, roi, n_pairs,
+        median_a, median_b, median_diff (median of per-voxel r_a - r_b),
+        mean_diff, win_frac_a (fraction with r_a > r_b, ties count one half),
+        wilcoxon_stat, wilcoxon_p (two-sided scipy.stats.wilcoxon on r_a - r_b,
+        zero_method="wilcox"; NaN when every difference is zero or n_pairs == 0).
+    """
+    labels = sorted(df["label"].unique())
+    key = ["dataset", "subject", "voxel"]
+    rows = []
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    for a, b in pairs:
+        da = df.loc[df["label"] == a, key + ["roi", "pearson"]]
+        db = df.loc[df["label"] == b, key + ["pearson"]]
+        m = da.merge(db, on=key, suffixes=("_a", "_b"))
+        m = m[np.isfinite(m["pearson_a"]) & np.isfinite(m["pearson_b"])]
+        if m.empty:
+            continue
+        for dataset, subject, roi, g in _groups(m):
+            ra = g["pearson_a"].to_numpy(dtype=np.float64)
+            rb = g["pearson_b"].to_numpy(dtype=np.float64)
+            d = ra - rb
+            stat, p = wilcoxon_or_nan(d)
+            rows.append({
+                "model_a": a, "model_b": b, "dataset": dataset, "subject": subject, "roi": roi,
+                "n_pairs": d.size, "median_a": np.median(ra), "median_b": np.median(rb),
+                "median_diff": np.median(d), "mean_diff": d.mean(),
+                "win_frac_a": (np.sum(d > 0) + 0.5 * np.sum(d == 0)) / d.size,
+                "wilcoxon_stat": stat, "wilcoxon_p": p,
+            })
+    return pd.DataFrame(rows, columns=[
+        "model_a", "model_b", "dataset", "subject", "roi", "n_pairs", "median_a", "median_b",
+        "median_diff", "mean_diff", "win_frac_a", "wilcoxon_stat", "wilcoxon_p"])
+
+
+def wilcoxon_or_nan(d: np.ndarray) -> tuple[float, float]:
+    """scipy.stats.wilcoxon(d) (two-sided, zero_method="wilcox"), or (NaN, NaN) if undefined."""
+    if d.size == 0 or not np.any(d != 0):
+        return (math.nan, math.nan)
+    res = stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided")
+    return (float(res.statistic), float(res.pvalue))
+
+
+def retrieval_table(runs: list[Run]) -> pd.DataFrame:
+    """Retrieval scores from summary.json, one row per (label, dataset/subject).
+
+    Columns: label, run, key, dataset, subject, top1, top5, chance_top1, chance_top5, n_images.
+    Empty frame when no run reports retrieval.
+    """
+    rows = []
+    for r in runs:
+        ret = r.summary.get("retrieval") or {}
+        if not isinstance(ret, dict):
+            raise ReportInputError(
+                f"{r.path / 'results' / 'summary.json'}: 'retrieval' must be an object keyed by "
+                f"'<dataset>/<subject>', got {type(ret).__name__}")
+        labels = r.voxels["label"].unique()
+        # summary.json is per run; the run's label is unambiguous when it holds one model.
+        label = labels[0] if len(labels) == 1 else r.name
+        for key, vals in ret.items():
+            dataset, _, subject = str(key).partition("/")
+            row = {"label": label, "run": r.name, "key": key, "dataset": dataset, "subject": subject}
+            for f in ("top1", "top5", "chance_top1", "chance_top5", "n_images"):
+                row[f] = vals.get(f, math.nan) if isinstance(vals, dict) else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["label", "run", "key", "dataset", "subject", "top1", "top5",
+                                       "chance_top1", "chance_top5", "n_images"])
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per (run, model label): where it came from and what it holds."""
+    rows = []
+    for r in runs:
+        for label, g in r.voxels.groupby("label", sort=True):
+            rows.append({
+                "label": label, "run": g["run"].iloc[0], "model": g["model"].iloc[0],
+                "backbone": g["backbone"].iloc[0], "seed": g["seed"].iloc[0],
+                "wall_time_s": r.summary.get("wall_time_s", math.nan),
+                "datasets": ", ".join(sorted(g["dataset"].unique())),
+                "n_subjects": g[["dataset", "subject"]].drop_duplicates().shape[0],
+                "n_voxels": len(g), "path": str(r.path),
+            })
+    return pd.DataFrame(rows)
