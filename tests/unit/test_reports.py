@@ -1,0 +1,285 @@
+"""brainenc report: numbers in tables/*.csv against direct pandas/numpy/scipy computation.
+
+The runs are small synthetic per-voxel tables (brainenc.reports.demo) with NaN
+voxels (constant measured responses, constant predictions), tied voxels (the
+same r in every model) and several ROIs over 2 subjects.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from brainenc.reports import ReportInputError, build_report, main_report
+from brainenc.reports.demo import write_demo_runs
+from brainenc.reports.tables import bootstrap_median_ci, pearson_p_one_sided
+
+N_BOOT = 200
+N_TEST = 50
+
+
+def _tie_voxels(run_dirs, n=6):
+    """Give voxels 0..n-1 of subject 01 the same r in every run (zero paired differences)."""
+    for d in run_dirs:
+        path = d / "results" / "voxels.csv"
+        df = pd.read_csv(path, dtype={"subject": str})
+        m = (df["subject"] == "01") & (df["voxel"] < n)
+        df.loc[m, "pearson"] = 0.2
+        df.to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    runs = write_demo_runs(root / "runs", n_voxels=120, n_test=N_TEST, seed=1)
+    _tie_voxels(runs)
+    out = root / "out"
+    code = main_report([*map(str, runs), "--out", str(out), "--n-boot", str(N_BOOT), "--no-brainmaps"])
+    assert code == 0
+    raw = pd.concat([pd.read_csv(d / "results" / "voxels.csv", dtype={"subject": str}) for d in runs],
+                    ignore_index=True)
+    raw["label"] = raw["model"]  # model names are unique here
+    return {"runs": runs, "out": out, "raw": raw,
+            "summary": pd.read_csv(out / "tables" / "roi_summary.csv", dtype={"subject": str}),
+            "paired": pd.read_csv(out / "tables" / "paired.csv", dtype={"subject": str})}
+
+
+def _cell(raw: pd.DataFrame, label, dataset, subject, roi) -> pd.DataFrame:
+    d = raw[(raw["label"] == label) & (raw["dataset"] == dataset)]
+    if subject != "all":
+        d = d[d["subject"] == subject]
+    if roi != "all":
+        d = d[d["roi"] == roi]
+    return d
+
+
+def test_summary_has_every_cell(report):
+    s, raw = report["summary"], report["raw"]
+    rois = set(raw["roi"]) | {"all"}
+    for label in raw["label"].unique():
+        got = s[s["label"] == label]
+        assert set(got["subject"]) == {"01", "02", "all"}
+        for subject in ("01", "02", "all"):
+            assert set(got.loc[got["subject"] == subject, "roi"]) == rois
+
+
+def test_summary_medians_means_counts(report):
+    s, raw = report["summary"], report["raw"]
+    assert len(s) > 0
+    for row in s.itertuples():
+        d = _cell(raw, row.label, row.dataset, row.subject, row.roi)
+        r = d["pearson"].to_numpy()
+        ok = np.isfinite(r)
+        assert row.n_voxels == len(d)
+        assert row.n_valid == ok.sum() and row.n_nan == (~ok).sum()
+        assert row.median_pearson == pytest.approx(np.nanmedian(r), abs=1e-12)
+        assert row.mean_pearson == pytest.approx(np.nanmean(r), abs=1e-12)
+        assert row.median_normalised == pytest.approx(d["normalised"].median(skipna=True), abs=1e-9)
+        assert row.median_noise_ceiling == pytest.approx(d["noise_ceiling"].median(), abs=1e-9)
+    # The demo has NaN voxels, so the NaN handling was exercised.
+    assert (s["n_nan"] > 0).any()
+
+
+def test_significance_fractions(report):
+    s, raw = report["summary"], report["raw"]
+    for row in s.itertuples():
+        d = _cell(raw, row.label, row.dataset, row.subject, row.roi)
+        r = d["pearson"].dropna().to_numpy()
+        t = r * np.sqrt((N_TEST - 2) / (1 - r**2))
+        p = stats.t.sf(t, N_TEST - 2)
+        assert row.frac_sig == pytest.approx(np.mean(p < 0.05), abs=1e-12)
+        assert row.n_test == N_TEST
+
+
+def test_fdr_fraction_matches_scipy(report):
+    s, raw = report["summary"], report["raw"]
+    for (label, subject), d in raw.groupby(["label", "subject"]):
+        d = d.dropna(subset=["pearson"])
+        p = pearson_p_one_sided(d["pearson"].to_numpy(), np.full(len(d), N_TEST))
+        rej = stats.false_discovery_control(p, method="bh") <= 0.05
+        row = s[(s["label"] == label) & (s["subject"] == subject) & (s["roi"] == "all")].iloc[0]
+        assert row.frac_sig_fdr == pytest.approx(rej.mean(), abs=1e-12)
+        # FDR can only remove discoveries.
+        assert row.frac_sig_fdr <= row.frac_sig
+
+
+def test_one_sided_pearson_p_matches_scipy_pearsonr():
+    rng = np.random.default_rng(0)
+    for n in (5, 30, 200):
+        x = rng.normal(size=(20, n))
+        y = 0.3 * x + rng.normal(size=(20, n))
+        ref = [stats.pearsonr(a, b, alternative="greater") for a, b in zip(x, y)]
+        r = np.array([v.statistic for v in ref])
+        got = pearson_p_one_sided(r, np.full(20, n))
+        np.testing.assert_allclose(got, [v.pvalue for v in ref], rtol=1e-7, atol=1e-12)
+    assert np.isnan(pearson_p_one_sided(np.array([np.nan]), np.array([10]))).all()
+    assert np.isnan(pearson_p_one_sided(np.array([0.5]), np.array([np.nan]))).all()
+
+
+def test_bootstrap_ci_brackets_median_and_is_seeded(report, tmp_path):
+    s = report["summary"]
+    big = s[s["n_valid"] >= 10]
+    assert (big["median_pearson_ci_low"] <= big["median_pearson"]).all()
+    assert (big["median_pearson"] <= big["median_pearson_ci_high"]).all()
+    assert (big["median_pearson_ci_low"] < big["median_pearson_ci_high"]).all()
+    # Pooled cells against scipy's percentile bootstrap (different draws: loose tolerance).
+    raw = report["raw"]
+    for row in s[(s["subject"] == "all") & (s["roi"] == "all")].itertuples():
+        r = _cell(raw, row.label, row.dataset, "all", "all")["pearson"].dropna().to_numpy()
+        ref = stats.bootstrap((r,), np.median, n_resamples=2000, method="percentile",
+                              rng=np.random.default_rng(0)).confidence_interval
+        assert row.median_pearson_ci_low == pytest.approx(ref.low, abs=0.02)
+        assert row.median_pearson_ci_high == pytest.approx(ref.high, abs=0.02)
+    # Same seed -> identical tables; another seed -> other CIs, same point estimates.
+    again = tmp_path / "again"
+    build_report(report["runs"], again, n_boot=N_BOOT, seed=0, figures=False)
+    pd.testing.assert_frame_equal(pd.read_csv(again / "tables" / "roi_summary.csv", dtype={"subject": str}), s)
+    other = tmp_path / "other"
+    build_report(report["runs"], other, n_boot=N_BOOT, seed=7, figures=False)
+    o = pd.read_csv(other / "tables" / "roi_summary.csv", dtype={"subject": str})
+    np.testing.assert_array_equal(o["median_pearson"], s["median_pearson"])
+    assert not np.allclose(o["median_pearson_ci_low"], s["median_pearson_ci_low"])
+
+
+def test_bootstrap_median_ci_equals_naive_resampling():
+    # The sorted-index shortcut must give the medians of plain x[idx] resamples.
+    for n in (7, 8):
+        x = np.random.default_rng(3).normal(size=n)
+        lo, hi = bootstrap_median_ci(x, 500, np.random.default_rng(11))
+        idx = np.random.default_rng(11).integers(0, n, size=(500, n), dtype=np.int32)
+        meds = np.median(np.sort(x)[idx], axis=1)
+        assert (lo, hi) == pytest.approx(tuple(np.percentile(meds, [2.5, 97.5])))
+
+
+def test_paired_comparisons_match_scipy_wilcoxon(report):
+    p, raw = report["paired"], report["raw"]
+    labels = sorted(raw["label"].unique())
+    assert {(a, b) for a, b in zip(p["model_a"], p["model_b"])} == {
+        (a, b) for i, a in enumerate(labels) for b in labels[i + 1:]}
+    key = ["dataset", "subject", "voxel"]
+    for row in p.itertuples():
+        a = raw.loc[raw["label"] == row.model_a, key + ["roi", "pearson"]]
+        b = raw.loc[raw["label"] == row.model_b, key + ["pearson"]]
+        m = a.merge(b, on=key, suffixes=("_a", "_b")).dropna(subset=["pearson_a", "pearson_b"])
+        if row.subject != "all":
+            m = m[m["subject"] == row.subject]
+        if row.roi != "all":
+            m = m[m["roi"] == row.roi]
+        d = (m["pearson_a"] - m["pearson_b"]).to_numpy()
+        assert row.n_pairs == len(d)
+        assert row.median_diff == pytest.approx(np.median(d), abs=1e-12)
+        assert row.mean_diff == pytest.approx(d.mean(), abs=1e-12)
+        assert row.win_frac_a == pytest.approx(np.mean(d > 0) + 0.5 * np.mean(d == 0), abs=1e-12)
+        ref = stats.wilcoxon(d)
+        assert row.wilcoxon_p == pytest.approx(ref.pvalue, rel=1e-10)
+        assert row.wilcoxon_stat == pytest.approx(ref.statistic, rel=1e-10)
+    # Tied voxels exist, so the ties' half-win convention was exercised.
+    sub01 = p[(p["subject"] == "01") & (p["roi"] == "all")]
+    assert (sub01["n_pairs"] > 0).all()
+
+
+def test_retrieval_table(report):
+    ret = pd.read_csv(report["out"] / "tables" / "retrieval.csv", dtype={"subject": str})
+    for d in report["runs"]:
+        summ = json.loads((d / "results" / "summary.json").read_text())
+        for key, vals in summ["retrieval"].items():
+            row = ret[(ret["run"] == summ["run"]) & (ret["key"] == key)]
+            assert len(row) == 1
+            for f in ("top1", "top5", "chance_top1", "chance_top5", "n_images"):
+                assert row[f].iloc[0] == pytest.approx(vals[f])
+
+
+def test_markdown_and_self_contained_html(report):
+    out = report["out"]
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    figures = sorted((out / "figures").glob("*.png"))
+    # 1 dataset: 2 bar charts, 1 histogram, 3 model pairs -> 3 scatters
+    assert len(figures) == 6
+    for f in figures:
+        assert f"figures/{f.name}" in md
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "<script" not in html.lower()
+    imgs = re.findall(r"<img\b[^>]*>", html)
+    assert len(imgs) == len(figures)
+    for tag in imgs:
+        m = re.search(r'src="data:image/png;base64,([^"]+)"', tag)
+        assert m, tag[:80]
+        assert base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    for label in report["raw"]["label"].unique():
+        assert label in md and label in html
+
+
+def test_missing_column_is_a_clear_error(tmp_path, capsys):
+    runs = write_demo_runs(tmp_path / "runs", models=("a", "b"), n_voxels=20, retrieval=False)
+    path = runs[1] / "results" / "voxels.csv"
+    pd.read_csv(path).drop(columns=["noise_ceiling"]).to_csv(path, index=False)
+    with pytest.raises(ReportInputError) as err:
+        build_report(runs, tmp_path / "out", n_boot=10, brainmaps=False)
+    msg = str(err.value)
+    assert str(path) in msg and "'noise_ceiling'" in msg and "percent" in msg
+    assert main_report([*map(str, runs), "--out", str(tmp_path / "out")]) == 2
+    assert "noise_ceiling" in capsys.readouterr().err
+
+
+def test_missing_file_and_bad_values_are_clear_errors(tmp_path):
+    runs = write_demo_runs(tmp_path / "runs", models=("a", "b"), n_voxels=20, retrieval=False)
+    (runs[0] / "results" / "voxels.csv").unlink()
+    with pytest.raises(ReportInputError, match=r"voxels\.csv: file not found"):
+        build_report(runs, tmp_path / "out", n_boot=10, brainmaps=False)
+    path = runs[1] / "results" / "voxels.csv"
+    df = pd.read_csv(path)
+    df["pearson"] = df["pearson"].astype(object)
+    df.loc[3, "pearson"] = "oops"
+    df.to_csv(path, index=False)
+    with pytest.raises(ReportInputError, match=r"column 'pearson' must be numeric; row 5 holds 'oops'"):
+        build_report([runs[1]], tmp_path / "out", n_boot=10, brainmaps=False)
+
+
+def test_n_test_from_summary_or_absent(tmp_path):
+    col = write_demo_runs(tmp_path / "col", models=("a", "b"), n_voxels=60, n_test_in="column")
+    summ = write_demo_runs(tmp_path / "summ", models=("a", "b"), n_voxels=60, n_test_in="summary")
+    none = write_demo_runs(tmp_path / "none", models=("a", "b"), n_voxels=60, n_test_in="none")
+    tabs = {}
+    for name, runs in (("col", col), ("summ", summ), ("none", none)):
+        build_report(runs, tmp_path / f"out_{name}", n_boot=0, figures=False)
+        tabs[name] = pd.read_csv(tmp_path / f"out_{name}" / "tables" / "roi_summary.csv")
+    np.testing.assert_array_equal(tabs["col"]["frac_sig"], tabs["summ"]["frac_sig"])
+    assert tabs["col"]["frac_sig"].notna().all()
+    assert tabs["none"]["frac_sig"].isna().all()
+    assert "no test-set size" in (tmp_path / "out_none" / "report.md").read_text()
+    # n_boot=0 disables CIs rather than inventing them.
+    assert tabs["col"]["median_pearson_ci_low"].isna().all()
+
+
+def test_shared_model_name_is_disambiguated_by_run(tmp_path):
+    runs = write_demo_runs(tmp_path / "runs", models=("afo", "afo", "ridge"), n_voxels=30)
+    build_report(runs, tmp_path / "out", n_boot=0, figures=False)
+    s = pd.read_csv(tmp_path / "out" / "tables" / "roi_summary.csv")
+    assert set(s["label"]) == {"afo [run_0_afo]", "afo [run_1_afo]", "ridge"}
+    p = pd.read_csv(tmp_path / "out" / "tables" / "paired.csv")
+    assert ((p["model_a"] == "afo [run_0_afo]") & (p["model_b"] == "afo [run_1_afo]")).any()
+
+
+def test_brain_maps_and_failures_degrade_to_notes(tmp_path):
+    runs = write_demo_runs(tmp_path / "runs", models=("a", "b"), subjects=("01",),
+                           datasets=("simbrain", "mnidata", "surfdata"), n_voxels=60)
+    # Move one dataset's coordinates off any fsaverage mesh: its map must become a note.
+    for d in runs:
+        path = d / "results" / "voxels.csv"
+        df = pd.read_csv(path, dtype={"subject": str})
+        df.loc[df["dataset"] == "surfdata", ["x", "y", "z"]] += 500.0
+        df.to_csv(path, index=False)
+    html = build_report(runs, tmp_path / "out", n_boot=0, max_pairs=1)
+    figs = {f.name for f in (tmp_path / "out" / "figures").glob("brainmap_*.png")}
+    assert figs == {"brainmap_simbrain_01.png", "brainmap_mnidata_01.png"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "brain map for surfdata subject 01 skipped" in md
+    assert "not on an fsaverage mesh" in md
+    assert html.read_text().count("<img") == len(list((tmp_path / "out" / "figures").glob("*.png")))
