@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -25,7 +26,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("brainenc.recipes.transfer:main_transfer", "transfer a universal encoder to a new subject"),
     "report": ("brainenc.reports:main_report", "per-ROI comparison report from run directories"),
     "sweep": ("brainenc.sweep:main_sweep", "run a grid of runs (backbones x encoders x datasets x seeds)"),
-    "compare": ("brainenc.reports.compare:main_compare", "print a per-ROI table comparing run directories"),
+    "compare": ("brainenc.compare:main_compare", "print a per-ROI table comparing run directories"),
 }
 
 
@@ -44,17 +45,22 @@ class BrainencCLI(LightningCLI):
 
         out = Path(self.trainer.default_root_dir) / "results"
         out.mkdir(parents=True, exist_ok=True)
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         with atomic_path(out / "config.yaml") as tmp:
-            self.parser.save(self.config["test"], tmp, skip_none=False, overwrite=True,
-                             skip_check=True, multifile=False)
+            tmp.write_text(yaml.safe_dump(dumped.get("test", dumped), sort_keys=False))
 
 
 def lightning_main(argv: list[str]) -> None:
+    from jsonargparse import set_parsing_settings
+
     from brainenc.data.datamodule import BrainDataModule
     from brainenc.lit.encoder_module import EncoderModule
 
+    # "omegaconf+" resolves ${...} after command-line overrides, so --trainer.default_root_dir
+    # moves checkpoints and logs too; configs keep readable absolute paths like ${data.image_size}
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
-                parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
                 seed_everything_default=0, auto_configure_optimizers=False)
 
 

@@ -24,6 +24,18 @@ from brainenc.models.readout import FeatureSpec, Readout, ReadoutFactory, pair_s
 from .collect import PredictionCollector
 
 
+def _object_args() -> list[str]:
+    """Arguments to keep out of ``hparams``.
+
+    Under LightningCLI the hyperparameters are the parsed config (plain class_path/init_args
+    dicts), which ``brainenc test --ckpt_path`` needs to rebuild the model; built in Python, the
+    same arguments are live modules that must not be pickled into the checkpoint's hparams.
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return [] if _given_hyperparameters.get() is not None else ["backbone", "readout", "loss"]
+
+
 class EncoderModule(L.LightningModule):
     """Backbone + readout, trained per (dataset, subject) batch.
 
@@ -50,7 +62,7 @@ class EncoderModule(L.LightningModule):
         if not voxel_counts:
             raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "
                              "data.voxel_counts (pass it explicitly when building the module in Python)")
-        self.save_hyperparameters(ignore=["backbone", "readout", "loss"])
+        self.save_hyperparameters(ignore=_object_args())
         self.backbone = backbone
         self.readout: Readout = readout(dict(voxel_counts), FeatureSpec.of(backbone))
         self.loss_fn = loss if loss is not None else MSELoss()

@@ -16,7 +16,7 @@ import torch
 from brainenc.models.backbones import Backbone
 from brainenc.models.linear import LinearReadout
 from brainenc.models.readout import pair_slot
-from .encoder_module import EncoderModule
+from .encoder_module import EncoderModule, _object_args
 
 
 def _linear(voxel_counts, spec):
@@ -38,7 +38,7 @@ class RidgeModule(EncoderModule):
         if not backbone.frozen:
             raise ValueError("RidgeModule: backbone.trainable must be 'frozen' (ridge fits fixed features)")
         super().__init__(backbone, _linear, voxel_counts=voxel_counts, model_name=model_name)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=[k for k in _object_args() if k == "backbone"])
         self.automatic_optimization = False
         self._store: dict[str, tuple[list, list]] = {}
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))

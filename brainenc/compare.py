@@ -1,0 +1,47 @@
+"""A compact per-ROI comparison of runs, printed to the terminal (``brainenc compare RUN...``).
+
+For the full report with intervals, tests and figures use ``brainenc report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainenc.results import read_results
+
+
+def roi_table(tables: list[pd.DataFrame], by: tuple[str, ...] = ("roi",)) -> pd.DataFrame:
+    """Median Pearson, noise-normalised score and oracle fraction per model and ROI.
+
+    Returns a frame indexed by ``by`` with one column block per model:
+    ``pearson`` (median r), ``normalised`` (median % of the noise ceiling), ``oracle`` (median
+    oracle r, simbrain) and ``frac_oracle`` (median of r / oracle over voxels with oracle > 0.1).
+    """
+    df = pd.concat(tables, ignore_index=True)
+    df["frac_oracle"] = np.where(df["oracle"] > 0.1, df["pearson"] / df["oracle"], np.nan)
+    df["label"] = df["model"].astype(str)
+    if df.groupby("label")["run"].nunique().max() > 1:
+        df["label"] = df["model"].astype(str) + ":" + df["run"].astype(str)
+    agg = df.groupby(["label", *by])[["pearson", "normalised", "oracle", "frac_oracle"]].median()
+    agg["n_voxels"] = df.groupby(["label", *by]).size()
+    return agg.unstack("label").swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.precision", 3):
+        return table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def main_compare(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="brainenc compare", description=(
+        "Print median Pearson, noise-normalised score and oracle fraction per ROI for run directories."))
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--by", default="roi", help="comma-separated grouping columns (default: roi)")
+    a = ap.parse_args(argv)
+    table = roi_table([read_results(r) for r in a.runs], tuple(a.by.split(",")))
+    print(format_table(table))
+    return 0
