@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .sampling import PairBatchSampler
-from .splits import StimulusSplit, split_stimuli
+from .splits import StimulusSplit, limit_train, split_stimuli
 from .store import Store, StoreError, SubjectInfo
 
 
@@ -136,6 +136,8 @@ class BrainDataModule(L.LightningDataModule):
     val_fraction, test_fraction : hash-based fractions (test only when the store has no split)
     sampling_weights : {"dataset" or "dataset/subject": weight} for mixing pairs in training
     simulate : simbrain preset to generate missing stores with (e.g. "quickstart"), or None
+    train_limit : keep only this many training images per pair (a deterministic subset, the same
+        for every seed; for learning curves and few-image transfer), None = all
     """
 
     def __init__(self, stores: list[str] = ["data/simbrain-quickstart/simbrain7t"],  # noqa: B006
@@ -143,7 +145,7 @@ class BrainDataModule(L.LightningDataModule):
                  eval_batch_size: int = 64, train_unit: Literal["stimuli", "trials"] = "stimuli",
                  val_fraction: float = 0.1, test_fraction: float = 0.1,
                  sampling_weights: Optional[dict[str, float]] = None, num_workers: int = 0,
-                 simulate: Optional[str] = None, seed: int = 0):
+                 simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None):
         super().__init__()
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
@@ -169,8 +171,10 @@ class BrainDataModule(L.LightningDataModule):
             for s in store.subjects:
                 key = f"{store.name}/{s}"
                 if wanted is None or key in wanted or s in wanted:
-                    self.pairs.append(PairData.build(store, s, self.hparams.val_fraction,
-                                                     self.hparams.test_fraction))
+                    pair = PairData.build(store, s, self.hparams.val_fraction, self.hparams.test_fraction)
+                    if self.hparams.train_limit is not None:
+                        pair.split = limit_train(pair.split, store.stimulus_ids, self.hparams.train_limit)
+                    self.pairs.append(pair)
         if not self.pairs:
             raise StoreError(", ".join(map(str, self.store_dirs)), "subjects",
                              f"at least one subject matching {wanted}", "none")

@@ -52,3 +52,10 @@ def split_stimuli(seen: np.ndarray, stimulus_ids: np.ndarray, store_split: np.nd
     rest = seen[~is_test]
     is_val = np.array([id_fraction(stimulus_ids[s], "val") < val_fraction for s in rest], dtype=bool)
     return StimulusSplit(train=rest[~is_val], val=rest[is_val], test=seen[is_test])
+
+
+def limit_train(split: StimulusSplit, stimulus_ids: np.ndarray, n: int) -> StimulusSplit:
+    """Keep ``n`` training stimuli, chosen by id hash so that smaller subsets nest in larger ones."""
+    keys = np.array([id_fraction(stimulus_ids[s], "subset") for s in split.train])
+    keep = np.sort(split.train[np.argsort(keys, kind="stable")[:n]])
+    return StimulusSplit(train=keep, val=split.val, test=split.test)

@@ -82,12 +82,13 @@ class EncoderModule(L.LightningModule):
                 if p.key in self.voxel_counts:
                     self.readout.set_voxel_info(p.key, p.info.coords)
 
-    def features(self, images: Tensor) -> Features:
-        return self.backbone(images)
+    def features(self, batch: dict) -> Features:
+        """The backbone's feature pyramid for ``batch["images"]`` (B, 3, S, S)."""
+        return self.backbone(batch["images"])
 
     def forward(self, images: Tensor, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """images (B, 3, S, S) in [0, 1] -> responses (B, V)."""
-        return self.readout(self.features(images), pair, voxels)
+        return self.readout(self.backbone(images), pair, voxels)
 
     def predict_all(self, feats: Features, pair: str) -> Tensor:
         """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels)."""
@@ -100,7 +101,7 @@ class EncoderModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         pair, target = batch["pair"], batch["responses"]
-        feats = self.features(batch["images"])
+        feats = self.features(batch)
         voxels = None
         k = self.hparams.voxels_per_step
         if k and k < target.shape[1]:
@@ -114,7 +115,7 @@ class EncoderModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict, collect: Optional[nn.ModuleDict] = None) -> Tensor:
         pair = batch["pair"]
-        pred = self.predict_all(self.features(batch["images"]), pair)
+        pred = self.predict_all(self.features(batch), pair)
         metrics[pair_slot(pair)].update(pred, batch["responses"])
         if collect is not None:
             collect[pair_slot(pair)].update(pred, batch["responses"], batch["stimulus"])
@@ -167,7 +168,7 @@ class EncoderModule(L.LightningModule):
                 "wall_time_s": time.time() - self._t0}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        pred = self.predict_all(self.features(batch["images"]), batch["pair"])
+        pred = self.predict_all(self.features(batch), batch["pair"])
         return {"pair": batch["pair"], "stimulus": batch["stimulus"].cpu(), "pred": pred.cpu()}
 
     # ---------------------------------------------------------------- optimisation

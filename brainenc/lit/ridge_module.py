@@ -53,7 +53,7 @@ class RidgeModule(EncoderModule):
         if bool(self.fitted):
             return None
         with torch.no_grad():
-            z = self.features(batch["images"]).pooled().double().cpu()
+            z = self.features(batch).pooled().double().cpu()
         xs, ys = self._store.setdefault(batch["pair"], ([], []))
         xs.append(z)
         ys.append(batch["responses"].double().cpu())
