@@ -199,18 +199,22 @@ def build_cortex(m: SubjectMap, n_voxels: int, fractions: dict, rng: np.random.G
     """
     n_cat = {k: int(round(fractions[k] * n_voxels)) for k in ("FFA", "PPA")}
     n_ret_target = n_voxels - n_cat["FFA"] - n_cat["PPA"] - int(round(fractions["noise"] * n_voxels))
-    # fit the spacing: point count scales as 1/d^2; a few fixed-point steps converge to ~0.5%
+    # fit the spacing: point count scales as 1/d^2; a few fixed-point steps get close, then
+    # shrink d until each hemisphere has enough points and trim the most peripheral extras
+    # (a ragged edge at E_max), so every count is exact and known in advance
+    per_hemi = (n_ret_target + 1) // 2
     d = 2.0
     for _ in range(6):
-        cnt = 2 * len(_retinotopic_grid(m, d)[0])
-        d *= np.sqrt(cnt / n_ret_target)
+        cnt = len(_retinotopic_grid(m, d)[0])
+        d *= np.sqrt(cnt / per_hemi)
+    while len(_retinotopic_grid(m, d)[0]) < per_hemi:
+        d *= 0.995
     m.spacing_mm = float(d)
     u, v, roi, ecc, th, (v_lo, v_hi, u_max) = _retinotopic_grid(m, d)
-    # never exceed the total (leave at least a handful of noise voxels)
-    n_ret_each = len(u)
-    if 2 * n_ret_each > n_voxels - n_cat["FFA"] - n_cat["PPA"] - 2:
-        raise ValueError(f"simbrain: voxel grid overshoots {n_voxels} voxels")
-    n_noise = n_voxels - 2 * n_ret_each - n_cat["FFA"] - n_cat["PPA"]
+    keep = np.lexsort((v, u))[:per_hemi]  # ordered by u (then v): drop the largest-u points
+    u, v, roi, ecc, th = u[keep], v[keep], roi[keep], ecc[keep], th[keep]
+    n_ret = (per_hemi, n_ret_target - per_hemi)
+    n_noise = n_voxels - n_ret_target - n_cat["FFA"] - n_cat["PPA"]
 
     parts = {k: [] for k in ("u", "v", "hemi", "roi", "x", "y", "sig", "lu", "lv")}
 
@@ -219,13 +223,14 @@ def build_cortex(m: SubjectMap, n_voxels: int, fractions: dict, rng: np.random.G
             parts[k].append(np.broadcast_to(np.asarray(a, dtype=float), uu.shape).copy())
 
     # retinotopic: both hemispheres share the layout; the left sees the right visual field
+    icpt = np.array([0.0] + [m.prf_intercept[r] for r in RETINOTOPIC])
+    slope = np.array([0.0] + [m.prf_slope[r] for r in RETINOTOPIC])
     for hemi in (0, 1):
         sgx = 1.0 if hemi == 0 else -1.0
-        x, y = sgx * ecc * np.cos(th), ecc * np.sin(th)
-        icpt = np.array([0.0] + [m.prf_intercept[r] for r in RETINOTOPIC])
-        slope = np.array([0.0] + [m.prf_slope[r] for r in RETINOTOPIC])
-        sig = icpt[roi] + slope[roi] * ecc
-        add(u, v, np.full(len(u), hemi), roi, x, y, sig)
+        k = slice(0, n_ret[hemi])  # the right hemisphere may be one point short
+        x, y = sgx * ecc[k] * np.cos(th[k]), ecc[k] * np.sin(th[k])
+        sig = icpt[roi[k]] + slope[roi[k]] * ecc[k]
+        add(u[k], v[k], np.full(n_ret[hemi], hemi), roi[k], x, y, sig)
 
     # category regions: disks beyond hV4, FFA foveal-side (small u), PPA peripheral-side
     g_max = v_hi  # ventral edge of hV4 at u_max

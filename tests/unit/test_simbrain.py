@@ -1,0 +1,308 @@
+"""simbrain: stores are valid, deterministic and carry the ground truth they promise."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from scipy.spatial import cKDTree
+
+from brainenc.data.simbrain import PRESETS, oracle_ceiling, planned_shapes, simulate
+from brainenc.data.store import Store
+
+ROIS = {1: "V1", 2: "V2", 3: "V3", 4: "hV4", 5: "FFA", 6: "PPA"}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simbrain")
+    paths = simulate(preset="tiny", out=out, seed=0)
+    return out, paths, {k: Store(p) for k, p in paths.items()}
+
+
+def _h5_arrays(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _truth(info, name):
+    with h5py.File(info.path, "r") as f:
+        return f[f"truth/{name}"][()]
+
+
+def _test_means(store, subject):
+    """Repeat-averaged measured responses of the test stimuli: (n_test, n_voxels), plus repeats."""
+    info = store.subject(subject)
+    with h5py.File(info.path, "r") as f:
+        resp = f["responses"][()].astype(np.float64)
+    test_rows = np.flatnonzero(store.split == 1)
+    reps = np.stack([resp[info.trial_stimulus == r] for r in test_rows])  # (n_test, 3, n_vox)
+    return test_rows, reps
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_paths_and_stores_validate(tiny):
+    out, paths, stores = tiny
+    assert paths == {"simbrain7t": out / "simbrain7t", "simbrain3t": out / "simbrain3t"}
+    plan = planned_shapes("tiny")
+    for name, st in stores.items():
+        st.validate(deep=True)
+        assert st.subjects == ["subj01", "subj02"]
+        assert st.image_size == (32, 32) and st.visual_angle_deg == pytest.approx(8.4)
+        assert st.n_stimuli == plan[name]["n_stimuli"]
+        m = st.manifest
+        for key in ("dataset", "subjects", "source", "preset", "seed", "generator", "split_rule",
+                    "field_strength_tesla", "citation"):
+            assert key in m, key
+        assert (m["source"], m["preset"], m["seed"]) == ("simbrain", "tiny", 0)
+        for s in st.subjects:
+            info = st.subject(s)
+            assert (info.n_trials, info.n_voxels) == plan[name]["subjects"][s]
+            assert info.units == "z" and info.has_truth
+            assert info.rois["simbrain"].labels == ROIS
+            assert set(np.unique(info.rois["simbrain"].values)) == {0, 1, 2, 3, 4, 5, 6}
+            assert info.trial_session is not None and (info.trial_session >= 0).all()
+            with h5py.File(info.path, "r") as f:
+                assert f["responses"].dtype == np.float32
+                assert f["truth/responses"].shape == (st.n_stimuli, info.n_voxels)
+                for k in ("prf_x_deg", "prf_y_deg", "prf_sigma_deg", "voxel_type", "signal_sd",
+                          "noise_sd", "flat_xy", "hemisphere"):
+                    assert f[f"truth/{k}"].shape[0] == info.n_voxels, k
+                assert yaml.safe_load(f["truth/voxel_type"].attrs["labels"])[0] == "noise"
+            # about 10% noise voxels, as planned
+            assert (info.rois["simbrain"].values == 0).mean() == pytest.approx(0.10, abs=0.01)
+
+
+def test_labels_are_plausible(tiny):
+    _, _, stores = tiny
+    lab = stores["simbrain7t"].stimulus_labels
+    n = stores["simbrain7t"].n_stimuli
+    assert 0.15 < lab["face"].mean() < 0.45  # ~30% faces (binomial, n=180)
+    fb = lab["face_box"][lab["face"] == 1]
+    assert (fb >= 0).all() and (fb <= 1).all() and (fb[:, 2] > fb[:, 0]).all() and (fb[:, 3] > fb[:, 1]).all()
+    assert not lab["face_box"][lab["face"] == 0].any()
+    sc = lab["scene"]
+    assert sc.shape == (n,) and ((sc == 0) | ((sc > 0.1) & (sc <= 1))).all() and (sc > 0).mean() > 0.15
+
+
+def test_test_images_have_three_repeats_and_train_at_least_one(tiny):
+    _, _, stores = tiny
+    for st in stores.values():
+        for s in st.subjects:
+            counts = np.bincount(st.subject(s).trial_stimulus, minlength=st.n_stimuli)
+            assert (counts[st.split == 1] == 3).all()
+            assert (counts[st.split == 0] >= 1).all()
+
+
+def test_shared_images_keep_id_split_and_pixels(tiny):
+    _, _, stores = tiny
+    a, b = stores["simbrain7t"], stores["simbrain3t"]
+    ida = {s: i for i, s in enumerate(a.stimulus_ids)}
+    shared = [(ida[s], j) for j, s in enumerate(b.stimulus_ids) if s in ida]
+    assert len(shared) >= PRESETS["tiny"].n_test + 20  # the whole test set plus shared train images
+    ia, ib = map(np.array, zip(*shared))
+    assert (a.split[ia] == b.split[ib]).all()
+    assert set(a.stimulus_ids[a.split == 1]) == set(b.stimulus_ids[b.split == 1])
+    with h5py.File(a.stimuli_path) as fa, h5py.File(b.stimuli_path) as fb:
+        assert np.array_equal(fa["images"][np.sort(ia)], fb["images"][ib[np.argsort(ia)]])
+    assert all(s.startswith("sim-") for s in a.stimulus_ids)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_bit_identical_other_seed_differs(tiny, tmp_path):
+    out, _, stores = tiny
+    simulate(preset="tiny", out=tmp_path / "same", seed=0)
+    simulate(preset="tiny", out=tmp_path / "other", seed=1)
+    for name, st in stores.items():
+        for fname in ["stimuli.h5"] + [f"{s}.h5" for s in st.subjects]:
+            ref = _h5_arrays(out / name / fname)
+            same = _h5_arrays(tmp_path / "same" / name / fname)
+            assert ref.keys() == same.keys()
+            for k in ref:
+                assert np.array_equal(ref[k], same[k], equal_nan=ref[k].dtype.kind == "f"), (name, fname, k)
+        other = _h5_arrays(tmp_path / "other" / name / "stimuli.h5")
+        assert not np.array_equal(_h5_arrays(out / name / "stimuli.h5")["images"], other["images"])
+        o1 = _h5_arrays(tmp_path / "other" / name / "subj01.h5")["responses"]
+        r1 = _h5_arrays(out / name / "subj01.h5")["responses"]
+        assert o1.shape != r1.shape or not np.array_equal(o1, r1)
+
+
+def test_simulate_is_idempotent_and_guards_other_params(tiny):
+    out, paths, _ = tiny
+    mtimes = {p: (p / "subj01.h5").stat().st_mtime_ns for p in paths.values()}
+    assert simulate(preset="tiny", out=out, seed=0) == paths
+    assert {p: (p / "subj01.h5").stat().st_mtime_ns for p in paths.values()} == mtimes
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        simulate(preset="tiny", out=out, seed=5)
+    with pytest.raises(ValueError, match="unknown simbrain preset"):
+        simulate(preset="huge", out=out)
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def test_oracle_ceiling_matches_theory(tiny):
+    """corr(truth, mean of 3 repeats) should be ncsnr / sqrt(ncsnr^2 + 1/3) up to sampling error.
+
+    With 30 test images the sample correlation scatters by roughly (1 - rho^2) / sqrt(27) (0.05
+    for 7T-like voxels at rho ~ 0.85, 0.12 for 3T-like at rho ~ 0.55), and the truth's variance
+    over only 30 images also varies, so median absolute differences of ~0.04 (7T) and ~0.09
+    (3T) are expected; tolerances sit above that and well below the effect sizes.
+    """
+    _, _, stores = tiny
+    tol = {"simbrain7t": 0.07, "simbrain3t": 0.14}
+    for name, st in stores.items():
+        diffs, oc_all, th_all = [], [], []
+        for s in st.subjects:
+            info = st.subject(s)
+            oc = oracle_ceiling(st, s, np.flatnonzero(st.split == 1))
+            nc = info.ncsnr.astype(np.float64)
+            th = np.sqrt(nc ** 2 / (nc ** 2 + 1 / 3))
+            sig = info.rois["simbrain"].values > 0
+            assert np.isfinite(oc[sig]).all()
+            diffs.append(oc[sig] - th[sig]); oc_all.append(oc[sig]); th_all.append(th[sig])  # noqa: E702
+        d = np.concatenate(diffs)
+        assert np.median(np.abs(d)) < tol[name], (name, np.median(np.abs(d)))
+        assert abs(np.median(d)) < tol[name] / 2
+        assert np.corrcoef(np.concatenate(oc_all), np.concatenate(th_all))[0, 1] > 0.6
+
+
+def test_oracle_ceiling_agrees_with_direct_computation(tiny):
+    _, _, stores = tiny
+    st = stores["simbrain7t"]
+    rows, reps = _test_means(st, "subj02")
+    truth = _truth(st.subject("subj02"), "responses")[rows]
+    means = reps.mean(1)
+    oc = oracle_ceiling(st, "subj02", rows[::-1])  # order of rows does not matter
+    ok = truth.std(0) > 0
+    direct = [np.corrcoef(truth[:, v], means[:, v])[0, 1] for v in np.flatnonzero(ok)]
+    np.testing.assert_allclose(oc[ok], direct, atol=1e-6)
+    assert np.isnan(oc[~ok]).all()
+    with pytest.raises(ValueError, match="never shown"):
+        oracle_ceiling(st, "subj01", np.array([0, 10**6]))
+
+
+def test_noise_voxels_have_no_signal(tiny):
+    _, _, stores = tiny
+    st = stores["simbrain7t"]
+    for s in st.subjects:
+        info = st.subject(s)
+        noise = info.rois["simbrain"].values == 0
+        assert (info.ncsnr[noise] == 0).all() and (_truth(info, "voxel_type")[noise] == 0).all()
+        assert (_truth(info, "responses")[:, noise] == 0).all()
+        assert np.isnan(oracle_ceiling(st, s, np.flatnonzero(st.split == 1))[noise]).all()
+        # measured reliability: one repeat against the mean of the other two, ~0 for noise
+        _, reps = _test_means(st, s)
+        a, b = reps[:, 0], reps[:, 1:].mean(1)
+        a, b = a - a.mean(0), b - b.mean(0)
+        rel = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+        assert abs(np.median(rel[noise])) < 0.1
+        assert np.median(rel[~noise]) > np.median(rel[noise]) + 0.2
+
+
+def test_prf_size_grows_with_eccentricity_in_hierarchy_order(tiny):
+    _, _, stores = tiny
+    st = stores["simbrain7t"]
+    for s in st.subjects:
+        info = st.subject(s)
+        roi = info.rois["simbrain"].values
+        x, y, sig = (_truth(info, k) for k in ("prf_x_deg", "prf_y_deg", "prf_sigma_deg"))
+        ecc = np.hypot(x, y)
+        slopes = []
+        for r in (1, 2, 3, 4):
+            m = roi == r
+            slope, icpt = np.polyfit(ecc[m], sig[m], 1)
+            assert slope > 0 and icpt > 0
+            slopes.append(slope)
+        assert slopes == sorted(slopes), slopes
+        # category voxels have large pRFs; FFA foveal, PPA peripheral
+        assert np.median(sig[roi == 5]) > np.median(sig[roi == 4])
+        assert np.median(ecc[roi == 5]) < 2 < np.median(ecc[roi == 6])
+        assert np.isnan(sig[roi == 0]).all() and np.isfinite(sig[roi > 0]).all()
+        # log-polar magnification: more V1 voxels per square degree near the fovea
+        v1 = roi == 1
+        dens_fovea = (v1 & (ecc < 1.5)).sum() / (np.pi * 1.5 ** 2)
+        dens_periph = (v1 & (ecc > 3) & (ecc < 5)).sum() / (np.pi * (25 - 9))
+        assert dens_fovea > 2 * dens_periph
+        # each hemisphere sees the contralateral field; left hemisphere (0) at flat x < 0
+        hemi = _truth(info, "hemisphere")
+        ret = (roi >= 1) & (roi <= 4)
+        # (pRF scatter puts a few vertical-meridian voxels just across it, as in real maps)
+        assert (x[ret & (hemi == 0)] > 0).mean() > 0.95 and (x[ret & (hemi == 1)] < 0).mean() > 0.95
+        assert (_truth(info, "flat_xy")[hemi == 0, 0] < 0).all()
+
+
+def test_3d_neighbours_have_neighbouring_prfs(tiny):
+    _, _, stores = tiny
+    st = stores["simbrain7t"]
+    rng = np.random.default_rng(0)
+    for s in st.subjects:
+        info = st.subject(s)
+        ret = np.flatnonzero((info.rois["simbrain"].values >= 1) & (info.rois["simbrain"].values <= 4))
+        xy = np.stack([_truth(info, "prf_x_deg"), _truth(info, "prf_y_deg")], 1)[ret]
+        _, nn = cKDTree(info.coords[ret]).query(info.coords[ret], k=2)
+        d_nn = np.linalg.norm(xy - xy[nn[:, 1]], axis=1)
+        d_rand = np.linalg.norm(xy - xy[rng.permutation(len(ret))], axis=1)
+        # the tiny grid is coarse (~2.5 mm, ~1 deg per step in the periphery), hence 0.5
+        assert np.median(d_nn) < 0.5 * np.median(d_rand), (np.median(d_nn), np.median(d_rand))
+
+
+def test_category_voxels_follow_their_category(tiny):
+    _, _, stores = tiny
+    st = stores["simbrain7t"]
+    lab = st.stimulus_labels
+    info = st.subject("subj01")
+    roi = info.rois["simbrain"].values
+    truth = _truth(info, "responses")
+
+    def mean_r(code, label):
+        return np.mean([np.corrcoef(truth[:, v], label)[0, 1] for v in np.flatnonzero(roi == code)])
+
+    assert mean_r(5, lab["face"]) > 0.5 and mean_r(5, lab["face"]) > mean_r(1, lab["face"]) + 0.3
+    assert mean_r(6, lab["scene"]) > 0.5 and mean_r(6, lab["scene"]) > mean_r(5, lab["scene"]) + 0.3
+    # the non-face control patch (same oval, same tones) does not drive face voxels
+    plain = (lab["face"] == 0)
+    ffa = truth[:, roi == 5].mean(1)
+    assert abs(ffa[plain & (lab["nonface"] == 1)].mean() - ffa[plain & (lab["nonface"] == 0)].mean()) < \
+        0.5 * (ffa[lab["face"] == 1].mean() - ffa[plain].mean())
+
+
+def test_signal_and_noise_scales(tiny):
+    _, _, stores = tiny
+    med = {}
+    for name, st in stores.items():
+        ncs = []
+        for s in st.subjects:
+            info = st.subject(s)
+            ssd, nsd = _truth(info, "signal_sd"), _truth(info, "noise_sd")
+            np.testing.assert_allclose(ssd ** 2 + nsd ** 2, 1, rtol=1e-5)
+            sig = info.ncsnr > 0
+            np.testing.assert_allclose(ssd[sig] / nsd[sig], info.ncsnr[sig], rtol=1e-4)
+            # the noise-free responses have exactly the stated signal sd over all stimuli
+            np.testing.assert_allclose(_truth(info, "responses").std(0), ssd, rtol=1e-3, atol=1e-5)
+            ncs.append(info.ncsnr[sig])
+        med[name] = np.median(np.concatenate(ncs))
+    assert 0.6 < med["simbrain7t"] < 1.6 and 0.2 < med["simbrain3t"] < 0.5
+    assert med["simbrain7t"] > 2 * med["simbrain3t"]
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_nsd_scale_plan_without_running_it():
+    plan = planned_shapes("nsd-scale")
+    assert list(plan) == ["simbrain7t"]
+    (n_trials, n_voxels), = plan["simbrain7t"]["subjects"].values()
+    assert n_trials == 30_000 and n_voxels == 15_000
+    assert plan["simbrain7t"]["n_stimuli"] == 10_000 and plan["simbrain7t"]["n_test"] == 1000
+    assert PRESETS["nsd-scale"].datasets[0].dtype == "float16"
+    q = planned_shapes("quickstart")
+    assert len(q["simbrain7t"]["subjects"]) == 3 and len(q["simbrain3t"]["subjects"]) == 2
+    assert all(2000 <= v <= 3000 for _, v in q["simbrain7t"]["subjects"].values())
