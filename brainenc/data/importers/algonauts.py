@@ -1,5 +1,208 @@
-from brainenc.data.importers.base import Importer
+"""Algonauts 2023 challenge data (NSD on fsaverage, challenge vertices only).
+
+Source layout (per subject, see ``data_manifests/algonauts2023.yaml``)::
+
+    subjXX/training_split/training_fmri/{lh,rh}_training_fmri.npy   float32 (n_train, n_hemi_vertices)
+    subjXX/training_split/training_images/train-NNNN_nsd-XXXXX.png
+    subjXX/test_split/test_images/test-NNNN_nsd-XXXXX.png           (no responses are released)
+    subjXX/roi_masks/{lh,rh}.<atlas>_challenge_space.npy            int (n_hemi_vertices,)
+    subjXX/roi_masks/mapping_<atlas>.npy                            pickled {value: name}
+    subjXX/roi_masks/{lh,rh}.all-vertices_fsaverage_space.npy       (163842,) 0/1: challenge vertices
+
+Training responses are already averaged over an image's repeats, so each image is one "trial".
+Vertex coordinates come from a FreeSurfer ``fsaverage`` subject directory (``surf/<hemi>.white``),
+indexed through the all-vertices masks.  The NSD ``nsd-XXXXX`` number is the 0-based 73k index
+(``nsd_id_base`` in the manifest), so stores of NSD and Algonauts share stimulus ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from brainenc.data.importers.base import Importer, SourceError, StimulusPlan, SubjectPlan, load_image_file
+from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
+
+HEMIS = ("lh", "rh")
+NAME_RE = re.compile(r"^(train|test)-(\d+)_nsd-(\d+)\.png$")
+
+
+def noise_normalized_score(r: np.ndarray, noise_ceiling: np.ndarray) -> float:
+    """Algonauts 2023 challenge score: mean over vertices of ``100 * r**2 / NC``.
+
+    r : (n_vertices,) Pearson correlation of prediction and response
+    noise_ceiling : (n_vertices,) NC as a fraction (0..1) or percent (values > 1 are divided by 100)
+    Vertices with NC <= 0 are left out (their ratio is undefined); ratios are capped at 100.
+    """
+    r = np.asarray(r, np.float64)
+    nc = np.asarray(noise_ceiling, np.float64)
+    if np.nanmax(nc) > 1.0:
+        nc = nc / 100.0
+    ok = (nc > 0) & np.isfinite(r)
+    return float(np.mean(np.minimum(100.0 * r[ok] ** 2 / nc[ok], 100.0))) if ok.any() else float("nan")
+
+
+def ncsnr_to_nc(ncsnr: np.ndarray, n: int) -> np.ndarray:
+    """NSD noise ceiling in percent: ``100 * ncsnr^2 / (ncsnr^2 + 1/n)`` for n averaged repeats."""
+    s2 = np.asarray(ncsnr, np.float64) ** 2
+    return 100.0 * s2 / (s2 + 1.0 / n)
 
 
 class Algonauts2023Importer(Importer):
+    """Import the Algonauts 2023 challenge data.
+
+    Options
+    -------
+    fsaverage_dir : FreeSurfer fsaverage subject directory (default ``<root>/fsaverage``, then
+                    ``$SUBJECTS_DIR/fsaverage``); vertex coordinates come from its surfaces
+    surface : 'white' (default), 'pial', 'sphere', ...
+    nsd_root : optional NSD root; if given, fsaverage ``{lh,rh}.ncsnr.mgh`` of the subject is
+               imported as voxels/ncsnr (mapped to the challenge vertices)
+    """
+
     name = "algonauts2023"
+    default_options = {"fsaverage_dir": None, "surface": "white", "nsd_root": None}
+
+    def present(self, subject: str) -> bool:
+        return (self.root / subject).is_dir()
+
+    def fsaverage_dir(self) -> Path:
+        if self.options["fsaverage_dir"]:
+            return Path(self.options["fsaverage_dir"])
+        local = self.root / "fsaverage"
+        if local.is_dir() or not os.environ.get("SUBJECTS_DIR"):
+            return local
+        return Path(os.environ["SUBJECTS_DIR"]) / "fsaverage"
+
+    def check(self, subjects):
+        for s in subjects:
+            for h in HEMIS:
+                self.need(self.path("fmri", subject=s, hemi=h), f"Algonauts training fMRI of {s} ({h})")
+                self.need(self.path("all_vertices", subject=s, hemi=h), f"challenge-vertex mask of {s} ({h})")
+            self.need(self.path("train_images", subject=s), f"training images of {s}")
+        for h in HEMIS:
+            self.need(self.fsaverage_dir() / "surf" / f"{h}.{self.options['surface']}",
+                      "an fsaverage surface (set -o fsaverage_dir=... or $SUBJECTS_DIR)")
+        atlas = str(self.roi).partition(":")[0]
+        if self.roi not in ("all", "any") and atlas not in self.manifest["roi_atlases"]:
+            raise SourceError(self.manifest["_path"], "roi",
+                              f"'all', 'any' or an atlas among {sorted(self.manifest['roi_atlases'])}", str(self.roi))
+
+    def _images(self, subject: str, split: str) -> list[tuple[int, int, Path]]:
+        """[(index within split, 0-based nsd id, path)] sorted by index."""
+        d = self.path("train_images" if split == "train" else "test_images", subject=subject)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            m = NAME_RE.match(p.name)
+            if m and m.group(1) == split:
+                out.append((int(m.group(2)), int(m.group(3)) - int(self.manifest.get("nsd_id_base", 0)), p))
+        return sorted(out)
+
+    def plan_stimuli(self, subjects):
+        paths, train_ids, test_ids = {}, set(), set()
+        for s in subjects:
+            for split, bucket in (("train", train_ids), ("test", test_ids)):
+                for _, nsd, p in self._images(s, split):
+                    paths.setdefault(nsd, p)
+                    bucket.add(nsd)
+        if not train_ids:
+            raise SourceError(self.path("train_images", subject=subjects[0]), "<directory>",
+                              "train-NNNN_nsd-XXXXX.png images", "none")
+        ids = sorted(paths)
+        # An image with responses anywhere is train: test images have no released responses,
+        # so calling a shared image "test" would only throw training data away.
+        split = np.array([SPLIT_TRAIN if i in train_ids else SPLIT_TEST for i in ids], np.uint8)
+
+        def load(rows):
+            for r in rows:
+                yield load_image_file(paths[ids[r]], self.image_size)
+
+        return StimulusPlan(ids=[f"nsd-{i:05d}" for i in ids], split=split, load=load,
+                            sources=[paths[i] for i in ids])
+
+    def plan_subject(self, subject, stimuli):
+        from nibabel.freesurfer import read_geometry
+
+        train = self._images(subject, "train")
+        files, fmri, coords, hemi_idx, vertex, atlases = [], [], [], [], [], {}
+        for h_i, h in enumerate(HEMIS):
+            p = self.path("fmri", subject=subject, hemi=h)
+            arr = np.load(p, mmap_mode="r")
+            if arr.ndim != 2 or arr.shape[0] != len(train):
+                raise SourceError(p, "<array>", f"(n_train_images={len(train)}, n_vertices)", str(arr.shape))
+            mpath = self.path("all_vertices", subject=subject, hemi=h)
+            mask = np.load(mpath).astype(bool).ravel()
+            fs_idx = np.flatnonzero(mask)
+            if len(fs_idx) != arr.shape[1]:
+                raise SourceError(mpath, "<array>", f"{arr.shape[1]} challenge vertices like {p.name}",
+                                  str(len(fs_idx)))
+            surf = self.fsaverage_dir() / "surf" / f"{h}.{self.options['surface']}"
+            xyz, _ = read_geometry(str(surf))
+            if len(xyz) != len(mask):
+                raise SourceError(surf, "<surface>", f"{len(mask)} vertices like {mpath.name}", str(len(xyz)))
+            coords.append(xyz[fs_idx])
+            hemi_idx.append(np.full(len(fs_idx), h_i, np.int8))
+            vertex.append(fs_idx)
+            fmri.append(p)
+            files += [p, mpath, surf]
+            for atlas in self.manifest["roi_atlases"]:
+                rp = self.path("roi", subject=subject, hemi=h, atlas=atlas)
+                if rp.exists():
+                    v = np.load(rp).ravel().astype(np.int16)
+                    if len(v) != len(fs_idx):
+                        raise SourceError(rp, "<array>", f"{len(fs_idx)} challenge vertices", str(len(v)))
+                    atlases.setdefault(atlas, []).append(v)
+                    files.append(rp)
+        full = {}
+        for atlas, parts in atlases.items():
+            if len(parts) != 2:
+                continue
+            mp = self.path("roi_mapping", subject=subject, atlas=atlas)
+            labels = {int(k): str(v) for k, v in self.manifest["roi_atlases"][atlas]["labels"].items()}
+            if mp.exists():
+                # The challenge distributes label tables as pickled dicts (np.save of a dict).
+                mapping = np.load(mp, allow_pickle=True).item()
+                labels = {int(k): str(v) for k, v in mapping.items() if int(k) != 0}
+                files.append(mp)
+            full[atlas] = RoiAtlas(np.concatenate(parts), labels)
+        n_all = sum(len(v) for v in vertex)
+        where = self.path("roi", subject=subject, hemi="lh", atlas=str(self.roi).partition(":")[0])
+        sel = np.ones(n_all, bool) if self.roi == "all" else self.parse_roi(full, where)
+        if len(sel) != n_all or not sel.any():
+            raise SourceError(where, "roi", f"at least one challenge vertex selected by '{self.roi}'", "none")
+        coords = np.concatenate(coords).astype(np.float32)[sel]
+        rois = {a: RoiAtlas(np.maximum(r.values[sel], 0), r.labels) for a, r in full.items()}
+        hemi_idx, vertex = np.concatenate(hemi_idx)[sel], np.concatenate(vertex)[sel]
+        ncsnr = None
+        if self.options["nsd_root"]:
+            import nibabel as nib
+
+            parts = []
+            for h_i, h in enumerate(HEMIS):
+                p = Path(self.options["nsd_root"]) / self.manifest["files"]["nsd_ncsnr"].format(subject=subject, hemi=h)
+                self.need(p, f"NSD fsaverage ncsnr of {subject} (option nsd_root)")
+                parts.append(np.asarray(nib.load(p).dataobj, np.float32).ravel()[vertex[hemi_idx == h_i]])
+                files.append(p)
+            ncsnr = np.concatenate(parts)
+        rows = np.array([stimuli.row[f"nsd-{nsd:05d}"] for _, nsd, _ in train], np.int64)
+        n_lh = int(np.load(fmri[0], mmap_mode="r").shape[1])
+        sel_lh, sel_rh = sel[:n_lh], sel[n_lh:]
+
+        def write(w):
+            w.write_group("voxels", {"hemi": hemi_idx, "vertex": vertex})
+            lh, rh = np.load(fmri[0], mmap_mode="r"), np.load(fmri[1], mmap_mode="r")
+            for start in range(0, len(rows), 256):  # memory-mapped, so only a block is read
+                sl = slice(start, start + 256)
+                block = np.concatenate([np.asarray(lh[sl])[:, sel_lh], np.asarray(rh[sl])[:, sel_rh]], axis=1)
+                w.write_trials(block.astype(np.float32), rows[sl])
+
+        return SubjectPlan(subject=subject, source_subject=subject, n_trials=len(rows), coords=coords,
+                           space=f"fsaverage ({self.options['surface']} surface)",
+                           units="z-scored betas averaged over repeats", rois=rois, ncsnr=ncsnr,
+                           sources=files, write=write,
+                           attrs={"responses_are": "per-image averages over repeats (one row per image)"})

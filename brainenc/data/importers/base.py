@@ -346,6 +346,11 @@ class Importer:
         ``atlas`` keeps voxels with any positive label, ``atlas:A,B`` only labels named A or B.
         """
         spec = self.roi
+        n = len(next(iter(atlases.values())).values) if atlases else 0
+        if spec == "all":  # every candidate voxel
+            return np.ones(n, bool)
+        if spec == "any":  # voxels labelled in at least one atlas
+            return np.any([a.values > 0 for a in atlases.values()], axis=0) if atlases else np.zeros(0, bool)
         atlas, _, names = str(spec).partition(":")
         if atlas not in atlases:
             raise SourceError(where, "roi", f"an ROI atlas among {sorted(atlases)}", str(spec))
@@ -510,6 +515,37 @@ class Importer:
                           attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_rule())})
             for k, v in stim.labels.items():
                 w.write_array(f"labels/{k}", v)
+
+
+def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
+                      block_bytes: float = 64 * 2**20, int_scale: float = 1.0) -> np.ndarray:
+    """Values of voxels ``ijk`` (n_voxels, 3) in every volume of a 4-D NIfTI, float32 (n_vol, n_voxels).
+
+    Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
+    ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise SourceError(path, "<file>", "a readable NIfTI file", str(e)) from None
+    if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
+        raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
+    n = img.shape[3]
+    if n_volumes is not None and n != n_volumes:
+        raise SourceError(path, "<volume>", f"{n_volumes} volumes (trials)", str(n))
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    raw_int = np.issubdtype(img.get_data_dtype(), np.integer) and slope in (1.0, None) and inter in (0.0, None)
+    i, j, k = np.asarray(ijk).T
+    out = np.empty((n, len(i)), np.float32)
+    block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
+    for sl in iter_blocks(n, block):
+        out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+    if raw_int and int_scale != 1.0:
+        out /= np.float32(int_scale)
+    return out
 
 
 def iter_blocks(n: int, block: int) -> Iterator[slice]:
