@@ -25,11 +25,60 @@ from . import html as render
 from . import plots, tables
 from .tables import ALL, ReportInputError
 
-#: Columns of roi_summary shown in the report's tables (the CSV has them all).
-SHOWN_SUMMARY = ["label", "roi", "n_valid", "n_nan", "median_pearson", "median_pearson_ci_low",
-                 "median_pearson_ci_high", "mean_pearson", "median_normalised", "median_noise_ceiling",
-                 "frac_sig", "frac_sig_fdr"]
+#: Columns of paired comparisons shown in the report (tables/paired.csv has them all).
 SHOWN_PAIRED = ["model_a", "model_b", "roi", "n_pairs", "median_diff", "win_frac_a", "wilcoxon_p"]
+
+
+def _ci_text(v: float, lo: float, hi: float) -> str:
+    if not np.isfinite(v):
+        return "–"
+    return f"{v:.3f}" if not (np.isfinite(lo) and np.isfinite(hi)) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _pct(v: float) -> str:
+    return "–" if not np.isfinite(v) else f"{100 * v:.0f}%"
+
+
+def roi_pivot(cells: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """Display table for one (dataset, subject): one row per ROI, a column block per model.
+
+    Parameters
+    ----------
+    cells : roi_summary rows of one dataset and subject.
+    Returns
+    -------
+    DataFrame of strings: roi, n, then per label "<label> r [95% CI]", "<label> norm %"
+    (median noise-normalised score) and "<label> sig" (fraction of voxels with r > 0).
+    """
+    rows = []
+    for roi in plots._roi_order(cells["roi"]):
+        c = cells[cells["roi"] == roi].set_index("label")
+        row = {"roi": roi, "n": int(c["n_voxels"].max())}
+        for lab in labels:
+            if lab not in c.index:
+                continue
+            x = c.loc[lab]
+            row[f"{lab} r [95% CI]"] = _ci_text(x["median_pearson"], x["median_pearson_ci_low"],
+                                               x["median_pearson_ci_high"])
+            row[f"{lab} norm %"] = "–" if not np.isfinite(x["median_normalised"]) else f"{x['median_normalised']:.1f}"
+            row[f"{lab} sig"] = _pct(x["frac_sig"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def retrieval_pivot(ret: pd.DataFrame) -> pd.DataFrame:
+    """Display table: one row per dataset/subject; top-1/top-5 per model, then chance levels."""
+    rows = []
+    for key, g in ret.groupby("key", sort=True):
+        n = g["n_images"].iloc[0]
+        row = {"dataset/subject": key, "n_images": int(n) if np.isfinite(n) else "–"}
+        for r in g.itertuples():
+            row[f"{r.label} top-1"] = r.top1
+            row[f"{r.label} top-5"] = r.top5
+        row["chance top-1"] = g["chance_top1"].iloc[0]
+        row["chance top-5"] = g["chance_top5"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
@@ -115,7 +164,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     notes = tables.attach_n_test(runs)
     df = tables.concat_runs(runs)
     notes += roi_mismatch_notes(df)
-    labels = sorted(df["label"].unique())
+    labels = list(dict.fromkeys(df["label"]))  # run-directory order, as given
     colours = plots.model_colours(labels)
 
     runs_df = tables.runs_table(runs)
@@ -139,7 +188,8 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         blocks.append(("notes", list(notes)))
     if not retrieval.empty:
         blocks += [("h", 2, "Retrieval"),
-                   ("table", retrieval.drop(columns=["key"]), "Image retrieval from predicted responses")]
+                   ("table", retrieval_pivot(retrieval),
+                    "Image retrieval from predicted responses (fraction correct; tables/retrieval.csv)")]
 
     map_budget = max_brainmaps
     for dataset in sorted(df["dataset"].unique()):
@@ -150,8 +200,11 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         subjects = sorted(dd["subject"].unique())
         top = ALL if len(subjects) > 1 else subjects[0]
         blocks.append(("h", 2, f"Dataset {dataset}"))
-        blocks.append(("table", ds[ds["subject"] == top][SHOWN_SUMMARY],
-                       f"Per-ROI scores, subject {top}" + (" (voxels of all subjects pooled)" if top == ALL else "")))
+        dlabels = [lab for lab in labels if (dd["label"] == lab).any()]
+        blocks.append(("table", roi_pivot(ds[ds["subject"] == top], dlabels),
+                       f"Per-ROI median Pearson r [95% bootstrap CI], median noise-normalised score, "
+                       f"fraction of voxels with r > 0 (p < {threshold_p}); subject {top}"
+                       + (" (voxels of all subjects pooled)" if top == ALL else "")))
         if not dp.empty:
             blocks.append(("table", dp[dp["subject"] == top][SHOWN_PAIRED],
                            f"Paired per-voxel comparisons (A − B), subject {top}"))
@@ -198,7 +251,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         if len(subjects) > 1:
             detail = []
             for subject in subjects:
-                detail.append(("table", ds[ds["subject"] == subject][SHOWN_SUMMARY],
+                detail.append(("table", roi_pivot(ds[ds["subject"] == subject], dlabels),
                                f"Per-ROI scores, subject {subject}"))
                 if not dp.empty:
                     detail.append(("table", dp[dp["subject"] == subject][SHOWN_PAIRED],

@@ -325,7 +325,8 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
         n_voxels (rows), n_valid (finite pearson), n_nan,
         median_pearson, median_pearson_ci_low, median_pearson_ci_high, mean_pearson,
         median_normalised, median_normalised_ci_low, median_normalised_ci_high,
-        median_noise_ceiling, median_oracle,
+        median_noise_ceiling, median_oracle, median_frac_oracle (median of r / oracle
+        over voxels with oracle > 0.1, simbrain: the share of the attainable r reached),
         n_test (median over voxels), frac_sig (fraction of valid voxels with
         one-sided p < threshold_p), frac_sig_fdr (same after Benjamini-Hochberg
         over all voxels of the run's (dataset, subject)).
@@ -361,6 +362,7 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
                 "median_normalised_ci_low": nlo, "median_normalised_ci_high": nhi,
                 "median_noise_ceiling": _nanmedian(g["noise_ceiling"]),
                 "median_oracle": _nanmedian(g["oracle"]),
+                "median_frac_oracle": _nanmedian(_frac_oracle(g)),
                 "n_test": np.median(ntest) if ntest.size else np.nan,
                 # Denominator: voxels with a defined p (finite r and n); NaN voxels are
                 # counted in n_nan instead so a model is not rewarded for them.
@@ -370,13 +372,20 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
     return pd.DataFrame(rows)
 
 
+def _frac_oracle(g: pd.DataFrame) -> pd.Series:
+    """r / oracle where the oracle is > 0.1 (below that the ratio is noise), else NaN."""
+    o = g["oracle"].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.Series(np.where(o > 0.1, g["pearson"].to_numpy(dtype=np.float64) / o, np.nan))
+
+
 def _nanmedian(s: pd.Series) -> float:
     v = _finite(s)
     return float(np.median(v)) if v.size else math.nan
 
 
-def paired_comparisons(df: pd.DataFrame, max_pairs: int | None = None) -> pd.DataFrame:
-    """Per-voxel paired comparisons of every pair of model labels.
+def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-voxel paired comparisons of every pair of model labels (A before B in run order).
 
     Voxels are matched on (dataset, subject, voxel); the ROI is taken from the
     first model of the pair.  Only voxels with finite Pearson in both models count.
@@ -390,7 +399,9 @@ def paired_comparisons(df: pd.DataFrame, max_pairs: int | None = None) -> pd.Dat
         wilcoxon_stat, wilcoxon_p (two-sided scipy.stats.wilcoxon on r_a - r_b,
         zero_method="wilcox"; NaN when every difference is zero or n_pairs == 0).
     """
-    labels = sorted(df["label"].unique())
+    # Order of first appearance = order of the run directories on the command line,
+    # so "A - B" follows the order the user chose (e.g. new model first, baseline last).
+    labels = list(dict.fromkeys(df["label"]))
     key = ["dataset", "subject", "voxel"]
     rows = []
     pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
@@ -462,7 +473,7 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
                 "backbone": g["backbone"].iloc[0], "seed": g["seed"].iloc[0],
                 "wall_time_s": r.summary.get("wall_time_s", math.nan),
                 "datasets": ", ".join(sorted(g["dataset"].unique())),
-                "n_subjects": g[["dataset", "subject"]].drop_duplicates().shape[0],
+                "n_dataset_subjects": g[["dataset", "subject"]].drop_duplicates().shape[0],
                 "n_voxels": len(g), "path": str(r.path),
             })
     return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ from scipy import stats
 
 from brainenc.reports import ReportInputError, build_report, main_report
 from brainenc.reports.demo import write_demo_runs
+from brainenc.reports.brainmaps import infer_spacing, surface_values, volume_image
 from brainenc.reports.tables import bootstrap_median_ci, pearson_p_one_sided
 
 N_BOOT = 200
@@ -82,6 +83,8 @@ def test_summary_medians_means_counts(report):
         assert row.mean_pearson == pytest.approx(np.nanmean(r), abs=1e-12)
         assert row.median_normalised == pytest.approx(d["normalised"].median(skipna=True), abs=1e-9)
         assert row.median_noise_ceiling == pytest.approx(d["noise_ceiling"].median(), abs=1e-9)
+        frac = (d["pearson"] / d["oracle"])[d["oracle"] > 0.1]
+        assert row.median_frac_oracle == pytest.approx(frac.median(), abs=1e-12, nan_ok=True)
     # The demo has NaN voxels, so the NaN handling was exercised.
     assert (s["n_nan"] > 0).any()
 
@@ -159,9 +162,9 @@ def test_bootstrap_median_ci_equals_naive_resampling():
 
 def test_paired_comparisons_match_scipy_wilcoxon(report):
     p, raw = report["paired"], report["raw"]
-    labels = sorted(raw["label"].unique())
-    assert {(a, b) for a, b in zip(p["model_a"], p["model_b"])} == {
-        (a, b) for i, a in enumerate(labels) for b in labels[i + 1:]}
+    # A before B in the order the run directories were given (afo, universal, ridge).
+    assert list(dict.fromkeys(zip(p["model_a"], p["model_b"]))) == [
+        ("afo", "universal"), ("afo", "ridge"), ("universal", "ridge")]
     key = ["dataset", "subject", "voxel"]
     for row in p.itertuples():
         a = raw.loc[raw["label"] == row.model_a, key + ["roi", "pearson"]]
@@ -283,3 +286,40 @@ def test_brain_maps_and_failures_degrade_to_notes(tmp_path):
     assert "brain map for surfdata subject 01 skipped" in md
     assert "not on an fsaverage mesh" in md
     assert html.read_text().count("<img") == len(list((tmp_path / "out" / "figures").glob("*.png")))
+
+
+def test_surface_mapping_by_coordinates_and_by_vertex_index():
+    from nilearn import datasets
+
+    fs = datasets.load_fsaverage("fsaverage5")
+    verts = np.array([0, 17, 5000, 10241])
+    df = pd.DataFrame(fs["pial"].parts["right"].coordinates[verts], columns=["x", "y", "z"])
+    df["hemi"] = "rh"
+    df["pearson"] = [0.1, 0.2, np.nan, 0.4]
+    vals, how = surface_values(df)
+    assert "pial" in how
+    np.testing.assert_array_equal(vals["right"][verts], df["pearson"].to_numpy())
+    assert np.isnan(vals["left"]).all() and np.isfinite(vals["right"]).sum() == 3
+    # fsaverage7-style vertex indices: only the ones shared with fsaverage5 are kept.
+    df["vertex"] = [3, 10241, 10242, 160000]
+    vals, how = surface_values(df)
+    assert "2 of 4" in how
+    assert vals["right"][3] == 0.1 and vals["right"][10241] == 0.2
+    assert np.isfinite(vals["right"]).sum() == 2
+
+
+def test_native_volume_grid():
+    rng = np.random.default_rng(0)
+    ijk = rng.choice(10 * 10 * 10, size=50, replace=False)
+    ijk = np.stack(np.unravel_index(ijk, (10, 10, 10)), axis=1)
+    coords = ijk * 1.8 + np.array([-30.0, -80.0, 5.0])
+    vals = rng.uniform(0.1, 0.9, 50)
+    np.testing.assert_allclose(infer_spacing(coords), 1.8)
+    img, cov, n_out = volume_image(coords, vals, "func1pt8mm")
+    data = np.asarray(img.dataobj)
+    inv = np.linalg.inv(img.affine)
+    back = np.rint(coords @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+    np.testing.assert_allclose(data[tuple(back.T)], vals, rtol=1e-6)
+    assert n_out == 0 and np.asarray(cov.dataobj).sum() == 50
+    img, cov, n_out = volume_image(np.array([[0.0, 0.0, 0.0], [500.0, 0, 0]]), np.array([1.0, 2.0]), "MNI152")
+    assert n_out == 1 and np.asarray(img.dataobj).max() == 1.0
