@@ -85,7 +85,7 @@ class ThingsFmriImporter(Importer):
     """
 
     name = "things-fmri"
-    default_options = {"voxel_mm": 2.0, "block_trials": 256}
+    default_options = {"voxel_mm": 2.0, "block_trials": 64}
 
     def src(self, subject):
         return self.subject_table()[subject]["source"]
