@@ -1,0 +1,146 @@
+"""DistillModule: AFO stage 4 — a student distilled from the experts' dark-knowledge targets.
+
+``loss = w(e) * loss(pred, measured) + (1 - w(e)) * loss(pred, dark)`` with ``w`` rising
+linearly from 0 at epoch 0 to 1 at epoch ``ramp_epochs`` (then 1): the student first learns the
+experts' smooth, noise-free predictions and ends on the measured responses.  The default loss is
+per-voxel SmoothL1 (beta 0.01) averaged over voxels, so every voxel weighs the same.
+
+Dark targets file (HDF5, written by ``brainenc afo``'s ``dark`` stage)::
+
+    /pairs/<pair slot>/stimulus   int64 (n,)            rows of the pair's stimuli.h5
+    /pairs/<pair slot>/pred       float32 (n, n_voxels) stitched, partition-averaged predictions
+    /extra/images                 uint8 (M, S, S, 3)    optional unlabelled images
+    /extra/pred/<pair slot>       float32 (M, n_voxels) their predictions
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from brainenc.models.backbones import Backbone
+from brainenc.models.losses import SmoothL1Loss, VoxelLoss
+from brainenc.models.readout import ReadoutFactory, pair_slot
+from .encoder_module import EncoderModule
+
+
+def gt_weight(epoch: int, ramp_epochs: int) -> float:
+    """Weight of the measured-response loss at ``epoch``: 0 at epoch 0, 1 from ``ramp_epochs`` on, linear."""
+    if ramp_epochs <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, epoch / ramp_epochs)))
+
+
+class DistillModule(EncoderModule):
+    """:class:`EncoderModule` trained on a blend of measured and dark-knowledge targets.
+
+    Parameters
+    ----------
+    dark_targets : path of the dark-targets HDF5 file
+    ramp_epochs : epochs over which ``w`` rises from 0 to 1 (None = ``max_epochs - 1``, so the
+        last epoch is pure ground truth)
+    extra_per_step : unlabelled images (from ``/extra``) added to each training step, fitted to
+        their dark targets only (0 = none)
+    other parameters : as :class:`EncoderModule` (loss defaults to SmoothL1(beta=0.01))
+    """
+
+    def __init__(self, backbone: Backbone, readout: ReadoutFactory, dark_targets: str,
+                 voxel_counts: Optional[dict[str, int]] = None, loss: Optional[VoxelLoss] = None,
+                 ramp_epochs: Optional[int] = None, extra_per_step: int = 0,
+                 lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
+                 warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
+                 eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-student"):
+        super().__init__(backbone, readout, voxel_counts=voxel_counts,
+                         loss=loss if loss is not None else SmoothL1Loss(0.01), lr=lr,
+                         weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
+                         voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
+                         model_name=model_name)
+        self._dark: dict[str, tuple[Tensor, Tensor]] = {}  # pair -> (row lookup (n_rows,), pred (n, V))
+        self._extra_images: Optional[Tensor] = None
+        self._extra_pred: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ targets
+    def load_dark_targets(self, path: Optional[str] = None) -> None:
+        """Read the dark targets into memory (float32 CPU tensors; a few hundred MB at most for NSD-sized runs)."""
+        path = Path(path or self.hparams.dark_targets)
+        if not path.is_file():
+            raise FileNotFoundError(f"dark targets file not found: {path} (run the AFO 'dark' stage first)")
+        with h5py.File(path, "r") as f:
+            for key, n in self.voxel_counts.items():
+                g = f.get(f"pairs/{pair_slot(key)}")
+                if g is None:
+                    raise ValueError(f"{path}: field 'pairs/{pair_slot(key)}': expected dark targets for {key}")
+                stim, pred = g["stimulus"][()].astype(np.int64), g["pred"][()].astype(np.float32)
+                if pred.shape != (len(stim), n):
+                    raise ValueError(f"{path}: field 'pairs/{pair_slot(key)}/pred': expected shape "
+                                     f"({len(stim)}, {n}), found {pred.shape}")
+                lookup = np.full(int(stim.max()) + 1 if len(stim) else 0, -1, dtype=np.int64)
+                lookup[stim] = np.arange(len(stim))
+                self._dark[key] = (torch.from_numpy(lookup), torch.from_numpy(pred))
+            if "extra/images" in f:
+                self._extra_images = torch.from_numpy(f["extra/images"][()])
+                self._extra_pred = {k: torch.from_numpy(f[f"extra/pred/{pair_slot(k)}"][()].astype(np.float32))
+                                    for k in self.voxel_counts if f"extra/pred/{pair_slot(k)}" in f}
+
+    def dark_for(self, pair: str, stimulus: Tensor) -> Tensor:
+        """Dark targets (B, n_voxels) of the batch's stimulus rows ``stimulus`` (B,)."""
+        if pair not in self._dark:
+            self.load_dark_targets()
+        lookup, pred = self._dark[pair]
+        rows = stimulus.cpu()
+        idx = torch.where(rows < len(lookup), lookup[rows.clamp_max(max(len(lookup) - 1, 0))], -1)
+        if bool((idx < 0).any()):
+            missing = rows[idx < 0][:5].tolist()
+            raise KeyError(f"{self.hparams.dark_targets}: no dark targets for {pair} stimulus rows {missing}")
+        return pred[idx]
+
+    def ramp(self) -> int:
+        r = self.hparams.ramp_epochs
+        if r is None:
+            r = max(0, int(self.trainer.max_epochs or 1) - 1)
+        return int(r)
+
+    # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.load_dark_targets()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pair, target = batch["pair"], batch["responses"]
+        dark = self.dark_for(pair, batch["stimulus"]).to(target.device)
+        feats = self.features(batch)
+        voxels = None
+        k = self.hparams.voxels_per_step
+        if k and k < target.shape[1]:
+            voxels = torch.randperm(target.shape[1], device=target.device)[:k]
+            target, dark = target[:, voxels], dark[:, voxels]
+        pred = self.readout(feats, pair, voxels)
+        w = gt_weight(self.current_epoch, self.ramp())
+        gt_loss, dark_loss = self.loss_fn(pred, target), self.loss_fn(pred, dark)
+        loss = w * gt_loss + (1 - w) * dark_loss + self.readout.regularization()
+        m = self.hparams.extra_per_step
+        if m and self._extra_images is not None and pair in self._extra_pred and w < 1:
+            sel = torch.randint(len(self._extra_images), (m,))
+            imgs = self._extra_images[sel].permute(0, 3, 1, 2).float().div(255.0).to(target.device)
+            size = batch["images"].shape[-1]
+            if imgs.shape[-1] != size:
+                imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False).clamp(0, 1)
+            x_dark = self._extra_pred[pair][sel].to(target.device)
+            if voxels is not None:
+                x_dark = x_dark[:, voxels]
+            x_pred = self.readout(self.backbone(imgs), pair, voxels)
+            loss = loss + (1 - w) * self.loss_fn(x_pred, x_dark)
+        bs = len(target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/gt_loss", gt_loss, batch_size=bs)
+        self.log("train/dark_loss", dark_loss, batch_size=bs)
+        self.log("train/gt_weight", w, batch_size=bs)
+        return loss

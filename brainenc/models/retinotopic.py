@@ -1,0 +1,340 @@
+"""Retinotopic readout (the All-for-One / Memory Encoding Model family).
+
+Every voxel ``v`` of a subject gets, from small MLPs of a Fourier encoding of its 3-D brain
+coordinate,
+
+* a receptive-field position ``p_v`` in ``[-1, 1]^2`` (tanh),
+* softmax weights ``a_v`` over the backbone's feature levels,
+* a local/global mixing weight ``m_v`` in ``(0, 1)`` (sigmoid).
+
+Each level's map goes through a shared 1x1 bottleneck (``C_l -> width``); the bottlenecked maps
+are sampled at ``p_v`` with ``F.grid_sample`` and mixed over levels with ``a_v``; the same mixture
+of the spatially pooled maps is the global term.  A per-voxel linear map reads out
+``[m_v * local_v, (1 - m_v) * global_v]`` (2 * width values).
+
+Because the positions come from a smooth function of the coordinate, neighbouring voxels get
+neighbouring positions and voxels with little signal borrow their position from their neighbours
+("no voxel left behind"); ``positions="free"`` learns one position per voxel instead (to compare).
+
+Position convention
+-------------------
+``p = (px, py)`` is in ``F.grid_sample`` units with ``align_corners=False``: ``px = -1`` is the
+left edge of the image, ``+1`` the right edge; ``py = -1`` is the **top** edge and ``+1`` the
+bottom edge (y points *down*, like image rows).  Pixel ``(row i, column j)`` of an ``H x W`` map
+has its centre at ``px = (2j + 1) / W - 1``, ``py = (2i + 1) / H - 1``.  simbrain's truth uses
+degrees of visual angle with x to the right and y **up** (``truth/prf_y_deg > 0`` is the upper
+visual field, i.e. the top rows of the image; see ``simbrain.responses._edges``), so
+
+    x_deg = px * visual_angle_deg / 2,     y_deg = -py * visual_angle_deg / 2
+
+(:meth:`RetinotopicReadout.positions_deg`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import Features
+from .readout import FeatureSpec, Readout, pair_slot
+
+
+def fourier_encode(coords: Tensor, n_freq: int) -> Tensor:
+    """Sinusoidal encoding of normalised coordinates.
+
+    Parameters
+    ----------
+    coords : Tensor (V, 3), roughly in [-1, 1]
+    n_freq : number of octaves; frequencies ``pi * 2^k``, k = 0 .. n_freq - 1
+
+    Returns
+    -------
+    Tensor (V, 3 + 6 * n_freq): the coordinates, then sin and cos of every frequency and axis
+    """
+    freqs = math.pi * (2.0 ** torch.arange(n_freq, device=coords.device, dtype=coords.dtype))
+    ang = coords[:, :, None] * freqs  # (V, 3, n_freq)
+    return torch.cat([coords, ang.sin().flatten(1), ang.cos().flatten(1)], dim=1)
+
+
+def normalise_coords(coords: np.ndarray) -> np.ndarray:
+    """Centre a subject's coordinates on their bounding box and scale isotropically into [-1, 1].
+
+    One scale for all three axes keeps distances (and so the smoothness the MLP imposes) the same
+    in every direction.  Returns float32 (n_voxels, 3).
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    lo, hi = c.min(0), c.max(0)
+    half = max(float((hi - lo).max()) / 2, 1e-6)
+    return ((c - (lo + hi) / 2) / half).astype(np.float32)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.GELU()]
+        d = hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
+    """Bilinearly sample ``fmap`` at voxel positions.
+
+    Parameters
+    ----------
+    fmap : Tensor (B, C, H, W)
+    pos : Tensor (V, 2) or (B, V, 2), grid_sample units (x right, y down, align_corners=False)
+
+    Returns
+    -------
+    Tensor (B, C, V)
+    """
+    if pos.ndim == 2:
+        pos = pos.unsqueeze(0).expand(fmap.shape[0], -1, -1)
+    grid = pos.unsqueeze(1).to(fmap.dtype)  # (B, 1, V, 2)
+    # border padding: a position on the image's edge reads the edge pixels rather than
+    # blending them with zeros outside the image
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.squeeze(2)
+
+
+class RetinotopicReadout(Readout):
+    """Coordinate MLPs -> receptive-field position, level weights and local/global mix per voxel.
+
+    Parameters
+    ----------
+    voxel_counts : {"dataset/subject": n_voxels}
+    spec : backbone feature shapes
+    width : channels of the shared per-level 1x1 bottleneck
+    hidden : hidden width of the coordinate MLPs
+    n_freq : octaves of the Fourier coordinate encoding
+    positions : "mlp" (from the coordinate) or "free" (one learned position per voxel)
+    jitter : sd of Gaussian noise added to positions during training (grid units; 0.02 is
+        about 2/3 of a pixel of a 64-px image), so the readout does not rely on one exact pixel
+    layer_entropy : weight of the mean entropy of the level weights added by ``regularization()``
+        (positive pushes each voxel towards one level)
+    global_term : include the pooled (global) features
+    dropout : dropout on the per-voxel features during training
+    """
+
+    def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, width: int = 32, hidden: int = 64,
+                 n_freq: int = 6, positions: Literal["mlp", "free"] = "mlp", jitter: float = 0.0,
+                 layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0):
+        super().__init__(voxel_counts, spec)
+        if positions not in ("mlp", "free"):
+            raise ValueError(f"RetinotopicReadout: positions must be 'mlp' or 'free', got {positions!r}")
+        self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
+        self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
+        self.n_levels = len(spec.shapes)
+        # parameter-free standardisation first: levels differ in scale by orders of magnitude
+        self.norm = nn.ModuleList([nn.BatchNorm2d(c, affine=False) for c, _, _ in spec.shapes])
+        self.bottleneck = nn.ModuleList([nn.Conv2d(c, self.width, 1) for c, _, _ in spec.shapes])
+        self.dropout = nn.Dropout(dropout)
+        d_enc = 3 + 6 * self.n_freq
+        d_feat = 2 * self.width if self.global_term else self.width
+        self.pos_mlp, self.layer_mlp, self.mix_mlp = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.free_pos = nn.ParameterDict()
+        self.weight, self.bias = nn.ParameterDict(), nn.ParameterDict()
+        gen = torch.Generator().manual_seed(0)
+        for key, n in self.voxel_counts.items():
+            s = pair_slot(key)
+            # coordinates live in the state dict, so a checkpoint carries everything it needs
+            self.register_buffer(f"coords_{s}", torch.zeros(n, 3))
+            self.register_buffer(f"has_coords_{s}", torch.zeros((), dtype=torch.bool))
+            if positions == "mlp":
+                self.pos_mlp[s] = _mlp(d_enc, hidden, 2)
+                # small last layer: every voxel starts near the centre and moves out by gradient
+                nn.init.normal_(self.pos_mlp[s][-1].weight, std=0.01)
+                nn.init.zeros_(self.pos_mlp[s][-1].bias)
+            else:
+                self.free_pos[s] = nn.Parameter(0.1 * torch.randn(n, 2, generator=gen))
+            self.layer_mlp[s] = _mlp(d_enc, hidden, self.n_levels)
+            self.mix_mlp[s] = _mlp(d_enc, hidden, 1)
+            self.weight[s] = nn.Parameter(torch.randn(n, d_feat, generator=gen) * (0.1 / math.sqrt(d_feat)))
+            self.bias[s] = nn.Parameter(torch.zeros(n))
+        self._entropy: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ voxel info
+    def set_voxel_info(self, pair: str, coords: np.ndarray) -> None:
+        """Store the pair's coordinates float (n_voxels, 3) mm, normalised per subject."""
+        s = pair_slot(pair)
+        if s not in self.weight:
+            return
+        c = torch.from_numpy(normalise_coords(coords))
+        buf = getattr(self, f"coords_{s}")
+        if c.shape != buf.shape:
+            raise ValueError(f"RetinotopicReadout: {pair} has {buf.shape[0]} voxels but coords of shape "
+                             f"{tuple(c.shape)} were given")
+        buf.copy_(c.to(buf.device))
+        getattr(self, f"has_coords_{s}").fill_(True)
+
+    def _coords(self, s: str, voxels: Optional[Tensor]) -> Tensor:
+        if self.positions_mode == "mlp" and not bool(getattr(self, f"has_coords_{s}")):
+            raise RuntimeError(f"RetinotopicReadout: no voxel coordinates for {s}; set_voxel_info() must be "
+                               "called first (EncoderModule.setup does it from the datamodule)")
+        c = getattr(self, f"coords_{s}")
+        return c if voxels is None else c[voxels]
+
+    # ------------------------------------------------------------------ per-voxel parameters
+    def voxel_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Positions (V, 2) in grid units, level weights (V, L) summing to 1, local weight (V,)."""
+        s = pair_slot(pair)
+        enc = fourier_encode(self._coords(s, voxels), self.n_freq)
+        if self.positions_mode == "mlp":
+            pos = torch.tanh(self.pos_mlp[s](enc))
+        else:
+            p = self.free_pos[s]
+            pos = torch.tanh(p if voxels is None else p[voxels])
+        levels = torch.softmax(self.layer_mlp[s](enc), dim=-1)
+        mix = torch.sigmoid(self.mix_mlp[s](enc)).squeeze(-1)
+        return pos, levels, mix
+
+    @torch.no_grad()
+    def positions(self, pair: str) -> Tensor:
+        """Learned receptive-field centres (n_voxels, 2) in grid units (x right, y down)."""
+        return self.voxel_params(pair)[0].detach()
+
+    @torch.no_grad()
+    def positions_deg(self, pair: str, visual_angle_deg: float) -> Tensor:
+        """Learned centres (n_voxels, 2) in degrees with x right and y **up** (simbrain's truth convention)."""
+        p = self.positions(pair)
+        half = visual_angle_deg / 2
+        return torch.stack([p[:, 0] * half, -p[:, 1] * half], dim=1)
+
+    # ------------------------------------------------------------------ forward
+    def project(self, features: Features) -> list[Tensor]:
+        """Bottlenecked maps, one (B, width, H_l, W_l) per level."""
+        return [conv(norm(m)) for m, norm, conv in zip(features.maps, self.norm, self.bottleneck)]
+
+    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None,
+                maps: Optional[list[Tensor]] = None) -> Tensor:
+        """Predict (B, V) responses; ``maps`` may pass precomputed :meth:`project` output."""
+        s = pair_slot(pair)
+        pos, levels, mix = self.voxel_params(pair, voxels)
+        if self.training and self.jitter > 0:
+            pos = pos + self.jitter * torch.randn_like(pos)
+        maps = self.project(features) if maps is None else maps
+        local = sum(sample_at(m, pos) * levels[:, l] for l, m in enumerate(maps))  # (B, width, V)
+        if self.global_term:
+            pooled = torch.stack([m.mean(dim=(2, 3)) for m in maps], dim=2)  # (B, width, L)
+            glob = pooled @ levels.t()  # (B, width, V)
+            feat = torch.cat([local * mix, glob * (1 - mix)], dim=1)
+        else:
+            feat = local
+        feat = self.dropout(feat)
+        w, b = self.weight[s], self.bias[s]
+        if voxels is not None:
+            w, b = w[voxels], b[voxels]
+        if self.training and self.layer_entropy > 0:
+            self._entropy = -(levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
+        return torch.einsum("bcv,vc->bv", feat, w) + b
+
+    def regularization(self) -> Tensor:
+        """``layer_entropy *`` mean entropy of the level weights of the last training forward."""
+        if self._entropy is None:
+            return torch.zeros(())
+        out, self._entropy = self.layer_entropy * self._entropy, None
+        return out
+
+    def voxel_weights(self, pair: str) -> Tensor:
+        """Per-voxel readout weights (n_voxels, 2 * width) for clustering into model-defined ROIs."""
+        return self.weight[pair_slot(pair)].detach()
+
+
+def _key(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in str(name))
+
+
+class ExpertsReadout(Readout):
+    """One small :class:`RetinotopicReadout` per ROI of each partition of the voxels (AFO stage 2).
+
+    A partition assigns every voxel of every subject to exactly one ROI (see
+    :mod:`brainenc.recipes.partitions`); the expert of ROI ``r`` is a retinotopic readout over only
+    that ROI's voxels (its own coordinate MLPs, bottleneck and per-voxel weights, with
+    coordinates normalised over the ROI).  All experts share the backbone and train together.
+
+    ``forward`` returns the ensemble: each voxel's prediction averaged over the partitions
+    (B, V); :meth:`forward_partitions` returns every partition's stitched prediction (B, P, V).
+
+    Parameters
+    ----------
+    voxel_counts, spec : as for every readout
+    partitions : path of a partitions HDF5 file (``brainenc.recipes.partitions.write_partitions``)
+    only : train only these partitions (for running partitions as separate processes); None = all
+    expert : keyword arguments of each expert's :class:`RetinotopicReadout` (e.g. ``{"width": 16}``)
+    """
+
+    def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, partitions: str,
+                 only: Optional[list[str]] = None, expert: Optional[dict] = None):
+        super().__init__(voxel_counts, spec)
+        from brainenc.recipes.partitions import read_partitions
+
+        parts = read_partitions(partitions)
+        if only:
+            unknown = sorted(set(only) - set(parts))
+            if unknown:
+                raise ValueError(f"{partitions}: partitions {unknown} not found; have {sorted(parts)}")
+            parts = {k: v for k, v in parts.items() if k in only}
+        if not parts:
+            raise ValueError(f"{partitions}: no partitions to train")
+        self.partition_names = list(parts)
+        self.roi_names: dict[str, list[str]] = {}
+        self.experts = nn.ModuleDict()
+        for p, (names, labels) in parts.items():
+            self.roi_names[p] = list(names)
+            for key, n in self.voxel_counts.items():
+                lab = labels.get(key)
+                if lab is None or len(lab) != n:
+                    raise ValueError(f"{partitions}: partition {p!r} has no labels of length {n} for {key}")
+                lab_t = torch.as_tensor(lab, dtype=torch.long)
+                local = torch.zeros(n, dtype=torch.long)
+                for r in range(len(names)):
+                    sel = lab_t == r
+                    local[sel] = torch.arange(int(sel.sum()))
+                self.register_buffer(f"label_{_key(p)}_{pair_slot(key)}", lab_t)
+                self.register_buffer(f"local_{_key(p)}_{pair_slot(key)}", local)
+            for r, roi in enumerate(names):
+                counts = {key: int((np.asarray(labels[key]) == r).sum()) for key in self.voxel_counts}
+                counts = {k: c for k, c in counts.items() if c > 0}
+                if counts:
+                    self.experts[self.expert_name(p, r)] = RetinotopicReadout(counts, spec, **(expert or {}))
+
+    def expert_name(self, partition: str, r: int) -> str:
+        return f"{_key(partition)}__{r}_{_key(self.roi_names[partition][r])}"
+
+    def set_voxel_info(self, pair: str, coords: np.ndarray) -> None:
+        for p in self.partition_names:
+            lab = getattr(self, f"label_{_key(p)}_{pair_slot(pair)}").cpu().numpy()
+            for r in range(len(self.roi_names[p])):
+                name = self.expert_name(p, r)
+                if name in self.experts and pair in self.experts[name].voxel_counts:
+                    self.experts[name].set_voxel_info(pair, coords[lab == r])
+
+    def forward_partitions(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        """Every partition's stitched prediction: (B, P, V) (V = n_voxels when ``voxels`` is None)."""
+        s = pair_slot(pair)
+        n = self.voxel_counts[pair]
+        device = features.maps[0].device
+        vox = torch.arange(n, device=device) if voxels is None else voxels
+        out = features.maps[0].new_zeros(len(features), len(self.partition_names), len(vox))
+        for i, p in enumerate(self.partition_names):
+            lab = getattr(self, f"label_{_key(p)}_{s}")[vox]
+            local = getattr(self, f"local_{_key(p)}_{s}")[vox]
+            for r in range(len(self.roi_names[p])):
+                cols = torch.nonzero(lab == r).squeeze(1)
+                if len(cols) == 0:
+                    continue
+                # each expert predicts only its ROI's voxels; scatter them into the whole-brain vector
+                out[:, i, cols] = self.experts[self.expert_name(p, r)](features, pair, local[cols])
+        return out
+
+    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        return self.forward_partitions(features, pair, voxels).mean(dim=1)
+
+    def regularization(self) -> Tensor:
+        return sum((e.regularization() for e in self.experts.values()), torch.zeros(()))

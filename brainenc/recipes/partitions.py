@@ -1,0 +1,144 @@
+"""Partitions of the voxels into ROIs, for the All-for-One experts (stage 2).
+
+A partition assigns every voxel of every (dataset, subject) pair to exactly one of its ROIs, so
+the experts of one partition together cover the whole brain and their predictions can be
+stitched into one whole-brain prediction.  Three kinds:
+
+* ``atlas:<name>`` — the store's ROI atlas; unlabelled voxels form their own ROI ``none``;
+* ``kmeans<k>`` — model-defined ROIs: k-means (scikit-learn) on the whole-brain model's
+  per-voxel readout weights, pooled over subjects (the bottleneck is shared, so weights of
+  different subjects live in one space and cluster ``c`` means the same thing in every subject);
+* ``random<i>`` — random spatially compact ROIs: per subject, ``k`` random voxels are drawn as
+  centres and every voxel joins its nearest centre (a random Voronoi parcellation of the brain).
+
+File layout (HDF5, written atomically)::
+
+    /<partition>            group, attr ``names`` (JSON list of ROI names)
+    /<partition>/<pair>     int16 (n_voxels,) ROI index into ``names``; <pair> is the pair slot
+                            name ("dataset__subject"), attr ``pair`` = "dataset/subject"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import h5py
+import numpy as np
+
+from brainenc.data.store import atomic_path
+from brainenc.models.readout import pair_slot
+
+Partition = tuple[list[str], dict[str, np.ndarray]]  # (roi names, {pair: labels (n_voxels,)})
+
+
+def write_partitions(path: str | Path, partitions: Mapping[str, Partition]) -> Path:
+    """Write ``{name: (roi_names, {pair: labels int (n_voxels,)})}`` atomically to ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, (names, labels) in partitions.items():
+                g = f.create_group(name)
+                g.attrs["names"] = json.dumps(list(names))
+                for pair, lab in labels.items():
+                    lab = np.asarray(lab)
+                    if lab.min() < 0 or lab.max() >= len(names):
+                        raise ValueError(f"partition {name!r}, {pair}: labels outside 0..{len(names) - 1}")
+                    ds = g.create_dataset(pair_slot(pair), data=lab.astype(np.int16))
+                    ds.attrs["pair"] = pair
+    return path
+
+
+def read_partitions(path: str | Path) -> dict[str, Partition]:
+    """Inverse of :func:`write_partitions`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"partitions file not found: {path}")
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name, g in f.items():
+            if "names" not in g.attrs:
+                raise ValueError(f"{path}: field '{name}': expected attr 'names' (JSON list of ROI names)")
+            names = json.loads(g.attrs["names"])
+            out[name] = (names, {ds.attrs["pair"]: ds[()].astype(np.int64) for ds in g.values()})
+    return out
+
+
+def atlas_partition(pairs, atlas: str) -> Partition:
+    """ROIs of the store atlas ``atlas`` (names shared across subjects), plus ``none``.
+
+    ``pairs`` : datamodule PairData list (uses ``info.rois[atlas]``).
+    """
+    per_pair = {}
+    for p in pairs:
+        if atlas not in p.info.rois:
+            raise ValueError(f"{p.info.path}: field 'voxels/rois/{atlas}': expected the atlas for the "
+                             f"partition 'atlas:{atlas}', found {sorted(p.info.rois)}")
+        per_pair[p.key] = p.info.rois[atlas].names()
+    names = sorted({n for v in per_pair.values() for n in v})
+    index = {n: i for i, n in enumerate(names)}
+    return names, {k: np.array([index[n] for n in v]) for k, v in per_pair.items()}
+
+
+def kmeans_partition(weights: Mapping[str, np.ndarray], k: int, seed: int = 0) -> Partition:
+    """k-means on per-voxel readout weights ``{pair: (n_voxels, D)}``, pooled over pairs.
+
+    Rows are z-scored per feature so that no single weight dominates the distance.
+    """
+    from sklearn.cluster import KMeans
+
+    keys = list(weights)
+    x = np.concatenate([np.asarray(weights[k_], dtype=np.float64) for k_ in keys])
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x)
+    lab, out, start = km.labels_, {}, 0
+    for key in keys:
+        n = len(weights[key])
+        out[key] = lab[start:start + n]
+        start += n
+    return [f"c{i}" for i in range(k)], out
+
+
+def random_partition(coords: Mapping[str, np.ndarray], k: int, seed: int) -> Partition:
+    """Random Voronoi parcellation: per pair, ``k`` random voxels as centres, nearest-centre labels."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, c in coords.items():
+        c = np.asarray(c, dtype=np.float64)
+        centres = c[rng.choice(len(c), size=min(k, len(c)), replace=False)]
+        out[key] = cKDTree(centres).query(c)[1]
+    return [f"r{i}" for i in range(k)], out
+
+
+def readout_weights_from_checkpoint(ckpt: str | Path, pairs: list[str]) -> dict[str, np.ndarray]:
+    """Per-voxel readout weights ``readout.weight.<pair slot>`` (n_voxels, D) from a Lightning checkpoint."""
+    import torch
+
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    out = {}
+    for key in pairs:
+        name = f"readout.weight.{pair_slot(key)}"
+        if name not in sd:
+            raise ValueError(f"{ckpt}: field 'state_dict/{name}': expected per-voxel readout weights "
+                             f"(n_voxels, D) of the whole-brain model")
+        out[key] = sd[name].float().numpy()
+    return out
+
+
+def build_partitions(pairs, weights: Mapping[str, np.ndarray] | None, atlases=("simbrain",),
+                     kmeans=(8,), n_random: int = 2, random_k: int = 8, seed: int = 0) -> dict[str, Partition]:
+    """All partitions of the recipe: ``atlas:<a>``, ``kmeans<k>`` and ``random<i>``."""
+    parts: dict[str, Partition] = {}
+    for a in atlases:
+        parts[f"atlas_{a}"] = atlas_partition(pairs, a)
+    for k in kmeans:
+        if weights is None:
+            raise ValueError("k-means partitions need the whole-brain model's readout weights")
+        parts[f"kmeans{k}"] = kmeans_partition(weights, int(k), seed)
+    coords = {p.key: p.info.coords for p in pairs}
+    for i in range(n_random):
+        parts[f"random{i}"] = random_partition(coords, random_k, seed + 1000 * (i + 1))
+    return parts
