@@ -56,18 +56,26 @@ def infer_spacing(coords: np.ndarray, default: float = DEFAULT_GRID_MM) -> np.nd
 
     Why: native-space tables come from a voxel grid whose spacing is not in
     the table; using the data's own spacing puts one voxel in one cell.
-    Falls back to ``default`` for an axis with fewer than two distinct values.
+    An axis falls back to ``default`` when it has fewer than two distinct
+    values, when the gap is below 0.5 mm, or when fewer than 90% of the
+    coordinates sit on the inferred grid (coordinates not from a grid, e.g.
+    surface vertices: a tiny "spacing" there would make an enormous volume).
     """
     out = np.full(3, float(default))
     for k in range(3):
-        u = np.unique(np.round(coords[:, k], 3))
+        c = coords[:, k][np.isfinite(coords[:, k])]
+        u = np.unique(np.round(c, 3))
         if u.size < 2:
             continue
         gaps = np.round(np.diff(u), 2)
         gaps = gaps[gaps > 0.05]
-        if gaps.size:
-            vals, counts = np.unique(gaps, return_counts=True)
-            out[k] = float(vals[np.argmax(counts)])
+        if not gaps.size:
+            continue
+        vals, counts = np.unique(gaps, return_counts=True)
+        step = float(vals[np.argmax(counts)])
+        off = (c - c.min()) / step
+        if step >= 0.5 and np.mean(np.abs(off - np.rint(off)) < 0.1) >= 0.9:
+            out[k] = step
     return out
 
 
@@ -101,6 +109,9 @@ def volume_image(coords: np.ndarray, values: np.ndarray, space: str):
         affine[:3, 3] = origin
         extent = np.nanmax(coords, axis=0) - origin
         shape = tuple(int(v) for v in np.ceil(extent / spacing) + 3)
+        if np.prod(shape) > 64_000_000:  # ~ 400^3: not a brain at >= 0.5 mm; refuse, don't swap
+            raise ValueError(f"coordinates span {extent.round(0).tolist()} mm; a {spacing.tolist()} mm "
+                             f"grid would need {shape} cells")
     inv = np.linalg.inv(affine)
     ijk = np.rint(coords @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
     inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1) & np.all(np.isfinite(coords), axis=1)
@@ -238,10 +249,17 @@ def brainmap_figure(df: pd.DataFrame, labels: list[str], value: str = "pearson",
                 size = float(np.clip(3000.0 / max(1, len(dh)), 1.0, 25.0))
                 sc = ax.scatter(xs[~nan], ys[~nan], c=v[~nan], s=size, cmap="RdBu_r",
                                 vmin=-vmax, vmax=vmax, linewidths=0)
-                # ROI names at their median position orient the reader on the sheet.
-                for roi, g in dh.groupby("roi"):
+                # ROI names at their median position orient the reader on the sheet.  Without
+                # a hemi column both hemispheres share the panel (left at x < 0), so label
+                # each side separately or the medians fall on the midline.
+                side = np.sign(xs) if h is None else np.zeros(len(dh))
+                for (roi, _), g in dh.groupby([dh["roi"], side]):
                     if roi != "none":
-                        ax.annotate(str(roi), (np.median(xs.loc[g.index]), np.median(ys.loc[g.index])),
+                        # Anchor on a real voxel of the ROI (nearest its median): split ROIs
+                        # (dorsal/ventral V2, V3) otherwise all get labelled inside V1.
+                        gx, gy = xs.loc[g.index].to_numpy(), ys.loc[g.index].to_numpy()
+                        j = np.argmin((gx - np.median(gx)) ** 2 + (gy - np.median(gy)) ** 2)
+                        ax.annotate(str(roi), (gx[j], gy[j]),
                                     fontsize=7, ha="center", va="center", color="k",
                                     bbox={"boxstyle": "round,pad=0.1", "fc": "w", "alpha": 0.6, "lw": 0})
                 ax.set_aspect("equal")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,8 +282,11 @@ def _brainmap_block(blocks, notes, dsub: pd.DataFrame, labels, out, dataset, sub
     try:
         from .brainmaps import brainmap_figure
 
-        fig, how = brainmap_figure(dsub, labels, "pearson", vmax=vmax)
-        rel = _save_figure(fig, out, _slug("brainmap", dataset, subject))
+        with warnings.catch_warnings():
+            # numpy's masked-array chatter from inside nilearn's colour bar: not actionable.
+            warnings.filterwarnings("ignore", message=".*converting a masked element to nan")
+            fig, how = brainmap_figure(dsub, labels, "pearson", vmax=vmax)
+            rel = _save_figure(fig, out, _slug("brainmap", dataset, subject))
     except Exception as exc:  # noqa: BLE001 - a map failure must never kill the report
         last = traceback.extract_tb(exc.__traceback__)[-1]
         notes.append(f"brain map for {dataset} subject {subject} skipped: "

@@ -315,6 +315,8 @@ def test_native_volume_grid():
     coords = ijk * 1.8 + np.array([-30.0, -80.0, 5.0])
     vals = rng.uniform(0.1, 0.9, 50)
     np.testing.assert_allclose(infer_spacing(coords), 1.8)
+    # Off-grid (continuous) coordinates fall back to the 1.8 mm default instead of a tiny step.
+    np.testing.assert_allclose(infer_spacing(rng.normal(0, 10, size=(300, 3))), 1.8)
     img, cov, n_out = volume_image(coords, vals, "func1pt8mm")
     data = np.asarray(img.dataobj)
     inv = np.linalg.inv(img.affine)
