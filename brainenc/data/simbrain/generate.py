@@ -206,7 +206,11 @@ def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, cod
     for sess, a in enumerate(range(0, len(trials), tps)):
         rows = trials[a:a + tps]
         uniq, inv = np.unique(rows, return_inverse=True)
-        sig = truth[uniq][inv]  # h5py needs increasing indices; expand repeats afterwards
+        # one plain row read per stimulus: ~6x faster than an h5py fancy selection here
+        sig = np.empty((len(uniq), vt.n), np.float32)
+        for j, i in enumerate(uniq):
+            sig[j] = truth[i]
+        sig = sig[inv]
         rng = np.random.default_rng([seed, code, si, 3, sess])
         noise = rng.standard_normal(sig.shape, dtype=np.float32)
         w.write_trials(sig + noise * noise32, rows, np.full(len(rows), sess))

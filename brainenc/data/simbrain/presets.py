@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 #: Bump when a change to the generator changes its output for the same preset and seed.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Visual angle of NSD images (Allen et al. 2022): 8.4 deg square.
 NSD_VISUAL_ANGLE_DEG = 8.4

@@ -99,6 +99,7 @@ def energy_maps(images: np.ndarray) -> list[np.ndarray]:
     for b in range(bank.shape[0]):
         resp = scipy.fft.ifft2(spec[:, None] * bank[b][None], workers=-1)[..., o0:o0 + s, o0:o0 + s]
         e = (resp.real ** 2 + resp.imag ** 2).astype(np.float32)
+        e[e < 1e-20] = 0  # no subnormal floats downstream (they make matmuls crawl)
         p = pool_size(s, b)
         k = s // p
         e = e.reshape(n, N_ORI, p, k, p, k).mean(axis=(3, 5))
@@ -130,7 +131,9 @@ def prf_weights(x, y, sig, p: int, visual_angle_deg: float) -> np.ndarray:
     cy = ndtr((ey[None, :] - y[:, None]) / sig[:, None])
     wx = np.diff(cx, axis=1)  # (n_vox, p)
     wy = -np.diff(cy, axis=1)
-    return (wy[:, :, None] * wx[:, None, :]).reshape(len(x), p * p).T.astype(np.float32)
+    g = (wy[:, :, None] * wx[:, None, :]).reshape(len(x), p * p).T
+    # drop the far tails: as float32 they become subnormal numbers, which slow BLAS ~20x
+    return np.ascontiguousarray(np.where(g < 1e-9, 0.0, g), dtype=np.float32)
 
 
 def box_overlap(boxes: np.ndarray, x, y, sig, visual_angle_deg: float) -> np.ndarray:
@@ -217,7 +220,8 @@ class VoxelModel:
 # ----------------------------------------------------------------------------- oracle ceiling
 
 
-def oracle_ceiling(store, subject: str, stimulus_rows: np.ndarray, rows_per_read: int = 4096) -> np.ndarray:
+def oracle_ceiling(store, subject: str, stimulus_rows: np.ndarray,
+                   rows_per_read: int | None = None) -> np.ndarray:
     """Correlation between true and repeat-averaged measured responses (the oracle ceiling).
 
     Parameters
@@ -247,6 +251,8 @@ def oracle_ceiling(store, subject: str, stimulus_rows: np.ndarray, rows_per_read
         raise ValueError(f"{info.path}: stimulus rows {rows[counts == 0][:5].tolist()} were never "
                          f"shown to {subject}; pass rows from its trial_stimulus")
     sums = np.zeros((len(rows), info.n_voxels))
+    if rows_per_read is None:  # ~32 MB of float64 per block
+        rows_per_read = max(1, (1 << 22) // max(1, info.n_voxels))
     with h5py.File(info.path, "r") as f:
         if "truth/responses" not in f:
             raise ValueError(f"{info.path}: field 'truth/responses' missing; expected a simbrain store")
