@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from brainenc.features.cache import FeatureCache
 from brainenc.metrics import VoxelPearson
 from brainenc.metrics.retrieval import identification_accuracy
 from brainenc.models.backbones import Backbone, Features
@@ -51,19 +52,24 @@ class EncoderModule(L.LightningModule):
     voxels_per_step : train on a random subset of this many voxels per batch (None = all)
     eval_voxel_chunk : evaluate voxels in chunks of this size to bound memory (None = all at once)
     model_name : label written into the results table
+    feature_cache : a :class:`~brainenc.features.cache.FeatureCache`; with a frozen backbone,
+        :meth:`features` reads each stimulus' features from disk and runs the backbone only on
+        rows not cached yet (None = always run the backbone)
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory,
                  voxel_counts: Optional[dict[str, int]] = None, loss: Optional[VoxelLoss] = None,
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
-                 eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder"):
+                 eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder",
+                 feature_cache: Optional[FeatureCache] = None):
         super().__init__()
         if not voxel_counts:
             raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "
                              "data.voxel_counts (pass it explicitly when building the module in Python)")
         self.save_hyperparameters(ignore=_object_args())
         self.backbone = backbone
+        self.feature_cache = feature_cache
         self.readout: Readout = readout(dict(voxel_counts), FeatureSpec.of(backbone))
         self.loss_fn = loss if loss is not None else MSELoss()
         self.voxel_counts = dict(voxel_counts)
@@ -83,8 +89,19 @@ class EncoderModule(L.LightningModule):
                     self.readout.set_voxel_info(p.key, p.info.coords)
 
     def features(self, batch: dict) -> Features:
-        """The backbone's feature pyramid for ``batch["images"]`` (B, 3, S, S)."""
-        return self.backbone(batch["images"])
+        """The backbone's feature pyramid for ``batch["images"]`` (B, 3, S, S).
+
+        With a ``feature_cache`` and a frozen backbone, rows ``batch["stimulus"]`` of the pair's
+        store come from the cache (float16 on disk, float32 here); only misses run the backbone.
+        """
+        if self.feature_cache is None or not self.backbone.frozen:
+            return self.backbone(batch["images"])
+        dm = getattr(self._trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "pair"):
+            raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
+                               "to find the store of batch['pair']")
+        return self.feature_cache.lookup(self.backbone, dm.pair(batch["pair"]).store, batch["stimulus"],
+                                         batch["images"])
 
     def forward(self, images: Tensor, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """images (B, 3, S, S) in [0, 1] -> responses (B, V)."""
