@@ -1,0 +1,182 @@
+"""UniversalReadout: attention shapes and masking, global voxel indexing, chunked evaluation,
+new-pair embeddings, clustering helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainenc.analysis.embeddings import add_column_atomic, ari_table, cluster_embeddings
+from brainenc.lit.encoder_module import EncoderModule
+from brainenc.models.backbones import Backbone, Features
+from brainenc.models.readout import FeatureSpec
+from brainenc.models.universal import UniversalReadout, VoxelCrossAttention, level_tokens
+
+# deliberately listed out of sorted order: the global layout must not depend on it
+COUNTS = {"dsB/subj01": 7, "dsA/subj02": 5, "dsA/subj01": 11}
+SPEC = FeatureSpec(shapes=((6, 4, 4), (10, 2, 2)), pooled_dim=16, has_cls=False)
+
+
+def _features(b: int = 3, seed: int = 0, cls: bool = False) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(b, c, h, w, generator=g) for c, h, w in SPEC.shapes]
+    tokens = [torch.randn(b, c, generator=g) for c, _, _ in SPEC.shapes] if cls else None
+    return Features(maps, tokens)
+
+
+def _readout(**kw) -> UniversalReadout:
+    torch.manual_seed(0)
+    r = UniversalReadout(COUNTS, SPEC, embed_dim=12, width=8, **kw)
+    # non-trivial readout maps (feat_embed starts small) so that predictions differ per voxel
+    with torch.no_grad():
+        r.feat_embed.normal_()
+        r.bias_embed.normal_()
+    return r.eval()
+
+
+# ----------------------------------------------------------------------------- attention
+def test_attention_shapes():
+    att = VoxelCrossAttention(in_dim=6, n_tokens=17, width=8, embed_dim=12).eval()
+    k, v = att.tokens(torch.randn(3, 17, 6))
+    assert k.shape == v.shape == (3, 17, 8)
+    h, a = att(torch.randn(5, 12), k, v, return_attention=True)
+    assert h.shape == (3, 5, 8) and a.shape == (3, 5, 17)
+    torch.testing.assert_close(a.sum(-1), torch.ones(3, 5))
+
+
+def test_masked_tokens_get_zero_weight_and_do_not_matter():
+    torch.manual_seed(1)
+    att = VoxelCrossAttention(in_dim=6, n_tokens=9, width=8, embed_dim=12).eval()
+    tokens = torch.randn(2, 9, 6)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 6:] = True   # image 0: last three tokens are padding
+    mask[1, 2] = True
+    q = torch.randn(4, 12)
+    h, a = att(q, *att.tokens(tokens), key_padding_mask=mask, return_attention=True)
+    assert torch.all(a[0, :, 6:] == 0) and torch.all(a[1, :, 2] == 0)
+    assert torch.all(a[~mask[:, None, :].expand_as(a)] > 0)
+    changed = tokens.clone()
+    changed[mask] = torch.randn(int(mask.sum()), 6) * 100
+    h2 = att(q, *att.tokens(changed), key_padding_mask=mask)
+    torch.testing.assert_close(h, h2, rtol=0, atol=0)
+    # and without the mask the same change does matter (the check above can fail)
+    assert not torch.allclose(att(q, *att.tokens(tokens)), att(q, *att.tokens(changed)))
+    with pytest.raises(ValueError, match="every token masked"):
+        att(q, *att.tokens(tokens), key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+
+
+def test_level_tokens_cnn_global_and_vit_cls():
+    fmap = torch.randn(2, 6, 4, 4)
+    t = level_tokens(fmap, None)
+    assert t.shape == (2, 17, 6)
+    torch.testing.assert_close(t[:, 0], fmap.mean(dim=(2, 3)))     # pooled "global" token
+    torch.testing.assert_close(t[:, 1:], fmap.flatten(2).transpose(1, 2))
+    cls = torch.randn(2, 6)
+    assert torch.equal(level_tokens(fmap, cls)[:, 0], cls)         # class token first
+    assert level_tokens(torch.randn(2, 6, 8, 8), None, max_grid=4).shape == (2, 17, 6)
+
+
+# ----------------------------------------------------------------------------- indexing
+def test_global_indexing_offsets_sorted_pairs():
+    r = _readout()
+    assert r.pairs == ["dsA/subj01", "dsA/subj02", "dsB/subj01"]
+    assert r.offsets == {"dsA/subj01": 0, "dsA/subj02": 11, "dsB/subj01": 16}
+    assert r.n_total == 23 and r.embedding.shape == (23, 12)
+    assert torch.equal(r.global_index("dsB/subj01", torch.tensor([0, 6])), torch.tensor([16, 22]))
+    # each pair owns distinct rows
+    rows = torch.cat([r.global_index(p) for p in r.pairs])
+    assert torch.equal(torch.sort(rows).values, torch.arange(23))
+    e = {p: r.embeddings(p) for p in r.pairs}
+    assert not torch.allclose(e["dsA/subj02"][:5], e["dsA/subj01"][:5])
+    assert torch.equal(r.voxel_weights("dsA/subj02"), r.embedding[11:16])
+
+
+def test_voxel_subset_picks_the_right_rows():
+    r = _readout()
+    f = _features()
+    for pair in r.pairs:
+        full = r(f, pair)
+        assert full.shape == (3, COUNTS[pair])
+        sub = torch.tensor([COUNTS[pair] - 1, 0, 2])
+        torch.testing.assert_close(r(f, pair, sub), full[:, sub])
+    # a change to one pair's embeddings leaves the other pairs' predictions alone
+    before = r(f, "dsB/subj01")
+    with torch.no_grad():
+        r.embedding[r.global_index("dsA/subj01")] += 1.0
+    torch.testing.assert_close(r(f, "dsB/subj01"), before)
+
+
+def test_gradient_reaches_only_sampled_rows():
+    r = _readout().train()
+    sub = torch.tensor([1, 4])
+    r(_features(), "dsA/subj02", sub).pow(2).sum().backward()
+    touched = torch.nonzero(r.embedding.grad.abs().sum(1)).flatten()
+    assert torch.equal(touched, torch.tensor([12, 15]))
+
+
+def test_vit_class_tokens():
+    f = _features(cls=True)
+    spec = FeatureSpec(SPEC.shapes, 32, True)
+    r = UniversalReadout(COUNTS, spec, embed_dim=12, width=8).eval()
+    with torch.no_grad():
+        r.feat_embed.normal_()
+    out = r(f, "dsA/subj01")
+    f2 = Features(f.maps, [torch.flip(c, dims=[1]) for c in f.cls])
+    assert out.shape == (3, 11) and not torch.allclose(out, r(f2, "dsA/subj01"))
+
+
+def test_add_pair_new_table():
+    r = _readout()
+    init = torch.randn(4, 12)
+    p = r.add_pair("dsC/subj09", 4, init)
+    assert r.has_pair("dsC/subj09") and r.n_voxels("dsC/subj09") == 4
+    assert torch.equal(r.embeddings("dsC/subj09"), init) and p.requires_grad
+    assert r(_features(), "dsC/subj09").shape == (3, 4)
+    with pytest.raises(ValueError, match="already"):
+        r.add_pair("dsA/subj01", 11)
+    with pytest.raises(ValueError, match="init must be"):
+        r.add_pair("dsD/subj01", 3, torch.zeros(2, 12))
+    with pytest.raises(KeyError, match="unknown pair"):
+        r.embeddings("nope/subj01")
+
+
+# ----------------------------------------------------------------------------- chunked evaluation
+@pytest.mark.parametrize("chunk", [4, 7, 1000])
+def test_chunked_evaluation_equals_unchunked(chunk):
+    torch.manual_seed(0)
+    bb = Backbone("test_efficientnet", image_size=32)
+    counts = {"dsA/subj01": 23, "dsB/subj01": 9}
+    m = EncoderModule(backbone=bb, voxel_counts=counts, eval_voxel_chunk=chunk,
+                      readout=lambda c, s: UniversalReadout(c, s, embed_dim=16, width=8, max_grid=2)).eval()
+    with torch.no_grad():
+        m.readout.feat_embed.normal_()
+        feats = m.backbone(torch.rand(4, 3, 32, 32))
+        for pair in counts:
+            torch.testing.assert_close(m.predict_all(feats, pair), m.readout(feats, pair), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- clustering
+def test_clustering_recovers_separated_groups_and_ari():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 40)
+    emb = rng.normal(size=(120, 16)) * 0.1 + np.eye(16)[truth] * 3
+    for method in ("kmeans", "gmm"):
+        lab = cluster_embeddings(emb, 3, method)
+        res = ari_table({"a/s": lab[:60], "b/s": lab[60:]}, {"a/s": truth[:60], "b/s": truth[60:]},
+                        {"a/s": truth[:60] != 0, "b/s": truth[60:] != 0})
+        assert res["pooled"]["ari"] == pytest.approx(1.0)
+        assert res["a/s"]["ari_signal"] == pytest.approx(1.0)
+    shuffled = ari_table({"a/s": rng.permutation(truth)}, {"a/s": truth})
+    assert abs(shuffled["a/s"]["ari"]) < 0.1
+
+
+def test_add_column_atomic(tmp_path):
+    p = tmp_path / "voxels.csv"
+    pd.DataFrame({"dataset": ["d"] * 3 + ["e"] * 2, "subject": ["s1"] * 3 + ["s1"] * 2,
+                  "voxel": [0, 1, 2, 1, 0], "pearson": [0.1] * 5}).to_csv(p, index=False)
+    add_column_atomic(p, "cluster", {"d/s1": np.array([5, 6, 7]), "e/s1": np.array([1, 2])})
+    df = pd.read_csv(p)
+    assert df["cluster"].tolist() == [5, 6, 7, 2, 1] and "pearson" in df
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["voxels.csv"]  # no temporary left behind
