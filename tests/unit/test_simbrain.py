@@ -8,7 +8,7 @@ import pytest
 import yaml
 from scipy.spatial import cKDTree
 
-from brainenc.data.simbrain import PRESETS, oracle_ceiling, planned_shapes, simulate
+from brainenc.data.simbrain import PRESETS, oracle_ceiling, pearson_columns, planned_shapes, simulate
 from brainenc.data.store import Store
 
 ROIS = {1: "V1", 2: "V2", 3: "V3", 4: "hV4", 5: "FFA", 6: "PPA"}
@@ -187,6 +187,18 @@ def test_oracle_ceiling_agrees_with_direct_computation(tiny):
     assert np.isnan(oc[~ok]).all()
     with pytest.raises(ValueError, match="never shown"):
         oracle_ceiling(st, "subj01", np.array([0, 10**6]))
+
+
+def test_pearson_columns_matches_numpy_and_flags_constant_columns():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(25, 300))
+    b = 0.5 * a + rng.normal(size=a.shape)
+    a[:, 4] = 0.0
+    b[:, 9] = 1.25
+    r = pearson_columns(a.astype(np.float32), b, block=64)
+    ref = np.array([np.corrcoef(a[:, i], b[:, i])[0, 1] if i not in (4, 9) else np.nan for i in range(300)])
+    np.testing.assert_allclose(r, ref, atol=1e-6)  # float32 input, float64 arithmetic
+    assert np.isnan(r[[4, 9]]).all()
 
 
 def test_noise_voxels_have_no_signal(tiny):

@@ -266,19 +266,26 @@ def oracle_ceiling(store, subject: str, stimulus_rows: np.ndarray,
             ind = scipy.sparse.csr_matrix((np.ones(len(sel)), (pos[start:stop][sel], np.arange(len(sel)))),
                                           shape=(len(rows), len(sel)))
             sums += ind @ block
-        truth = f["truth/responses"][rows].astype(np.float64)  # rows are sorted and unique
-    meas = sums / counts[:, None]
-    return pearson_columns(truth, meas)
+        truth = f["truth/responses"][rows]  # float32; rows are sorted and unique
+    sums /= counts[:, None]  # repeat-averaged measured responses
+    return pearson_columns(truth, sums)
 
 
-def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Column-wise Pearson r of two (n, v) arrays in float64; NaN for constant columns."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    num = (a * b).sum(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / den
-    tiny = (a.std(0) <= 1e-12 * (1 + np.abs(a).max(0))) | (b.std(0) <= 1e-12 * (1 + np.abs(b).max(0)))
-    r[tiny | (den == 0)] = np.nan
-    return r
+def pearson_columns(a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Column-wise Pearson r of two (n, v) arrays in float64; NaN for constant columns.
+
+    Works on blocks of ``block`` columns so temporaries stay small for wide arrays.
+    """
+    out = np.empty(a.shape[1])
+    for c in range(0, a.shape[1], block):
+        x = a[:, c:c + block].astype(np.float64)
+        y = b[:, c:c + block].astype(np.float64)
+        x -= x.mean(0)
+        y -= y.mean(0)
+        sxx, syy = (x * x).sum(0), (y * y).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (x * y).sum(0) / np.sqrt(sxx * syy)
+        # constant columns (exactly, or to rounding) have no defined correlation
+        r[(sxx <= 1e-24 * len(x)) | (syy <= 1e-24 * len(y))] = np.nan
+        out[c:c + block] = r
+    return out
