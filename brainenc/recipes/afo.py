@@ -1,0 +1,400 @@
+"""``brainenc afo -c recipe.yaml``: the All-for-One recipe as one resumable command.
+
+Stages, each in its own directory under the recipe's ``out``:
+
+1. ``whole``      whole-brain retinotopic model over every subject (``brainenc fit`` + ``test``);
+2. ``partitions`` atlas ROIs, k-means ROIs of the whole-brain readout weights, random ROIs
+                  (``partitions.h5``; see :mod:`brainenc.recipes.partitions`);
+3. ``experts``    one small retinotopic expert per ROI of every partition, trained together on the
+                  shared backbone (:class:`~brainenc.lit.experts.ExpertsModule`); tested as the
+                  partition-averaged ensemble.  ``--only-expert PARTITION`` trains one partition in
+                  ``experts-<PARTITION>/`` so a cluster can run partitions in parallel;
+4. ``dark``       the experts' stitched predictions, averaged over partitions, for the training
+                  images (and extra unlabelled images) -> ``dark_targets.h5``;
+5. ``student``    one whole-brain model distilled from measured + dark targets
+                  (:class:`~brainenc.lit.distill.DistillModule`).
+
+``fit``/``test`` stages are ``python -m brainenc.cli fit|test`` subprocesses (exactly what a user
+would type, with isolated state); their configs are written to ``<stage>/config.yaml``.  A stage
+is finished when ``<stage>/results/voxels.csv`` or ``<stage>/DONE`` exists and is then skipped;
+an interrupted fit resumes from ``<stage>/checkpoints/last.ckpt``.
+
+Recipe YAML::
+
+    base: experiments/quickstart/retinotopic.yaml   # a fit config (path, or the config inline)
+    out: runs/afo/quickstart
+    cli_args: ["--trainer.enable_progress_bar=false"]   # appended to every fit/test command
+    partitions: {atlases: [simbrain], kmeans: [8], n_random: 2, random_k: 8, seed: 0}
+    stages:
+      whole: {max_epochs: 4}
+      experts: {max_epochs: 4, expert: {width: 16}, separate: false}
+      dark: {batch_size: 128, extra_images: []}     # store dirs or folders of PNG/JPG
+      student: {max_epochs: 6, ramp_epochs: 4, extra_per_step: 0}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+import yaml
+
+from brainenc.data.store import atomic_path
+from brainenc.models.readout import pair_slot
+
+STAGES = ("whole", "partitions", "experts", "dark", "student")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _log(msg: str) -> None:
+    print(f"[afo] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- configs
+def load_recipe(path: str | Path) -> dict:
+    """The recipe as plain dicts; ``base`` is loaded (not resolved: ``${...}`` stay for the CLI)."""
+    path = Path(path)
+    recipe = yaml.safe_load(path.read_text()) or {}
+    base = recipe.get("base")
+    if base is None:
+        raise ValueError(f"{path}: field 'base': expected a fit config (a path or an inline mapping)")
+    if isinstance(base, str):
+        bp = Path(base)
+        if not bp.is_file():
+            raise FileNotFoundError(f"{path}: field 'base': config file {bp} not found")
+        recipe["base"] = yaml.safe_load(bp.read_text())
+    if "out" not in recipe:
+        raise ValueError(f"{path}: field 'out': expected the recipe's output directory")
+    recipe.setdefault("stages", {})
+    recipe.setdefault("partitions", {})
+    recipe.setdefault("cli_args", [])
+    return recipe
+
+
+def stage_config(base: dict, root: Path, max_epochs: Optional[int] = None, model_class: Optional[str] = None,
+                 readout: Optional[dict] = None, init_args: Optional[dict] = None) -> dict:
+    """A copy of the base fit config with the stage's directory, epochs, model class and readout."""
+    cfg = copy.deepcopy(base)
+    trainer = cfg.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(root)
+    if max_epochs is not None:
+        trainer["max_epochs"] = int(max_epochs)
+    model = cfg.setdefault("model", {})
+    if model_class:
+        model["class_path"] = model_class
+    args = model.setdefault("init_args", {})
+    if readout is not None:
+        args["readout"] = readout
+    args.update(init_args or {})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- running stages
+def stage_done(root: Path) -> bool:
+    return (root / "results" / "voxels.csv").exists() or (root / "DONE").exists()
+
+
+def _cli(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "brainenc.cli", *args]
+    _log("$ brainenc " + " ".join(args))
+    subprocess.run(cmd, check=True)
+
+
+def best_checkpoint(root: Path) -> Path:
+    ck = root / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        if (ck / name).exists():
+            return ck / name
+    raise FileNotFoundError(f"{ck}: no best.ckpt or last.ckpt (did the fit of stage {root.name} run?)")
+
+
+def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) -> None:
+    """Fit (resuming from ``last.ckpt`` when present) and test one stage; skip it when finished."""
+    if stage_done(root):
+        _log(f"{root.name}: finished, skipped")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    with atomic_path(config) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if not (root / "fit.done").exists():
+        args = ["fit", "-c", str(config), *cli_args]
+        last = root / "checkpoints" / "last.ckpt"
+        if last.exists():
+            _log(f"{root.name}: resuming from {last}")
+            args += ["--ckpt_path", str(last)]
+        _cli(args)
+        (root / "fit.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    if test:
+        _cli(["test", "-c", str(config), "--ckpt_path", str(best_checkpoint(root)), *cli_args])
+    else:
+        (root / "DONE").write_text("ok\n")
+
+
+def instantiate(config: Path, cli_args: list[str] = ()):
+    """Build (model, datamodule) from a fit config in-process, as ``brainenc fit`` would, without running."""
+    from jsonargparse import set_parsing_settings
+
+    from brainenc.cli import BrainencCLI
+    from brainenc.data.datamodule import BrainDataModule
+    from brainenc.lit.encoder_module import EncoderModule
+
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    cli = BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, run=False,
+                      args=["-c", str(config), *[a for a in cli_args if not a.startswith("--trainer.")]],
+                      parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None,
+                      seed_everything_default=0, auto_configure_optimizers=False)
+    cli.datamodule.setup("fit")
+    return cli.model, cli.datamodule
+
+
+def load_trained(root: Path, cli_args: list[str] = ()):
+    """The stage's model with its best weights (eval mode), and its datamodule."""
+    import torch
+
+    model, dm = instantiate(root / "config.yaml", cli_args)
+    sd = torch.load(best_checkpoint(root), map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(sd)
+    return model.eval(), dm
+
+
+# ----------------------------------------------------------------------------- stage 2
+def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str]) -> Path:
+    from .partitions import build_partitions, readout_weights_from_checkpoint, write_partitions
+
+    out = root / "partitions.h5"
+    if stage_done(root) and out.exists():
+        _log("partitions: finished, skipped")
+        return out
+    _, dm = instantiate(whole / "config.yaml", cli_args)
+    kmeans = list(settings.get("kmeans", [8]))
+    weights = readout_weights_from_checkpoint(best_checkpoint(whole), [p.key for p in dm.pairs]) if kmeans else None
+    parts = build_partitions(dm.pairs, weights, atlases=tuple(settings.get("atlases", ["simbrain"])),
+                             kmeans=kmeans, n_random=int(settings.get("n_random", 2)),
+                             random_k=int(settings.get("random_k", 8)), seed=int(settings.get("seed", 0)))
+    write_partitions(out, parts)
+    summary = {name: {"rois": names, "voxels_per_roi": np.bincount(np.concatenate(list(lab.values())),
+                                                                   minlength=len(names)).tolist()}
+               for name, (names, lab) in parts.items()}
+    (root / "partitions.json").write_text(json.dumps(summary, indent=2))
+    (root / "DONE").write_text("ok\n")
+    _log(f"partitions: {', '.join(f'{k} ({len(v[0])} ROIs)' for k, v in parts.items())} -> {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------- stage 4
+def load_extra_images(sources: list[str], image_size: int) -> np.ndarray:
+    """Unlabelled images from store dirs (their ``stimuli.h5``) or folders of PNG/JPG.
+
+    Returns uint8 (M, S, S, 3) resized to ``image_size``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for src in sources:
+        p = Path(src)
+        if (p / "stimuli.h5").exists():
+            with h5py.File(p / "stimuli.h5", "r") as f:
+                imgs = f["images"][()]
+        elif p.is_dir():
+            from PIL import Image
+
+            files = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"{p}: expected PNG/JPG images for extra dark-knowledge targets, found none")
+            imgs = [np.asarray(Image.open(q).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+                    for q in files]
+            imgs = np.stack(imgs)
+        else:
+            raise FileNotFoundError(f"extra images: {p} is neither a store (stimuli.h5) nor a folder of images")
+        t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
+        if t.shape[-1] != image_size or t.shape[-2] != image_size:
+            t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(t.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def predict_images(model, pair: str, images, batch_size: int):
+    """Model predictions (n, n_voxels) float32 for float images (n, 3, S, S) in [0, 1]."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            outs.append(model(images[i:i + batch_size], pair).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cli_args: list[str]) -> Path:
+    """Stitched, partition-averaged expert predictions for every training image -> ``dark_targets.h5``.
+
+    ``expert_runs``: (run dir, number of partitions it holds); runs are averaged weighted by that
+    number, so one run with all partitions and one run per partition give the same targets.
+    """
+    import torch
+
+    from brainenc.data.datamodule import read_images
+
+    out = root / "dark_targets.h5"
+    if stage_done(root) and out.exists():
+        _log("dark: finished, skipped")
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    bs = int(settings.get("batch_size", 128))
+    total = sum(n for _, n in expert_runs)
+    acc: dict[str, np.ndarray] = {}
+    extra_acc: dict[str, np.ndarray] = {}
+    rows_of: dict[str, np.ndarray] = {}
+    extra = None
+    for run, n_parts in expert_runs:
+        model, dm = load_trained(run, cli_args)
+        size = dm.hparams.image_size
+        if extra is None:
+            extra = load_extra_images(list(settings.get("extra_images") or []), size)
+        for p in dm.pairs:
+            rows = np.sort(p.split.train)
+            rows_of[p.key] = rows
+            with h5py.File(p.store.stimuli_path, "r") as f:
+                preds = [predict_images(model, p.key, read_images(f, rows[i:i + bs], size), bs)
+                         for i in range(0, len(rows), bs)]
+            pred = np.concatenate(preds) * (n_parts / total)
+            acc[p.key] = acc.get(p.key, 0) + pred
+            if len(extra):
+                x = torch.from_numpy(extra).permute(0, 3, 1, 2).float().div(255.0)
+                extra_acc[p.key] = extra_acc.get(p.key, 0) + predict_images(model, p.key, x, bs) * (n_parts / total)
+        _log(f"dark: predicted with {run}")
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["expert_runs"] = json.dumps([str(r) for r, _ in expert_runs])
+            f.attrs["n_partitions"] = total
+            for key, pred in acc.items():
+                g = f.create_group(f"pairs/{pair_slot(key)}")
+                g.attrs["pair"] = key
+                g.create_dataset("stimulus", data=rows_of[key].astype(np.int64))
+                g.create_dataset("pred", data=pred.astype(np.float32), chunks=True)
+            if extra is not None and len(extra):
+                f.create_dataset("extra/images", data=extra, chunks=(1, *extra.shape[1:]))
+                for key, pred in extra_acc.items():
+                    f.create_dataset(f"extra/pred/{pair_slot(key)}", data=pred.astype(np.float32))
+    (root / "DONE").write_text("ok\n")
+    _log(f"dark: targets for {sum(len(v) for v in rows_of.values())} (pair, image) rows"
+         f" and {0 if extra is None else len(extra)} extra images -> {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the recipe
+class AFORecipe:
+    """The five stages over one recipe dict (see the module docstring for its fields)."""
+
+    def __init__(self, recipe: dict):
+        self.recipe = recipe
+        self.base = recipe["base"]
+        self.out = Path(recipe["out"])
+        self.stages = recipe["stages"]
+        self.cli_args = [str(a) for a in recipe.get("cli_args", [])]
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def _epochs(self, stage: str) -> Optional[int]:
+        return (self.stages.get(stage) or {}).get("max_epochs")
+
+    def whole(self) -> None:
+        cfg = stage_config(self.base, self.dir("whole"), self._epochs("whole"),
+                           init_args={"model_name": "afo-whole"})
+        run_fit_test(self.dir("whole"), cfg, self.cli_args)
+
+    def partitions(self) -> Path:
+        return run_partitions(self.dir("partitions"), self.dir("whole"), self.recipe["partitions"], self.cli_args)
+
+    def _experts_cfg(self, root: Path, only: Optional[list[str]]) -> dict:
+        s = self.stages.get("experts") or {}
+        readout = {"class_path": "brainenc.models.retinotopic.ExpertsReadout",
+                   "init_args": {"partitions": str((self.dir("partitions") / "partitions.h5").resolve()),
+                                 "only": only, "expert": dict(s.get("expert") or {})}}
+        extra = {"model_name": "afo-experts", **dict(s.get("init_args") or {})}
+        return stage_config(self.base, root, s.get("max_epochs"), "brainenc.lit.experts.ExpertsModule",
+                            readout, extra)
+
+    def partition_names(self) -> list[str]:
+        from .partitions import read_partitions
+
+        return list(read_partitions(self.dir("partitions") / "partitions.h5"))
+
+    def expert_runs(self) -> list[tuple[Path, int]]:
+        names = self.partition_names()
+        if (self.stages.get("experts") or {}).get("separate"):
+            return [(self.out / f"experts-{p}", 1) for p in names]
+        return [(self.dir("experts"), len(names))]
+
+    def experts(self, only: Optional[str] = None) -> None:
+        names = self.partition_names()
+        if only is not None:
+            if only not in names:
+                raise ValueError(f"--only-expert {only!r}: no such partition; have {names}")
+            root = self.out / f"experts-{only}"
+            run_fit_test(root, self._experts_cfg(root, [only]), self.cli_args)
+            return
+        for root, _ in self.expert_runs():
+            part = None if root == self.dir("experts") else [root.name[len("experts-"):]]
+            run_fit_test(root, self._experts_cfg(root, part), self.cli_args)
+
+    def dark(self) -> Path:
+        return run_dark(self.dir("dark"), self.expert_runs(), self.stages.get("dark") or {}, self.cli_args)
+
+    def student(self) -> None:
+        s = self.stages.get("student") or {}
+        args = {"model_name": "afo-student",
+                "dark_targets": str((self.dir("dark") / "dark_targets.h5").resolve()),
+                "ramp_epochs": s.get("ramp_epochs"), "extra_per_step": int(s.get("extra_per_step", 0)),
+                **dict(s.get("init_args") or {})}
+        if "loss" not in args:  # the recipe's per-voxel SmoothL1, unless the stage says otherwise
+            args["loss"] = {"class_path": "brainenc.models.losses.SmoothL1Loss", "init_args": {"beta": 0.01}}
+        cfg = stage_config(self.base, self.dir("student"), s.get("max_epochs"),
+                           "brainenc.lit.distill.DistillModule", init_args=args)
+        run_fit_test(self.dir("student"), cfg, self.cli_args)
+
+    def run(self, only_stage: Optional[str] = None, only_expert: Optional[str] = None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if only_expert is not None:
+            self.experts(only_expert)
+            return
+        for stage in STAGES:
+            if only_stage is None or only_stage == stage:
+                t = time.time()
+                getattr(self, stage)()
+                _log(f"stage {stage}: {time.time() - t:.0f} s")
+        _log(f"done in {time.time() - t0:.0f} s; compare with: brainenc compare "
+             + " ".join(str(r) for r, _ in [(self.dir('whole'), 0), *self.expert_runs(), (self.dir('student'), 0)]))
+
+
+def main_afo(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="brainenc afo", description=(
+        "Run the All-for-One recipe: whole-brain model, partitions, ROI experts, dark-knowledge "
+        "targets, distilled student. Finished stages are skipped; interrupted fits resume."))
+    ap.add_argument("-c", "--config", required=True, type=Path, help="recipe YAML (see experiments/afo/)")
+    ap.add_argument("--out", default=None, help="override the recipe's output directory")
+    ap.add_argument("--only-stage", choices=STAGES, default=None, help="run only this stage")
+    ap.add_argument("--only-expert", default=None, metavar="PARTITION",
+                    help="train only this partition's experts (in <out>/experts-PARTITION; set "
+                         "stages.experts.separate: true so the dark stage uses the per-partition runs)")
+    a = ap.parse_args(argv)
+    recipe = load_recipe(a.config)
+    if a.out:
+        recipe["out"] = a.out
+    AFORecipe(recipe).run(a.only_stage, a.only_expert)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_afo(sys.argv[1:]))
