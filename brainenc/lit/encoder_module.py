@@ -73,6 +73,11 @@ class EncoderModule(L.LightningModule):
         self.readout: Readout = readout(dict(voxel_counts), FeatureSpec.of(backbone))
         self.loss_fn = loss if loss is not None else MSELoss()
         self.voxel_counts = dict(voxel_counts)
+        # kept as attributes (not read back from hparams): under LightningCLI a subclass's hparams
+        # are its own config, which need not list these
+        self.lr, self.weight_decay, self.backbone_lr = lr, weight_decay, backbone_lr
+        self.warmup_fraction, self.voxels_per_step = warmup_fraction, voxels_per_step
+        self.eval_voxel_chunk, self.model_name = eval_voxel_chunk, model_name
         self.val_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
         self.test_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
         self.test_collect = nn.ModuleDict({pair_slot(k): PredictionCollector() for k in voxel_counts})
@@ -109,7 +114,7 @@ class EncoderModule(L.LightningModule):
 
     def predict_all(self, feats: Features, pair: str) -> Tensor:
         """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels)."""
-        n, chunk = self.voxel_counts[pair], self.hparams.eval_voxel_chunk
+        n, chunk = self.voxel_counts[pair], self.eval_voxel_chunk
         if not chunk or chunk >= n:
             return self.readout(feats, pair)
         idx = torch.arange(n, device=self.device)
@@ -120,7 +125,7 @@ class EncoderModule(L.LightningModule):
         pair, target = batch["pair"], batch["responses"]
         feats = self.features(batch)
         voxels = None
-        k = self.hparams.voxels_per_step
+        k = self.voxels_per_step
         if k and k < target.shape[1]:
             voxels = torch.randperm(target.shape[1], device=target.device)[:k]
             target = target[:, voxels]
@@ -181,7 +186,7 @@ class EncoderModule(L.LightningModule):
             write_results(self.trainer.default_root_dir, dm, pearson, retrieval, meta=self.result_meta())
 
     def result_meta(self) -> dict:
-        return {"model": self.hparams.model_name, "backbone": self.backbone.name,
+        return {"model": self.model_name, "backbone": self.backbone.name,
                 "wall_time_s": time.time() - self._t0}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -192,12 +197,12 @@ class EncoderModule(L.LightningModule):
     def configure_optimizers(self):
         head = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         body = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-        groups = [{"params": head, "lr": self.hparams.lr}]
+        groups = [{"params": head, "lr": self.lr}]
         if body:
-            groups.append({"params": body, "lr": self.hparams.backbone_lr})
-        opt = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+            groups.append({"params": body, "lr": self.backbone_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = max(1, int(self.hparams.warmup_fraction * total))
+        warm = max(1, int(self.warmup_fraction * total))
 
         def schedule(step: int) -> float:
             if step < warm:

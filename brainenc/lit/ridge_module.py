@@ -8,6 +8,7 @@ validation, testing and the results table are shared code.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ class RidgeModule(EncoderModule):
             raise ValueError("RidgeModule: backbone.trainable must be 'frozen' (ridge fits fixed features)")
         super().__init__(backbone, _linear, voxel_counts=voxel_counts, model_name=model_name)
         self.save_hyperparameters(ignore=[k for k in _object_args() if k == "backbone"])
+        self.alphas, self.cv = list(alphas), cv
         self.automatic_optimization = False
         self._store: dict[str, tuple[list, list]] = {}
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
@@ -68,6 +70,18 @@ class RidgeModule(EncoderModule):
     def on_train_epoch_end(self) -> None:
         self._solve()
 
+    def on_fit_end(self) -> None:
+        # a closed-form fit takes no optimiser step, and ModelCheckpoint saves only after steps:
+        # write the configured checkpoint files ourselves so `brainenc test --ckpt_path` works
+        for cb in self.trainer.checkpoint_callbacks:
+            if cb.dirpath is None or cb.best_model_path:
+                continue
+            names = [f"{cb.filename or 'best'}{cb.FILE_EXTENSION}"]
+            if cb.save_last:
+                names.append(f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+            for name in names:
+                self.trainer.save_checkpoint(os.path.join(cb.dirpath, name))
+
     def _solve(self) -> None:
         if bool(self.fitted) or not self._store:
             return
@@ -85,7 +99,7 @@ class RidgeModule(EncoderModule):
             y = torch.cat(ys).numpy()
             y = np.where(np.isfinite(y), y, np.nanmean(y, axis=0, keepdims=True))
             y = np.nan_to_num(y)  # voxels with no finite value at all
-            model = RidgeCV(alphas=np.asarray(self.hparams.alphas), cv=self.hparams.cv, fit_intercept=True)
+            model = RidgeCV(alphas=np.asarray(self.alphas), cv=self.cv, fit_intercept=True)
             model.fit(x, y)
             coef = torch.as_tensor(np.asarray(model.coef_), dtype=torch.float32)  # (D, n_voxels)
             readout.weight[pair_slot(key)].data.copy_(coef.t())
