@@ -1,0 +1,268 @@
+"""Retinotopic readout, ROI experts, partitions, distillation schedule and LoRA under training."""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from brainenc.lit.distill import DistillModule, gt_weight
+from brainenc.lit.encoder_module import EncoderModule
+from brainenc.models.backbones import Backbone, Features
+from brainenc.models.readout import FeatureSpec
+from brainenc.models.retinotopic import (ExpertsReadout, RetinotopicReadout, fourier_encode,
+                                         normalise_coords, sample_at)
+from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
+                                         write_partitions)
+
+SHAPES = ((6, 8, 8), (10, 4, 4))
+PAIR = "sim/subj01"
+
+
+def _feats(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Features([torch.randn(b, c, h, w, generator=g) for c, h, w in SHAPES])
+
+
+def _spec():
+    return FeatureSpec(SHAPES, sum(c for c, _, _ in SHAPES))
+
+
+def _coords(n, seed=0):
+    return np.random.default_rng(seed).uniform(0, 40, (n, 3)).astype(np.float32)
+
+
+def _pixel_centre(i, j, h, w):
+    return (2 * j + 1) / w - 1, (2 * i + 1) / h - 1
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_grid_sample_at_pixel_centres_equals_indexing():
+    fmap = torch.randn(2, 5, 6, 9)
+    rng = np.random.default_rng(1)
+    ij = [(int(rng.integers(6)), int(rng.integers(9))) for _ in range(20)] + [(0, 0), (5, 8), (0, 8), (5, 0)]
+    pos = torch.tensor([_pixel_centre(i, j, 6, 9) for i, j in ij], dtype=torch.float32)
+    out = sample_at(fmap, pos)
+    assert out.shape == (2, 5, len(ij))
+    ref = torch.stack([fmap[:, :, i, j] for i, j in ij], dim=2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_position_convention_y_points_down_and_degrees_point_up():
+    # a map whose top row is 1 and the rest 0: a position in the top half (py < 0) reads it
+    fmap = torch.zeros(1, 1, 4, 4)
+    fmap[:, :, 0] = 1.0
+    top, bottom = _pixel_centre(0, 2, 4, 4), _pixel_centre(3, 2, 4, 4)
+    out = sample_at(fmap, torch.tensor([top, bottom]))
+    assert out[0, 0].tolist() == [1.0, 0.0]
+    # and positions_deg turns the top of the image into positive y degrees (simbrain: y up)
+    r = RetinotopicReadout({PAIR: 2}, _spec(), positions="free")
+    with torch.no_grad():
+        r.free_pos[PAIR.replace("/", "__")].copy_(torch.atanh(torch.tensor([[0.5, -0.5], [-0.25, 0.75]])))
+    deg = r.positions_deg(PAIR, 8.4)
+    torch.testing.assert_close(deg, torch.tensor([[2.1, 2.1], [-1.05, -3.15]]))
+
+
+def test_readout_matches_a_direct_reference_at_pixel_centres():
+    """Free positions on pixel centres: the prediction equals an indexing-based computation."""
+    n = 7
+    r = RetinotopicReadout({PAIR: n}, _spec(), positions="free", width=4).eval()
+    rng = np.random.default_rng(2)
+    ij = [(int(rng.integers(8)), int(rng.integers(8))) for _ in range(n)]
+    # level-0 centres at even pixels are exactly on level-1 pixel edges, not centres; check level 0 only
+    pos = torch.tensor([_pixel_centre(i, j, 8, 8) for i, j in ij])
+    with torch.no_grad():
+        r.free_pos[PAIR.replace("/", "__")].copy_(torch.atanh(pos))
+    r.set_voxel_info(PAIR, _coords(n))
+    feats = _feats()
+    pred = r(feats, PAIR)
+    pos_, levels, mix = r.voxel_params(PAIR)
+    maps = r.project(feats)
+    local0 = torch.stack([maps[0][:, :, i, j] for i, j in ij], dim=2)
+    local1 = sample_at(maps[1], pos_)
+    local = local0 * levels[:, 0] + local1 * levels[:, 1]
+    pooled = torch.stack([m.mean(dim=(2, 3)) for m in maps], dim=2)
+    glob = pooled @ levels.t()
+    feat = torch.cat([local * mix, glob * (1 - mix)], dim=1)
+    ref = torch.einsum("bcv,vc->bv", feat, r.weight[PAIR.replace("/", "__")]) + r.bias[PAIR.replace("/", "__")]
+    torch.testing.assert_close(pred, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_voxel_subsets_equal_columns_of_the_full_prediction():
+    n = 30
+    r = RetinotopicReadout({PAIR: n, "sim/subj02": 12}, _spec(), width=8).eval()
+    r.set_voxel_info(PAIR, _coords(n))
+    r.set_voxel_info("sim/subj02", _coords(12, 1))
+    feats = _feats()
+    full = r(feats, PAIR)
+    sub = torch.tensor([29, 3, 3, 17, 0])
+    torch.testing.assert_close(r(feats, PAIR, sub), full[:, sub])
+    assert r(feats, "sim/subj02").shape == (3, 12)
+
+
+def test_missing_coords_is_a_clear_error():
+    r = RetinotopicReadout({PAIR: 5}, _spec())
+    with pytest.raises(RuntimeError, match="set_voxel_info"):
+        r(_feats(), PAIR)
+
+
+def test_coords_are_normalised_isotropically_and_saved():
+    c = np.array([[0, 0, 0], [10, 2, 1], [4, 1, 0.5]], dtype=np.float32)
+    z = normalise_coords(c)
+    assert np.abs(z).max() == pytest.approx(1.0)
+    # one scale for every axis: ratios of extents are kept
+    assert np.ptp(z[:, 0]) / np.ptp(z[:, 1]) == pytest.approx(5.0)
+    r = RetinotopicReadout({PAIR: 3}, _spec())
+    r.set_voxel_info(PAIR, c)
+    r2 = RetinotopicReadout({PAIR: 3}, _spec())
+    r2.load_state_dict(r.state_dict())
+    r2.eval(), r.eval()
+    torch.testing.assert_close(r2(_feats(), PAIR), r(_feats(), PAIR))
+    enc = fourier_encode(torch.from_numpy(z), 3)
+    assert enc.shape == (3, 3 + 18)
+
+
+def test_layer_entropy_regulariser_and_jitter():
+    n = 20
+    r = RetinotopicReadout({PAIR: n}, _spec(), layer_entropy=0.5, jitter=0.05)
+    r.set_voxel_info(PAIR, _coords(n))
+    feats = _feats()
+    r.train()
+    a, b = r(feats, PAIR), r(feats, PAIR)
+    assert not torch.allclose(a, b)  # jitter (and BatchNorm batch stats are the same) -> differs
+    reg = r.regularization()
+    # two levels: entropy at most log 2; near-uniform softmax at init -> close to it
+    assert 0.5 * 0.5 * math.log(2) < float(reg.detach()) <= 0.5 * math.log(2) + 1e-6
+    reg.backward()
+    grad = r.layer_mlp[PAIR.replace("/", "__")][-1].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert float(r.regularization()) == 0.0  # consumed; no stale term
+    r.eval()
+    torch.testing.assert_close(r(feats, PAIR), r(feats, PAIR))
+    assert float(r.regularization()) == 0.0
+
+
+def test_positions_receive_gradients_and_can_be_learned():
+    """Free positions move to the pixel whose feature the target is (the sampling is differentiable)."""
+    torch.manual_seed(0)
+    fmap = torch.zeros(64, 1, 8, 8)
+    # a smooth random field per image; the target is its value at pixel (2, 5)
+    fmap[:] = torch.nn.functional.interpolate(torch.randn(64, 1, 4, 4), size=(8, 8), mode="bilinear")
+    target = fmap[:, 0, 2, 5]
+    pos = torch.zeros(1, 2, requires_grad=True)
+    opt = torch.optim.Adam([pos], lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = ((sample_at(fmap, torch.tanh(pos))[:, 0, 0] - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    got = torch.tanh(pos).detach()[0]
+    want = torch.tensor(_pixel_centre(2, 5, 8, 8))
+    assert torch.allclose(got, want, atol=0.1), (got, want)
+
+
+# ----------------------------------------------------------------------------- experts
+def _partition_file(tmp_path, n):
+    rng = np.random.default_rng(0)
+    parts = {"atlas": (["A", "B", "none"], {PAIR: rng.integers(0, 3, n)}),
+             "random0": (["r0", "r1"], {PAIR: rng.integers(0, 2, n)})}
+    return write_partitions(tmp_path / "partitions.h5", parts), parts
+
+
+def test_partitions_roundtrip_and_builders(tmp_path):
+    path, parts = _partition_file(tmp_path, 25)
+    back = read_partitions(path)
+    assert list(back) == ["atlas", "random0"]
+    assert back["atlas"][0] == ["A", "B", "none"]
+    np.testing.assert_array_equal(back["atlas"][1][PAIR], parts["atlas"][1][PAIR])
+    w = {PAIR: np.r_[np.zeros((10, 4)), np.ones((15, 4)) * 5] + np.random.default_rng(0).normal(0, .1, (25, 4))}
+    names, lab = kmeans_partition(w, 2)
+    assert len(set(lab[PAIR][:10])) == 1 and len(set(lab[PAIR][10:])) == 1 and lab[PAIR][0] != lab[PAIR][-1]
+    c = _coords(50)
+    names, lab = random_partition({PAIR: c}, 4, seed=1)
+    assert names == ["r0", "r1", "r2", "r3"] and set(lab[PAIR]) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="labels outside"):
+        write_partitions(tmp_path / "bad.h5", {"x": (["a"], {PAIR: np.array([0, 1])})})
+
+
+def test_experts_stitch_each_roi_prediction_onto_its_voxels(tmp_path):
+    n = 25
+    path, parts = _partition_file(tmp_path, n)
+    ex = ExpertsReadout({PAIR: n}, _spec(), str(path), expert={"width": 4, "hidden": 8}).eval()
+    coords = _coords(n)
+    ex.set_voxel_info(PAIR, coords)
+    feats = _feats()
+    per = ex.forward_partitions(feats, PAIR)
+    assert per.shape == (3, 2, n)
+    for p_i, (pname, (names, labels)) in enumerate(parts.items()):
+        lab = labels[PAIR]
+        for r in range(len(names)):
+            idx = np.flatnonzero(lab == r)
+            expert = ex.experts[ex.expert_name(pname, r)]
+            assert expert.voxel_counts == {PAIR: len(idx)}
+            # the expert saw only its ROI's coordinates
+            own = getattr(expert, f"coords_{PAIR.replace('/', '__')}")
+            np.testing.assert_allclose(own.numpy(), normalise_coords(coords[idx]), atol=1e-6)
+            torch.testing.assert_close(per[:, p_i, idx], expert(feats, PAIR))
+    torch.testing.assert_close(ex(feats, PAIR), per.mean(1))
+    sub = torch.tensor([4, 0, 24, 7])
+    torch.testing.assert_close(ex.forward_partitions(feats, PAIR, sub), per[:, :, sub])
+    only = ExpertsReadout({PAIR: n}, _spec(), str(path), only=["random0"])
+    assert only.partition_names == ["random0"] and len(only.experts) == 2
+
+
+# ----------------------------------------------------------------------------- distillation
+def test_gt_weight_schedule():
+    assert gt_weight(0, 4) == 0.0
+    assert gt_weight(4, 4) == 1.0
+    assert gt_weight(9, 4) == 1.0
+    ws = [gt_weight(e, 4) for e in range(5)]
+    np.testing.assert_allclose(np.diff(ws), 0.25)
+    assert gt_weight(0, 0) == 1.0
+
+
+def _bb(name="test_efficientnet", trainable="frozen"):
+    return Backbone(name, image_size=32, trainable=trainable)
+
+
+def test_distill_looks_up_dark_targets_by_stimulus_row(tmp_path):
+    n = 6
+    f = tmp_path / "dark.h5"
+    stim = np.array([3, 10, 7])
+    pred = np.arange(3 * n, dtype=np.float32).reshape(3, n)
+    with h5py.File(f, "w") as h:
+        h.create_dataset("pairs/sim__subj01/stimulus", data=stim)
+        h.create_dataset("pairs/sim__subj01/pred", data=pred)
+    m = DistillModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec), dark_targets=str(f),
+                      voxel_counts={PAIR: n})
+    assert m.hparams.dark_targets == str(f) and m.hparams.model_name == "afo-student"
+    got = m.dark_for(PAIR, torch.tensor([7, 3, 7, 10]))
+    np.testing.assert_array_equal(got.numpy(), pred[[2, 0, 2, 1]])
+    with pytest.raises(KeyError, match="stimulus rows \\[4\\]"):
+        m.dark_for(PAIR, torch.tensor([3, 4]))
+
+
+def test_lora_training_leaves_frozen_weights_bit_identical():
+    torch.manual_seed(0)
+    n = 10
+    bb = _bb("test_vit", "lora")
+    m = EncoderModule(bb, lambda vc, spec: RetinotopicReadout(vc, spec, width=4), voxel_counts={PAIR: n})
+    m.readout.set_voxel_info(PAIR, _coords(n))
+    base = {k: v.clone() for k, v in m.backbone.state_dict().items() if "lora_" not in k}
+    lora = {k: v.clone() for k, v in m.backbone.state_dict().items() if "lora_" in k}
+    assert lora, "LoRA adapters were not applied"
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m.train()
+    for step in range(3):
+        batch = {"images": torch.rand(4, 3, 32, 32), "responses": torch.randn(4, n), "pair": PAIR,
+                 "stimulus": torch.arange(4)}
+        opt.zero_grad()
+        m.training_step(batch, step).backward()
+        opt.step()
+    after = m.backbone.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), f"frozen weight {k} changed"
+    assert any(not torch.equal(after[k], v) for k, v in lora.items()), "LoRA adapters did not train"
