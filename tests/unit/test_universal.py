@@ -180,3 +180,21 @@ def test_add_column_atomic(tmp_path):
     df = pd.read_csv(p)
     assert df["cluster"].tolist() == [5, 6, 7, 2, 1] and "pearson" in df
     assert sorted(x.name for x in tmp_path.iterdir()) == ["voxels.csv"]  # no temporary left behind
+
+
+# ----------------------------------------------------------------------------- transfer initialisation
+def test_coords_and_neighbour_init_copy_neighbours():
+    from brainenc.recipes.transfer import coords_init, neighbour_init
+
+    r = _readout()
+    ref_xyz = {"dsA/subj01": np.arange(33, dtype=float).reshape(11, 3), "dsA/subj02": 100 + np.zeros((5, 3))}
+    ref_xyz["dsA/subj02"][:, 0] += np.arange(5)
+    new_xyz = ref_xyz["dsA/subj01"][[3, 7]] + 0.1
+    init = coords_init(r, new_xyz, ref_xyz, k=1)
+    torch.testing.assert_close(init, r.embeddings("dsA/subj01")[[3, 7]])
+    # k = 2 averages the two nearest (voxels 2 and 3 of subj02 around x = 102.5)
+    two = coords_init(r, np.array([[102.5, 100, 100]]), ref_xyz, k=2)
+    torch.testing.assert_close(two[0], r.embeddings("dsA/subj02")[[2, 3]].mean(0))
+    # neighbours in embedding space: a scaled copy of a base row finds that row (cosine)
+    e = r.embedding.detach()
+    torch.testing.assert_close(neighbour_init(r, e[[5, 20]] * 3.0, k=1), e[[5, 20]])

@@ -1,0 +1,1 @@
+"""Analyses of trained encoders (e.g. functional maps from learned voxel embeddings)."""

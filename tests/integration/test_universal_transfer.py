@@ -1,0 +1,94 @@
+"""Universal encoder end to end on the tiny simbrain: crowd fit/test on both datasets,
+transfer to a held-out subject (base weights bit-identical), embedding clusters with ARI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainenc.cli import main as brainenc
+from brainenc.data.simbrain import simulate
+
+CFG = str(Path(__file__).resolve().parents[2] / "experiments" / "smoke" / "universal.yaml")
+HELD_OUT = "simbrain7t/subj02"
+BASE_PAIRS = ["simbrain7t/subj01", "simbrain3t/subj01", "simbrain3t/subj02"]
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simbrain")
+    paths = simulate(preset="tiny", out=out, seed=0)
+    return [str(paths["simbrain7t"]), str(paths["simbrain3t"])]
+
+
+def _fit_test(stores, run: Path, subjects=None) -> Path:
+    args = ["-c", CFG, "--data.stores", json.dumps(stores), "--trainer.default_root_dir", str(run), *FAST]
+    if subjects:
+        args += ["--data.subjects", json.dumps(subjects)]
+    assert brainenc(["fit", *args]) == 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    assert brainenc(["test", *args, "--ckpt_path", str(ckpt)]) == 0
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def crowd(stores, tmp_path_factory):
+    """A crowd run on both tiny datasets, one 7T-like subject held out for transfer."""
+    run = tmp_path_factory.mktemp("crowd")
+    return run, _fit_test(stores, run, BASE_PAIRS)
+
+
+def test_crowd_fit_test_writes_all_pairs_and_clusters(crowd):
+    from brainenc.analysis.embeddings import cluster_run
+
+    run, _ = crowd
+    df = pd.read_csv(run / "results" / "voxels.csv")
+    pairs = set(df["dataset"] + "/" + df["subject"])
+    assert pairs == set(BASE_PAIRS)
+    assert len(df) == 480 + 360 + 300 and df["pearson"].notna().all()
+    summary = json.loads((run / "results" / "summary.json").read_text())
+    assert set(summary["retrieval"]) == pairs
+
+    res = cluster_run(run, n_clusters=7)
+    df2 = pd.read_csv(run / "results" / "voxels.csv")
+    assert len(df2) == len(df) and df2["cluster"].between(0, 6).all()
+    np.testing.assert_array_equal(df2["pearson"], df["pearson"])
+    assert set(res["ari"]) == pairs | {"pooled"} and -1 <= res["ari"]["pooled"]["ari"] <= 1
+    assert json.loads((run / "results" / "clusters.json").read_text())["n_clusters"] == 7
+
+
+def test_transfer_trains_only_new_embeddings(stores, crowd, tmp_path):
+    from brainenc.recipes.transfer import load_base, transfer
+
+    _, ckpt = crowd
+    reference = {k: v.clone() for k, v in load_base(ckpt).state_dict().items()}
+    summary, model = transfer(ckpt, stores, HELD_OUT, tmp_path, n_images=40, init="coords", epochs=1,
+                              batch_size=16, limit_val_batches=1, return_model=True)
+    state = model.state_dict()
+    base_keys = [k for k in reference if k.startswith(("backbone.", "readout."))]
+    assert len(base_keys) > 20
+    for k in base_keys:  # bit-identical, buffers included
+        assert torch.equal(state[k], reference[k]), k
+    new = model.readout.new_embedding["simbrain7t__subj02"]
+    assert new.shape == (400, 32)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["readout.new_embedding.simbrain7t__subj02"]
+    saved = torch.load(tmp_path / "transfer" / "embeddings.pt", weights_only=True)[HELD_OUT]
+    assert torch.equal(saved, new.detach())
+    assert summary["n_train_images"] == 40 and summary["base_unchanged"]
+    df = pd.read_csv(tmp_path / "results" / "voxels.csv")
+    assert set(df["dataset"] + "/" + df["subject"]) == {HELD_OUT} and len(df) == 400
+
+
+def test_transfer_cli_refuses_a_pair_of_the_base(stores, crowd, tmp_path):
+    run, _ = crowd
+    with pytest.raises(ValueError, match="already in the base model"):
+        brainenc(["transfer", "--base", str(run), "--store", stores[1], "--subject", "simbrain3t/subj01",
+                  "--out", str(tmp_path)])
