@@ -15,7 +15,7 @@ Stages, each in its own directory under the recipe's ``out``:
                   (:class:`~brainenc.lit.distill.DistillModule`).
 
 ``fit``/``test`` stages are ``python -m brainenc.cli fit|test`` subprocesses (exactly what a user
-would type, with isolated state); their configs are written to ``<stage>/config.yaml``.  A stage
+would type, with isolated state); their configs are written to ``<stage>/stage.yaml``.  A stage
 is finished when ``<stage>/results/voxels.csv`` or ``<stage>/DONE`` exists and is then skipped;
 an interrupted fit resumes from ``<stage>/checkpoints/last.ckpt``.
 
@@ -52,6 +52,7 @@ from brainenc.models.readout import pair_slot
 
 STAGES = ("whole", "partitions", "experts", "dark", "student")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+STAGE_CONFIG = "stage.yaml"
 
 
 def _log(msg: str) -> None:
@@ -122,7 +123,8 @@ def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) 
         _log(f"{root.name}: finished, skipped")
         return
     root.mkdir(parents=True, exist_ok=True)
-    config = root / "config.yaml"
+    # not "config.yaml": LightningCLI saves its own resolved config under that name in the run dir
+    config = root / STAGE_CONFIG
     with atomic_path(config) as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     if not (root / "fit.done").exists():
@@ -160,7 +162,7 @@ def load_trained(root: Path, cli_args: list[str] = ()):
     """The stage's model with its best weights (eval mode), and its datamodule."""
     import torch
 
-    model, dm = instantiate(root / "config.yaml", cli_args)
+    model, dm = instantiate(root / STAGE_CONFIG, cli_args)
     sd = torch.load(best_checkpoint(root), map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(sd)
     return model.eval(), dm
@@ -174,7 +176,7 @@ def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str])
     if stage_done(root) and out.exists():
         _log("partitions: finished, skipped")
         return out
-    _, dm = instantiate(whole / "config.yaml", cli_args)
+    _, dm = instantiate(whole / STAGE_CONFIG, cli_args)
     kmeans = list(settings.get("kmeans", [8]))
     weights = readout_weights_from_checkpoint(best_checkpoint(whole), [p.key for p in dm.pairs]) if kmeans else None
     parts = build_partitions(dm.pairs, weights, atlases=tuple(settings.get("atlases", ["simbrain"])),
@@ -378,6 +380,51 @@ class AFORecipe:
              + " ".join(str(r) for r, _ in [(self.dir('whole'), 0), *self.expert_runs(), (self.dir('student'), 0)]))
 
 
+def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
+    """Figures for docs: per-ROI median r/oracle per stage, student vs whole-brain (Wilcoxon), and
+    recovery of the true pRF centres by the ``stage`` model's learned positions (V1-V3 voxels).
+
+    Writes ``<out>/summary.json`` and returns it.
+    """
+    import pandas as pd
+    from scipy.stats import pearsonr, wilcoxon
+
+    from brainenc.compare import roi_table
+    from brainenc.results import read_results
+
+    out: dict = {}
+    runs = {s: recipe.dir(s) for s in ("whole", "student")}
+    runs.update({r.name: r for r, _ in recipe.expert_runs()})
+    tables = [read_results(r) for r in runs.values() if (r / "results" / "voxels.csv").exists()]
+    table = roi_table(tables)
+    out["roi_frac_oracle"] = {str(k): v for k, v in table.xs("frac_oracle", axis=1, level=1).round(4).to_dict().items()}
+    if all((runs[s] / "results" / "voxels.csv").exists() for s in ("whole", "student")):
+        keys = ["dataset", "subject", "voxel"]
+        m = read_results(runs["whole"]).merge(read_results(runs["student"]), on=keys, suffixes=("_w", "_s"))
+        m = m[np.isfinite(m["pearson_w"]) & np.isfinite(m["pearson_s"])]
+        stat = wilcoxon(m["pearson_s"], m["pearson_w"], alternative="greater")
+        out["student_vs_whole"] = {"n_voxels": int(len(m)), "median_diff": float((m["pearson_s"] - m["pearson_w"]).median()),
+                                   "frac_student_better": float((m["pearson_s"] > m["pearson_w"]).mean()),
+                                   "wilcoxon_p_greater": float(stat.pvalue)}
+    model, dm = load_trained(recipe.dir(stage), recipe.cli_args)
+    pos = {}
+    for p in dm.pairs:
+        if not p.info.has_truth or not hasattr(model.readout, "positions_deg"):
+            continue
+        with h5py.File(p.info.path, "r") as f:
+            tx, ty, vt = f["truth/prf_x_deg"][()], f["truth/prf_y_deg"][()], f["truth/voxel_type"][()]
+        est = model.readout.positions_deg(p.key, p.store.visual_angle_deg).cpu().numpy()
+        sel = np.isin(vt, [1, 2, 3]) & np.isfinite(tx) & np.isfinite(ty)
+        d = np.hypot(est[sel, 0] - tx[sel], est[sel, 1] - ty[sel])
+        pos[p.key] = {"n": int(sel.sum()), "r_x": float(pearsonr(est[sel, 0], tx[sel])[0]),
+                      "r_y": float(pearsonr(est[sel, 1], ty[sel])[0]), "median_dist_deg": float(np.median(d))}
+    out["positions_V1_V3"] = pos
+    (recipe.out / "summary.json").write_text(json.dumps(out, indent=2))
+    _log("summary -> " + str(recipe.out / "summary.json"))
+    print(json.dumps(out, indent=2))
+    return out
+
+
 def main_afo(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="brainenc afo", description=(
         "Run the All-for-One recipe: whole-brain model, partitions, ROI experts, dark-knowledge "
@@ -388,11 +435,17 @@ def main_afo(argv: list[str]) -> int:
     ap.add_argument("--only-expert", default=None, metavar="PARTITION",
                     help="train only this partition's experts (in <out>/experts-PARTITION; set "
                          "stages.experts.separate: true so the dark stage uses the per-partition runs)")
+    ap.add_argument("--summary", action="store_true",
+                    help="after the stages, write <out>/summary.json: per-ROI r/oracle, student vs whole "
+                         "(Wilcoxon), pRF-centre recovery (simbrain truth)")
     a = ap.parse_args(argv)
     recipe = load_recipe(a.config)
     if a.out:
         recipe["out"] = a.out
-    AFORecipe(recipe).run(a.only_stage, a.only_expert)
+    r = AFORecipe(recipe)
+    r.run(a.only_stage, a.only_expert)
+    if a.summary:
+        summarise(r)
     return 0
 
 

@@ -1,0 +1,111 @@
+"""The All-for-One recipe end to end on the tiny simbrain: every stage runs, re-runs skip, and an
+interrupted stage resumes from its last checkpoint.
+
+Stages are real ``python -m brainenc.cli fit/test`` subprocesses (a few batches each), so this
+file is dominated by process start-up; one subject keeps it small.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from brainenc.data.simbrain import simulate
+from brainenc.data.store import Store
+from brainenc.recipes.afo import STAGES, AFORecipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def afo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("afo")
+    paths = simulate(preset="tiny", out=tmp / "sim", seed=0)
+    extra = tmp / "extra"
+    extra.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(extra / f"img{i}.png")
+    recipe = load_recipe(ROOT / "experiments/smoke/afo.yaml")
+    recipe["base"]["data"]["stores"] = [str(paths["simbrain7t"])]
+    recipe["out"] = str(tmp / "run")
+    recipe["cli_args"] = [*recipe["cli_args"], "--data.subjects=[subj01]", "--trainer.logger=false"]
+    recipe["stages"]["dark"]["extra_images"] = [str(extra)]
+    AFORecipe(copy.deepcopy(recipe)).run()
+    return recipe, Path(recipe["out"]), Store(paths["simbrain7t"])
+
+
+def test_every_stage_runs_and_writes_its_outputs(afo):
+    recipe, out, store = afo
+    for stage in ("whole", "experts", "student"):
+        df = pd.read_csv(out / stage / "results" / "voxels.csv")
+        assert set(df["subject"]) == {"subj01"} and len(df) == store.subject("subj01").n_voxels
+        assert df["model"].iloc[0] == f"afo-{stage}"
+    parts = yaml.safe_load((out / "partitions" / "partitions.json").read_text())
+    assert set(parts) == {"atlas_simbrain", "kmeans3", "random0"}
+    for p in parts.values():
+        assert sum(p["voxels_per_roi"]) == store.subject("subj01").n_voxels
+
+
+def test_dark_targets_cover_the_training_images_and_extras(afo):
+    recipe, out, store = afo
+    from brainenc.data.datamodule import BrainDataModule
+
+    dm = BrainDataModule([str(store.root)], subjects=["subj01"], image_size=32)
+    dm.setup()
+    pair = dm.pairs[0]
+    n_vox = pair.info.n_voxels
+    with h5py.File(out / "dark" / "dark_targets.h5", "r") as f:
+        g = f["pairs/simbrain7t__subj01"]
+        np.testing.assert_array_equal(g["stimulus"][()], np.sort(pair.split.train))
+        assert g["pred"].shape == (len(pair.split.train), n_vox)
+        assert np.isfinite(g["pred"][()]).all() and g["pred"][()].std() > 0
+        assert f["extra/images"].shape == (3, 32, 32, 3)
+        assert f["extra/pred/simbrain7t__subj01"].shape == (3, n_vox)
+        assert f.attrs["n_partitions"] == 3
+    cfg = yaml.safe_load((out / "student" / "stage.yaml").read_text())
+    assert cfg["model"]["class_path"] == "brainenc.lit.distill.DistillModule"
+    assert cfg["model"]["init_args"]["dark_targets"].endswith("dark/dark_targets.h5")
+
+
+def test_rerun_skips_finished_stages(afo, capsys):
+    recipe, out, _ = afo
+    mtimes = {s: (out / s / "results" / "voxels.csv").stat().st_mtime for s in ("whole", "experts", "student")}
+    capsys.readouterr()
+    AFORecipe(copy.deepcopy(recipe)).run()
+    log = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"{stage}: finished, skipped" in log
+    assert "$ brainenc" not in log
+    for s, t in mtimes.items():
+        assert (out / s / "results" / "voxels.csv").stat().st_mtime == t
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(afo, capsys):
+    recipe, out, _ = afo
+    whole = out / "whole"
+    last = whole / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["epoch"] == 0  # max_epochs 1
+    # an interruption after the first epoch: checkpoint present, no results, no fit marker
+    (whole / "results" / "voxels.csv").unlink()
+    (whole / "fit.done").unlink()
+    r = copy.deepcopy(recipe)
+    r["stages"]["whole"]["max_epochs"] = 2
+    capsys.readouterr()
+    AFORecipe(r).run(only_stage="whole")
+    log = capsys.readouterr().out
+    assert "whole: resuming from" in log and "--ckpt_path" in log
+    second = torch.load(last, map_location="cpu", weights_only=False)
+    assert second["epoch"] == 1
+    # continued, not restarted: exactly one more epoch of (limit_train_batches=3) steps
+    assert second["global_step"] == first["global_step"] + 3
+    assert (whole / "results" / "voxels.csv").exists()
