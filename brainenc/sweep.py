@@ -1,0 +1,657 @@
+"""``brainenc sweep -c SWEEP.yaml``: a grid of ordinary runs (backbones x encoders x datasets x seeds).
+
+A sweep adds nothing to what a run is. Every cell is the pair of commands a user would type,
+
+    python -m brainenc.cli fit  -c <encoder config> -c <cell>/sweep_cell.yaml --seed_everything=K \\
+        --trainer.default_root_dir=<cell> [overrides]
+    python -m brainenc.cli test ...same... --ckpt_path=<cell>/checkpoints/best.ckpt
+
+run in a subprocess, so a cell that crashes, leaks memory or hangs on a bad model takes only
+itself down, and any cell can be re-run by hand from the printed line. The backbone and the
+dataset go through a small per-cell YAML (``sweep_cell.yaml``) rather than dotted flags:
+jsonargparse turns ``--model.init_args.backbone.init_args.weights=null`` into the *string*
+"None" and rejects ``null``/dict values for nested ``layers``/``model_kwargs``, whereas a second
+``-c`` file merges into the class_path init_args exactly.
+
+Cell directory: ``<out>/<dataset>/<encoder>/<backbone>/seed<k>``; besides the run's own files it
+holds ``sweep_cell.yaml``, ``sweep_cell.json`` (this cell's state: status, attempts, wall time,
+median r), ``sweep_logs/{fit,test}.{out,err}`` and, after a failure, ``FAILED``.
+Sweep directory: ``sweep_status.csv`` (one row per cell, rebuilt from the cells' state files so
+concurrent array tasks cannot lose each other's rows), ``all_voxels.csv`` (every finished
+cell's voxels.csv plus ``sweep_*`` columns) and ``report/`` (:func:`brainenc.reports.build_report`).
+
+See docs/sweeps.md for the file format and the cluster recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+#: Keys a sweep file may have at the top level; anything else is most likely a typo
+#: ("seed:" for "seeds:") that would otherwise silently do nothing.
+TOP_KEYS = {"out", "backbones", "encoders", "datasets", "seeds", "overrides", "report",
+            "name", "description", "vars"}
+#: Backbone init_args that say *which network with which weights*. A backbone entry resets the
+#: ones it does not give, so an encoder config's ImageNet ``weights`` file for
+#: tf_efficientnet_lite0 does not leak into a ``{name: test_vit}`` cell. Other init_args
+#: (image_size, trainable, LoRA) stay as the encoder config sets them unless the entry overrides.
+BACKBONE_IDENTITY = {"weights": None, "pretrained": False, "layers": None, "model_kwargs": None}
+REPORT_KEYS = {"enabled", "figures", "brainmaps", "n_boot", "threshold_p", "seed", "max_pairs",
+               "max_brainmaps"}
+REPORT_DEFAULTS = {"enabled": True, "figures": True, "brainmaps": False, "n_boot": 1000}
+STDERR_TAIL = 40  # lines of a failed step's stderr kept in FAILED and the status table
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot describe a grid; the message names the file and the field."""
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, encoder, backbone, seed) of the grid; ``index`` is its ``--cell`` number."""
+
+    index: int
+    dataset: dict
+    encoder: dict
+    backbone: dict  # {"label": dir name, "init_args": Backbone init_args overrides}
+    seed: int
+    run_dir: Path
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset['name']}/{self.encoder['name']}/{self.backbone['label']}/seed{self.seed}"
+
+    @property
+    def voxels(self) -> Path:
+        return self.run_dir / "results" / "voxels.csv"
+
+    @property
+    def cell_yaml(self) -> Path:
+        return self.run_dir / "sweep_cell.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "sweep_cell.json"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class Sweep:
+    path: Path
+    out: Path
+    cells: list[Cell]
+    overrides: list[str]
+    report: dict = field(default_factory=dict)
+
+    @property
+    def status_path(self) -> Path:
+        return self.out / "sweep_status.csv"
+
+
+def _slug(s: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(s)).strip("-") or "x"
+
+
+def _cli_value(v: Any) -> str:
+    """A value as jsonargparse reads it back from ``--key=value`` (JSON is valid YAML)."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _overrides(value: Any, where: str) -> list[str]:
+    """``overrides`` as CLI arguments: a list of ``--key=value`` strings, or a {key: value} map."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"--{str(k).lstrip('-')}={_cli_value(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(a, str) for a in value):
+        bad = [a for a in value if not a.startswith("--")]
+        if bad:
+            raise SweepError(f"{where}: expected CLI arguments starting with '--', got {bad[0]!r}")
+        return list(value)
+    raise SweepError(f"{where}: expected a list of '--key=value' strings or a {{key: value}} map, "
+                     f"got {type(value).__name__}")
+
+
+def _entries(cfg: dict, key: str, where: str, required: bool = True) -> list:
+    items = cfg.get(key)
+    if items is None and not required:
+        return []
+    if not isinstance(items, list) or not items:
+        raise SweepError(f"{where}: '{key}' must be a non-empty list, got {items!r}")
+    return items
+
+
+def _backbone(entry: Any, where: str) -> dict:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise SweepError(f"{where}: expected a mapping with a timm model 'name' "
+                         f"(plus Backbone init_args), got {entry!r}")
+    entry = dict(entry)
+    label = _slug(entry.pop("label", entry["name"]))
+    return {"label": label, "init_args": {"name": entry.pop("name"), **BACKBONE_IDENTITY, **entry}}
+
+
+def _encoder(entry: Any, where: str) -> dict:
+    if not isinstance(entry, dict) or not entry.get("name") or not entry.get("config"):
+        raise SweepError(f"{where}: expected {{name: ..., config: path to a fit config}}, got {entry!r}")
+    unknown = set(entry) - {"name", "config", "overrides"}
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {sorted(unknown)}; expected name, config, overrides")
+    config = Path(entry["config"])
+    if not config.is_file():
+        raise SweepError(f"{where}.config: {config} not found (relative paths are taken from the "
+                         f"current directory, {os.getcwd()})")
+    return {"name": _slug(entry["name"]), "config": str(config),
+            "overrides": _overrides(entry.get("overrides"), f"{where}.overrides")}
+
+
+def _dataset(entry: Any, where: str) -> dict:
+    if not isinstance(entry, dict) or not entry.get("name"):
+        raise SweepError(f"{where}: expected {{name, stores: [...], simulate: preset or null, "
+                         f"subjects: optional}}, got {entry!r}")
+    unknown = set(entry) - {"name", "stores", "simulate", "subjects", "overrides"}
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {sorted(unknown)}; "
+                         "expected name, stores, simulate, subjects, overrides")
+    stores = entry.get("stores")
+    if not isinstance(stores, list) or not stores or not all(isinstance(s, str) for s in stores):
+        raise SweepError(f"{where}.stores: expected a non-empty list of store directories, got {stores!r}")
+    data = {"stores": list(stores), "simulate": entry.get("simulate")}
+    if "subjects" in entry:  # absent = keep what the encoder config says
+        data["subjects"] = entry["subjects"]
+    return {"name": _slug(entry["name"]), "data": data,
+            "overrides": _overrides(entry.get("overrides"), f"{where}.overrides")}
+
+
+def load_sweep(path: str | os.PathLike, sets: Optional[list[str]] = None,
+               out: Optional[str] = None) -> Sweep:
+    """Read a sweep file (OmegaConf interpolation allowed) and expand its grid.
+
+    Parameters
+    ----------
+    sets : ``KEY=VALUE`` edits applied before interpolation is resolved (KEY is dotted,
+        ``datasets[0].stores``; VALUE is YAML), e.g. to point a checked-in sweep at other stores.
+    out : replaces the file's ``out``.
+
+    Cells are ordered dataset, encoder, backbone, seed (seed varies fastest): the order of
+    ``--dry-run``, of ``--print-commands`` lines and of ``--cell`` numbers.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: sweep file not found")
+    try:
+        conf = OmegaConf.load(path)
+        for s in sets or []:
+            key, sep, value = s.partition("=")
+            if not sep:
+                raise SweepError(f"--set {s!r}: expected KEY=VALUE")
+            OmegaConf.update(conf, key.strip(), yaml.safe_load(value), merge=False)
+        cfg = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise SweepError(f"{path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise SweepError(f"{path}: expected a mapping at the top level")
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise SweepError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected {sorted(TOP_KEYS)}")
+    if out is not None:
+        cfg["out"] = out
+    if not cfg.get("out"):
+        raise SweepError(f"{path}: 'out' (the sweep directory) is required")
+
+    backbones = [_backbone(b, f"{path}: backbones[{i}]") for i, b in enumerate(_entries(cfg, "backbones", str(path)))]
+    encoders = [_encoder(e, f"{path}: encoders[{i}]") for i, e in enumerate(_entries(cfg, "encoders", str(path)))]
+    # no datasets = every cell uses the encoder config's own data section
+    datasets = ([_dataset(d, f"{path}: datasets[{i}]") for i, d in enumerate(cfg["datasets"])]
+                if cfg.get("datasets") else [{"name": "config", "data": {}, "overrides": []}])
+    seeds = cfg.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    for key, items in (("backbones", [b["label"] for b in backbones]), ("encoders", [e["name"] for e in encoders]),
+                       ("datasets", [d["name"] for d in datasets]), ("seeds", seeds)):
+        dup = sorted({x for x in items if items.count(x) > 1}, key=str)
+        if dup:
+            hint = " (give backbones that share a name distinct 'label's)" if key == "backbones" else ""
+            raise SweepError(f"{path}: {key} {dup} appear more than once; each needs its own directory{hint}")
+    report = dict(REPORT_DEFAULTS, **(cfg.get("report") or {}))
+    unknown = set(report) - REPORT_KEYS
+    if unknown:
+        raise SweepError(f"{path}: report: unknown key(s) {sorted(unknown)}; expected {sorted(REPORT_KEYS)}")
+
+    root = Path(cfg["out"])
+    cells = []
+    for d in datasets:
+        for e in encoders:
+            for b in backbones:
+                for s in seeds:
+                    cells.append(Cell(len(cells), d, e, b, s,
+                                      root / d["name"] / e["name"] / b["label"] / f"seed{s}"))
+    return Sweep(path=path, out=root, cells=cells,
+                 overrides=_overrides(cfg.get("overrides"), f"{path}: overrides"), report=report)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cell_overlay(cell: Cell) -> dict:
+    """The second ``-c`` file of a cell: its backbone and its data."""
+    overlay: dict = {"model": {"init_args": {"backbone": {"init_args": dict(cell.backbone["init_args"])}}}}
+    if cell.dataset["data"]:
+        overlay["data"] = dict(cell.dataset["data"])
+    return overlay
+
+
+def write_cell_yaml(cell: Cell) -> Path:
+    from brainenc.data.store import atomic_path
+
+    text = (f"# brainenc sweep cell {cell.index}: {cell.id}\n"
+            "# merged over the encoder config by a second -c (see brainenc/sweep.py)\n"
+            + yaml.safe_dump(cell_overlay(cell), sort_keys=False))
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    if not cell.cell_yaml.exists() or cell.cell_yaml.read_text() != text:
+        with atomic_path(cell.cell_yaml) as tmp:
+            tmp.write_text(text)
+    return cell.cell_yaml
+
+
+def cell_args(sweep: Sweep, cell: Cell) -> list[str]:
+    """Arguments shared by the cell's fit and test. Later arguments win: the sweep's overrides
+    beat the configs, and seed and run directory come last so no override can move a cell."""
+    return ["-c", cell.encoder["config"], "-c", str(cell.cell_yaml), *sweep.overrides,
+            *cell.dataset["overrides"], *cell.encoder["overrides"],
+            f"--seed_everything={cell.seed}", f"--trainer.default_root_dir={cell.run_dir}"]
+
+
+def commands(sweep: Sweep, cell: Cell, fit_ckpt: Optional[Path] = None,
+             test_ckpt: Optional[Path] = None) -> tuple[list[str], list[str]]:
+    """(fit argv, test argv) after ``python -m brainenc.cli``."""
+    common = cell_args(sweep, cell)
+    fit = ["fit", *common] + ([f"--ckpt_path={fit_ckpt}"] if fit_ckpt else [])
+    test = ["test", *common, f"--ckpt_path={test_ckpt or cell.ckpt_dir / 'best.ckpt'}"]
+    return fit, test
+
+
+def shell(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "brainenc.cli", *argv])
+
+
+# --------------------------------------------------------------------------- cell state
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from brainenc.data.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_state(cell: Cell) -> dict:
+    try:
+        return json.loads(cell.state_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(cell: Cell, **changes) -> dict:
+    state = {**read_state(cell), **changes, "cell": cell.index, "id": cell.id,
+             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_text(cell.state_path, json.dumps(state, indent=2))
+    return state
+
+
+def _voxel_summary(voxels: Path) -> tuple[float, int]:
+    import pandas as pd
+
+    try:
+        r = pd.read_csv(voxels, usecols=["pearson"])["pearson"]
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return math.nan, 0
+    return float(r.median()), int(len(r))
+
+
+def cell_status(cell: Cell) -> dict:
+    """The cell's row of sweep_status.csv. Results on disk win over the state file: a cell
+    finished by hand (or by a sweep killed after its test) counts as done."""
+    st = read_state(cell)
+    row = {"cell": cell.index, "id": cell.id, "dataset": cell.dataset["name"], "encoder": cell.encoder["name"],
+           "backbone": cell.backbone["label"], "seed": cell.seed, "status": st.get("status", "pending"),
+           "last_action": st.get("last_action", ""), "attempts": st.get("attempts", 0),
+           "wall_time_s": st.get("wall_time_s", math.nan), "median_pearson": st.get("median_pearson", math.nan),
+           "n_voxels": st.get("n_voxels", 0), "run_dir": str(cell.run_dir), "log": st.get("log", ""),
+           "error": st.get("error", "")}
+    if cell.voxels.exists():
+        row["status"], row["error"] = "done", ""
+        if not st.get("n_voxels"):
+            row["median_pearson"], row["n_voxels"] = _voxel_summary(cell.voxels)
+    return row
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise writers of the status table (array tasks finishing at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic rename alone still keeps the file whole
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_status(sweep: Sweep) -> Path:
+    import pandas as pd
+
+    with _locked(sweep.out / ".sweep_status.lock"):
+        table = pd.DataFrame([cell_status(c) for c in sweep.cells])
+        _atomic_text(sweep.status_path, table.to_csv(index=False, float_format="%.6g"))
+    return sweep.status_path
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _tail(path: Path, n: int = STDERR_TAIL) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except FileNotFoundError:
+        return []
+
+
+def _run_step(step: str, argv: list[str], cell: Cell) -> tuple[int, Path, Path]:
+    logs = cell.run_dir / "sweep_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"{step}.out", logs / f"{step}.err"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        fe.write(f"$ {shell(argv)}\n")
+        fe.flush()
+        rc = subprocess.run([sys.executable, "-m", "brainenc.cli", *argv], stdout=fo, stderr=fe,
+                            stdin=subprocess.DEVNULL).returncode
+    return rc, out, err
+
+
+def run_cell(sweep: Sweep, cell: Cell) -> dict:
+    """Run one cell to results (fit, then test), resuming what an earlier attempt left.
+
+    * results/voxels.csv exists -> skipped;
+    * fit finished earlier (state says so, a checkpoint exists) -> test only;
+    * checkpoints/last.ckpt exists -> fit resumes from it (``--ckpt_path``), then test;
+    * otherwise fit from scratch, then test.
+    A failure is written to the state file and to ``FAILED``; it is not raised.
+    """
+    if cell.voxels.exists():
+        return write_state(cell, status="done", last_action="skipped")
+    failed_marker = cell.run_dir / "FAILED"
+    write_cell_yaml(cell)
+    st = read_state(cell)
+    st = write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
+    failed_marker.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    best, last = cell.ckpt_dir / "best.ckpt", cell.ckpt_dir / "last.ckpt"
+    action = "ran"
+    if not (st.get("fit_done") and (best.exists() or last.exists())):
+        resume = last if last.exists() else None
+        action = "resumed" if resume else "ran"
+        fit, _ = commands(sweep, cell, fit_ckpt=resume)
+        rc, out, err = _run_step("fit", fit, cell)
+        if rc != 0:
+            return _failed(cell, "fit", rc, fit, out, err, time.monotonic() - t0, action)
+        st = write_state(cell, fit_done=True)
+    else:
+        action = "resumed"
+    # configs without a "best" checkpoint (no monitor) still leave last.ckpt to test
+    _, test = commands(sweep, cell, test_ckpt=best if best.exists() else last)
+    rc, out, err = _run_step("test", test, cell)
+    wall = time.monotonic() - t0
+    if rc != 0 or not cell.voxels.exists():
+        return _failed(cell, "test", rc, test, out, err, wall, action,
+                       None if rc != 0 else f"exit 0 but {cell.voxels} was not written")
+    median, n = _voxel_summary(cell.voxels)
+    return write_state(cell, status="done", last_action=action, wall_time_s=round(wall, 2),
+                       median_pearson=median, n_voxels=n, log=str(err), error="")
+
+
+def _failed(cell: Cell, step: str, rc: int, argv: list[str], out: Path, err: Path, wall: float,
+            action: str, reason: Optional[str] = None) -> dict:
+    tail = _tail(err)
+    last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")
+    error = reason or f"{step} exited {rc}: {last}"
+    _atomic_text(cell.run_dir / "FAILED", "\n".join([
+        f"cell {cell.index}: {cell.id}", f"step: {step}", f"exit code: {rc}",
+        f"command: {shell(argv)}", f"stdout: {out}", f"stderr: {err}",
+        f"--- last {len(tail)} lines of stderr ---", *tail, ""]))
+    return write_state(cell, status="failed", last_action=action, wall_time_s=round(wall, 2),
+                       log=str(err), error=error[:500])
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def report_run_names(cells: list[Cell]) -> dict[int, str]:
+    """Per cell, the ``run`` name the report shows next to the encoder ("linear [test_vit]").
+
+    Only the grid dimensions that vary among ``cells`` are named, so labels stay short; the
+    encoder is the report's model name and is left out.
+    """
+    dims = [("dataset", lambda c: c.dataset["name"]), ("backbone", lambda c: c.backbone["label"]),
+            ("seed", lambda c: f"seed{c.seed}")]
+    varying = [f for _, f in dims if len({f(c) for c in cells}) > 1] or [dims[1][1]]
+    return {c.index: "/".join(f(c) for f in varying) for c in cells}
+
+
+def collect(sweep: Sweep) -> Optional[Path]:
+    """Write ``all_voxels.csv``: every finished cell's table, ``run`` set to the cell id and the
+    cell's coordinates in ``sweep_cell, sweep_dataset, sweep_encoder, sweep_backbone, sweep_seed``
+    (voxels.csv's own ``dataset``/``backbone`` name the store and the timm model)."""
+    import pandas as pd
+
+    frames = []
+    for cell in sweep.cells:
+        if not cell.voxels.exists():
+            continue
+        df = pd.read_csv(cell.voxels, dtype={"subject": str, "roi": str, "run": str})
+        df["run"] = cell.id
+        for i, (k, v) in enumerate([("sweep_cell", cell.index), ("sweep_dataset", cell.dataset["name"]),
+                                    ("sweep_encoder", cell.encoder["name"]),
+                                    ("sweep_backbone", cell.backbone["label"]), ("sweep_seed", cell.seed)]):
+            df.insert(i, k, v)
+        frames.append(df)
+    if not frames:
+        return None
+    path = sweep.out / "all_voxels.csv"
+    _atomic_text(path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
+    return path
+
+
+def build_sweep_report(sweep: Sweep) -> Optional[Path]:
+    """Report over every finished cell into ``<out>/report``.
+
+    Each cell's table is staged under a temporary directory with ``model`` = the sweep's
+    encoder name and ``run`` = :func:`report_run_names`: every cell's own ``run`` is "seed<k>",
+    so the report could not tell two backbones' "linear" runs apart otherwise. tables/runs.csv
+    is then pointed back at the real cell directories.
+    """
+    import pandas as pd
+
+    from brainenc.reports import build_report
+
+    done = [c for c in sweep.cells if c.voxels.exists()]
+    if not done:
+        return None
+    names = report_run_names(done)
+    opts = {k: v for k, v in sweep.report.items() if k != "enabled"}
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=sweep.out, prefix=".report-inputs-") as tmp:
+        staged = {}
+        for c in done:
+            d = Path(tmp) / f"cell{c.index:04d}"
+            (d / "results").mkdir(parents=True)
+            df = pd.read_csv(c.voxels, dtype={"subject": str, "roi": str, "run": str})
+            df["run"], df["model"] = names[c.index], c.encoder["name"]
+            df.to_csv(d / "results" / "voxels.csv", index=False)
+            summary_path = c.run_dir / "results" / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            summary.update(run=names[c.index], model=c.encoder["name"])
+            (d / "results" / "summary.json").write_text(json.dumps(summary))
+            staged[str(d)] = str(c.run_dir)
+        html = build_report(list(staged), sweep.out / "report", **opts)
+    runs_csv = sweep.out / "report" / "tables" / "runs.csv"
+    if runs_csv.exists():
+        runs = pd.read_csv(runs_csv)
+        if "path" in runs:
+            runs["path"] = runs["path"].astype(str).map(lambda p: staged.get(p, p))
+            _atomic_text(runs_csv, runs.to_csv(index=False))
+    return Path(html)
+
+
+def finish(sweep: Sweep, report: bool = True) -> int:
+    """Collect the table, then the report; a broken report costs only the report."""
+    table = collect(sweep)
+    if table is None:
+        print("brainenc sweep: no finished cells yet; nothing to collect")
+        return 0
+    print(f"collected: {table}")
+    if not (report and sweep.report.get("enabled", True)):
+        return 0
+    try:
+        html = build_sweep_report(sweep)
+    except Exception:  # noqa: BLE001 - any report bug must leave the table and the exit code honest
+        print(f"brainenc sweep: the report failed (the collected table {table} is intact):\n"
+              f"{traceback.format_exc()}", file=sys.stderr)
+        return 1
+    print(f"report: {html}")
+    return 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _plan(cell: Cell) -> str:
+    if cell.voxels.exists():
+        return "done, would skip"
+    st = read_state(cell)
+    if st.get("fit_done"):
+        return "fit done, would test"
+    if (cell.ckpt_dir / "last.ckpt").exists():
+        return "would resume fit from checkpoints/last.ckpt"
+    return "would run" + (" (failed before)" if st.get("status") == "failed" else "")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="brainenc sweep",
+        description="Run a grid of runs (backbones x encoders x datasets x seeds), each as "
+                    "`brainenc fit` then `brainenc test` in its own directory; collect the "
+                    "per-voxel tables and build a report. Resumable: finished cells are skipped.")
+    p.add_argument("-c", "--config", required=True, help="sweep file (YAML, OmegaConf interpolation)")
+    p.add_argument("--out", help="sweep directory (overrides the file's 'out')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="edit the sweep file, e.g. --set 'seeds=[0,1,2]' (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
+    mode.add_argument("--print-commands", action="store_true",
+                      help="print one shell line per cell (fit && test) for a job array; writes "
+                           "each cell's sweep_cell.yaml so the lines run as printed")
+    mode.add_argument("--collect-only", action="store_true",
+                      help="run no cell; collect finished cells and build the report (after a job array)")
+    p.add_argument("--cell", type=int, action="append", metavar="K",
+                   help="run only cell K (repeatable; e.g. $SLURM_ARRAY_TASK_ID); skips collecting "
+                        "unless --collect is given")
+    p.add_argument("--collect", action="store_true", help="with --cell: also collect and report")
+    p.add_argument("--no-report", action="store_true", help="collect all_voxels.csv but build no report")
+    return p
+
+
+def main_sweep(argv: list[str]) -> int:
+    """``brainenc sweep``; exit code 0 when every selected cell finished (and the report was
+    built), 1 when a cell or the report failed, 2 for a bad sweep file or arguments."""
+    args = _parser().parse_args(argv)
+    try:
+        sweep = load_sweep(args.config, args.set, args.out)
+    except SweepError as exc:
+        print(f"brainenc sweep: {exc}", file=sys.stderr)
+        return 2
+    cells = sweep.cells
+    if args.cell:
+        bad = [k for k in args.cell if not 0 <= k < len(sweep.cells)]
+        if bad:
+            print(f"brainenc sweep: --cell {bad[0]} is out of range; {args.config} has "
+                  f"{len(sweep.cells)} cells (0..{len(sweep.cells) - 1})", file=sys.stderr)
+            return 2
+        cells = [sweep.cells[k] for k in dict.fromkeys(args.cell)]
+
+    if args.print_commands:
+        for cell in cells:
+            write_cell_yaml(cell)
+            fit, test = commands(sweep, cell)
+            print(f"{shell(fit)} && {shell(test)}")
+        _warn_simulate_race(cells)
+        return 0
+    if args.dry_run:
+        print(f"sweep {args.config}: {len(sweep.cells)} cells -> {sweep.out}")
+        for cell in cells:
+            fit, test = commands(sweep, cell)
+            print(f"[{cell.index}] {cell.id}  ({_plan(cell)})\n"
+                  f"    backbone: {json.dumps(cell.backbone['init_args'])}\n"
+                  f"    fit:  {shell(fit)}\n    test: {shell(test)}")
+        return 0
+    if args.collect_only:
+        write_status(sweep)
+        return finish(sweep, report=not args.no_report)
+
+    failed = 0
+    for n, cell in enumerate(cells, 1):
+        print(f"[{n}/{len(cells)}] cell {cell.index} {cell.id}: {_plan(cell)}", flush=True)
+        t0 = time.monotonic()
+        state = run_cell(sweep, cell)
+        if state["status"] == "failed":
+            failed += 1
+            print(f"    FAILED ({state['error']}); see {cell.run_dir / 'FAILED'}", flush=True)
+        elif state.get("last_action") != "skipped":
+            print(f"    done in {time.monotonic() - t0:.0f} s, median r = {state.get('median_pearson', math.nan):.3f}",
+                  flush=True)
+        write_status(sweep)
+    print(f"status: {sweep.status_path}  ({len(cells) - failed} ok, {failed} failed)")
+    rc = 1 if failed else 0
+    if args.cell and not args.collect:
+        return rc
+    return max(rc, finish(sweep, report=not args.no_report))
+
+
+def _warn_simulate_race(cells: list[Cell]) -> None:
+    missing = sorted({s for c in cells if c.dataset["data"].get("simulate")
+                      for s in c.dataset["data"]["stores"] if not (Path(s) / "manifest.yaml").exists()})
+    if missing:
+        print("# note: simulate the missing stores once before submitting (array tasks would race "
+              f"to write them): {', '.join(missing)}", file=sys.stderr)
