@@ -336,7 +336,8 @@ class FeatureCache:
             out[k] = a.astype(_DTYPES[self.dtype])
         return out
 
-    def lookup(self, backbone: Backbone, store, stimulus: Tensor, images: Tensor) -> Features:
+    def lookup(self, backbone: Backbone, store, stimulus: Tensor, images: Optional[Tensor] = None,
+               image_size: Optional[int] = None, device: Union[str, torch.device, None] = None) -> Features:
         """Features of a batch, from the cache where present, from the backbone otherwise.
 
         Parameters
@@ -344,20 +345,30 @@ class FeatureCache:
         backbone : a frozen backbone
         store : the :class:`~brainenc.data.store.Store` whose stimuli.h5 rows ``stimulus`` indexes
         stimulus : int64 (B,) rows of ``store``'s stimuli.h5 (repeats allowed)
-        images : float (B, 3, S, S), the same images, resized to S (only misses go through the backbone)
+        images : float (B, 3, S, S), the same images, resized to S (only misses go through the
+            backbone), or None: then misses are read from ``store``'s stimuli.h5 at ``image_size``,
+            so a loader that skips images when features are cached saves their reading and resizing
+        image_size : S when ``images`` is None
+        device : where the features go when ``images`` is None (default: the backbone's device)
 
         Returns
         -------
-        Features on ``images.device`` in float32: ``maps[l]`` (B, C_l, H_l, W_l), ``cls[l]`` (B, C_l).
+        Features on ``images.device`` (or ``device``) in float32: ``maps[l]`` (B, C_l, H_l, W_l), ``cls[l]`` (B, C_l).
         Computed rows are rounded to the storage dtype too, so the result does not depend on
         whether a row was a hit or a miss.
         """
         if not backbone.frozen:
             raise ValueError("FeatureCache: only frozen backbones can be cached "
                              f"(backbone {backbone.name!r} is trainable={backbone.trainable!r})")
-        if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"FeatureCache.lookup: expected square images (B, 3, S, S), got {tuple(images.shape)}")
-        size = int(images.shape[-1])
+        if images is None:
+            if image_size is None:
+                raise ValueError("FeatureCache.lookup: give images (B, 3, S, S) or image_size")
+            size = int(image_size)
+            device = torch.device(device) if device is not None else next(backbone.parameters()).device
+        else:
+            if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+                raise ValueError(f"FeatureCache.lookup: expected square images (B, 3, S, S), got {tuple(images.shape)}")
+            size, device = int(images.shape[-1]), images.device
         cf = self._file(backbone, store, size)
         if self.prefill and not cf.complete and cf.path not in self._prefilled:
             self._prefilled.add(cf.path)
@@ -370,14 +381,21 @@ class FeatureCache:
         hit, data = cf.read(rows)
         if not hit.all():
             miss = np.flatnonzero(~hit)
-            computed = self._compute(backbone, images[torch.as_tensor(first[miss], device=images.device)])
+            if images is None:
+                from brainenc.data.datamodule import read_images
+
+                with h5py.File(store.stimuli_path, "r") as f:
+                    batch = read_images(f, rows[miss], size).to(next(backbone.parameters()).device)
+            else:
+                batch = images[torch.as_tensor(first[miss], device=images.device)]
+            computed = self._compute(backbone, batch)
             cf.write(rows[miss], computed)
             if data is None:
                 data = {k: np.empty((len(rows), *v.shape[1:]), dtype=v.dtype) for k, v in computed.items()}
             for k, v in computed.items():
                 data[k][miss] = v
         identity = len(rows) == len(stim) and bool((inv.ravel() == np.arange(len(stim))).all())
-        out = {k: torch.from_numpy(v if identity else v[inv.ravel()]).to(images.device, torch.float32)
+        out = {k: torch.from_numpy(v if identity else v[inv.ravel()]).to(device, torch.float32)
                for k, v in data.items()}
         return Features.from_tensors(out)
 

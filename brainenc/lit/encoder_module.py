@@ -105,8 +105,10 @@ class EncoderModule(L.LightningModule):
         if dm is None or not hasattr(dm, "pair"):
             raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
                                "to find the store of batch['pair']")
+        # images may be absent (None) when the loader skips them; the cache then reads its misses
         return self.feature_cache.lookup(self.backbone, dm.pair(batch["pair"]).store, batch["stimulus"],
-                                         batch["images"])
+                                         batch.get("images"), image_size=dm.hparams.image_size,
+                                         device=self.device)
 
     def forward(self, images: Tensor, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """images (B, 3, S, S) in [0, 1] -> responses (B, V)."""

@@ -251,3 +251,16 @@ def test_training_with_and_without_cache(tiny, tmp_path):
     np.testing.assert_allclose(warm["pearson"][key], plain["pearson"][key], atol=2e-3)
     assert abs(np.nanmedian(warm["pearson"][key]) - np.nanmedian(plain["pearson"][key])) < 5e-4
     assert warm["retrieval"][key] == pytest.approx(plain["retrieval"][key], abs=0.05)
+
+
+def test_lookup_without_images_reads_misses_from_the_store(tiny, tmp_path):
+    store, bb = Store(tiny), make_backbone()
+    rows = [9, 4, 4]
+    ref = reference(bb, store, rows)
+    calls = counting(bb)
+    cache = FeatureCache(root=str(tmp_path))
+    out = cache.lookup(bb, store, torch.tensor(rows), None, image_size=32)
+    assert calls == [2]
+    assert_close_f16(out, ref)
+    with pytest.raises(ValueError, match="image_size"):
+        cache.lookup(bb, store, torch.tensor(rows), None)
