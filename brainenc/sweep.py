@@ -401,14 +401,15 @@ def _run_step(step: str, argv: list[str], cell: Cell) -> tuple[int, Path, Path]:
     return rc, out, err
 
 
-def run_cell(sweep: Sweep, cell: Cell) -> dict:
+def run_cell(sweep: Sweep, cell: Cell, on_start=None) -> dict:
     """Run one cell to results (fit, then test), resuming what an earlier attempt left.
 
     * results/voxels.csv exists -> skipped;
     * fit finished earlier (state says so, a checkpoint exists) -> test only;
     * checkpoints/last.ckpt exists -> fit resumes from it (``--ckpt_path``), then test;
     * otherwise fit from scratch, then test.
-    A failure is written to the state file and to ``FAILED``; it is not raised.
+    A failure is written to the state file and to ``FAILED``; it is not raised. ``on_start()``
+    is called once the cell is marked running (the sweep refreshes its status table there).
     """
     if cell.voxels.exists():
         return write_state(cell, status="done", last_action="skipped")
@@ -417,6 +418,8 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     st = read_state(cell)
     st = write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
     failed_marker.unlink(missing_ok=True)
+    if on_start is not None:
+        on_start()
     t0 = time.monotonic()
     best, last = cell.ckpt_dir / "best.ckpt", cell.ckpt_dir / "last.ckpt"
     action = "ran"
@@ -634,7 +637,7 @@ def main_sweep(argv: list[str]) -> int:
     for n, cell in enumerate(cells, 1):
         print(f"[{n}/{len(cells)}] cell {cell.index} {cell.id}: {_plan(cell)}", flush=True)
         t0 = time.monotonic()
-        state = run_cell(sweep, cell)
+        state = run_cell(sweep, cell, on_start=lambda: write_status(sweep))
         if state["status"] == "failed":
             failed += 1
             print(f"    FAILED ({state['error']}); see {cell.run_dir / 'FAILED'}", flush=True)
