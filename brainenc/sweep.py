@@ -2,16 +2,16 @@
 
 A sweep adds nothing to what a run is. Every cell is the pair of commands a user would type,
 
-    python -m brainenc.cli fit  -c <encoder config> -c <cell>/sweep_cell.yaml --seed_everything=K \\
-        --trainer.default_root_dir=<cell> [overrides]
+    python -m brainenc.cli fit  -c <encoder config> -c <cell>/sweep_cell.yaml [overrides] \\
+        --seed_everything=K --trainer.default_root_dir=<cell>
     python -m brainenc.cli test ...same... --ckpt_path=<cell>/checkpoints/best.ckpt
 
-run in a subprocess, so a cell that crashes, leaks memory or hangs on a bad model takes only
-itself down, and any cell can be re-run by hand from the printed line. The backbone and the
-dataset go through a small per-cell YAML (``sweep_cell.yaml``) rather than dotted flags:
-jsonargparse turns ``--model.init_args.backbone.init_args.weights=null`` into the *string*
-"None" and rejects ``null``/dict values for nested ``layers``/``model_kwargs``, whereas a second
-``-c`` file merges into the class_path init_args exactly.
+run in a subprocess, so a cell that crashes or leaks memory takes only itself down, and any
+cell can be re-run by hand from the printed line. The backbone and the dataset go through a
+small per-cell YAML (``sweep_cell.yaml``) rather than dotted flags: jsonargparse turns
+``--model.init_args.backbone.init_args.weights=null`` into the *string* "None" and rejects
+``null``/dict values for nested ``layers``/``model_kwargs``, whereas a second ``-c`` file merges
+into the class_path init_args exactly.
 
 Cell directory: ``<out>/<dataset>/<encoder>/<backbone>/seed<k>``; besides the run's own files it
 holds ``sweep_cell.yaml``, ``sweep_cell.json`` (this cell's state: status, attempts, wall time,
@@ -635,7 +635,7 @@ def main_sweep(argv: list[str]) -> int:
 
     failed = 0
     for n, cell in enumerate(cells, 1):
-        print(f"[{n}/{len(cells)}] cell {cell.index} {cell.id}: {_plan(cell)}", flush=True)
+        print(f"[{n}/{len(cells)}] cell {cell.index} {cell.id}: {_plan(cell).replace('would', 'will')}", flush=True)
         t0 = time.monotonic()
         state = run_cell(sweep, cell, on_start=lambda: write_status(sweep))
         if state["status"] == "failed":
