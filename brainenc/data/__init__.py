@@ -1,0 +1,1 @@
+"""brainenc.data."""
