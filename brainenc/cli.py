@@ -26,6 +26,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("brainenc.recipes.transfer:main_transfer", "transfer a universal encoder to a new subject"),
     "report": ("brainenc.reports:main_report", "per-ROI comparison report from run directories"),
     "sweep": ("brainenc.sweep:main_sweep", "run a grid of runs (backbones x encoders x datasets x seeds)"),
+    "cache": ("brainenc.features.cache:main_cache", "precompute the feature cache of a frozen backbone"),
+    "cluster": ("brainenc.analysis.embeddings:main", "cluster learned voxel embeddings into functional maps"),
     "compare": ("brainenc.compare:main_compare", "print a per-ROI table comparing run directories"),
 }
 

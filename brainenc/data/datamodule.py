@@ -89,8 +89,9 @@ class PairBatchDataset(Dataset):
     ``unit="trials"``: rows are trial rows; responses are single trials.
     """
 
-    def __init__(self, pairs: list[PairData], image_size: int, unit: Literal["stimuli", "trials"]):
-        self.pairs, self.image_size, self.unit = pairs, image_size, unit
+    def __init__(self, pairs: list[PairData], image_size: int, unit: Literal["stimuli", "trials"],
+                 load_images: bool = True):
+        self.pairs, self.image_size, self.unit, self.load_images = pairs, image_size, unit, load_images
         self._files = _Files()
 
     def __len__(self) -> int:  # batches are addressed by descriptor, not position
@@ -111,13 +112,16 @@ class PairBatchDataset(Dataset):
             block = resp_ds[trial_rows[order]].astype(np.float32)
             unsorted = np.empty_like(block)
             unsorted[order] = block
-            owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-            sums = np.zeros((len(groups), block.shape[1]), dtype=np.float64)
-            np.add.at(sums, owner, unsorted)
-            responses = (sums / np.array([len(g) for g in groups])[:, None]).astype(np.float32)
+            sizes = np.array([len(g) for g in groups])
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            # each stimulus' repeats are contiguous in `unsorted`
+            sums = np.add.reduceat(unsorted.astype(np.float64), starts, axis=0)
+            responses = (sums / sizes[:, None]).astype(np.float32)
         # images are read in sorted order; stimuli may repeat within a trial batch
-        uniq, inv = np.unique(stimuli, return_inverse=True)
-        images = read_images(self._files.get(pair.store.stimuli_path), uniq, self.image_size)[inv]
+        images = None
+        if self.load_images:
+            uniq, inv = np.unique(stimuli, return_inverse=True)
+            images = read_images(self._files.get(pair.store.stimuli_path), uniq, self.image_size)[inv]
         return {"images": images, "responses": torch.from_numpy(responses),
                 "stimulus": torch.from_numpy(np.asarray(stimuli, dtype=np.int64)),
                 "pair": pair.key, "pair_index": p_idx}
@@ -136,6 +140,8 @@ class BrainDataModule(L.LightningDataModule):
     val_fraction, test_fraction : hash-based fractions (test only when the store has no split)
     sampling_weights : {"dataset" or "dataset/subject": weight} for mixing pairs in training
     simulate : simbrain preset to generate missing stores with (e.g. "quickstart"), or None
+    load_images : read and resize images for every batch; set False when the model reads
+        features from a filled feature cache (the cache reads its own misses)
     train_limit : keep only this many training images per pair (a deterministic subset, the same
         for every seed; for learning curves and few-image transfer), None = all
     """
@@ -145,7 +151,8 @@ class BrainDataModule(L.LightningDataModule):
                  eval_batch_size: int = 64, train_unit: Literal["stimuli", "trials"] = "stimuli",
                  val_fraction: float = 0.1, test_fraction: float = 0.1,
                  sampling_weights: Optional[dict[str, float]] = None, num_workers: int = 0,
-                 simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None):
+                 simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None,
+                 load_images: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
@@ -219,7 +226,8 @@ class BrainDataModule(L.LightningDataModule):
             self._units(split), self.hparams.batch_size if train else self.hparams.eval_batch_size,
             shuffle=train, seed=self.hparams.seed, weights=self._weights() if train else None, pad=train)
         nw = self.hparams.num_workers
-        return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit), batch_size=None,
+        return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
+                          batch_size=None,
                           sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -205,7 +205,7 @@ class SubjectWriter:
     def __init__(self, path, *, dataset: str, subject: str, n_trials: int, n_voxels: int,
                  coords: np.ndarray, space: str, field_strength_tesla: float, units: str,
                  rois: Mapping[str, RoiAtlas] | None = None, ncsnr: np.ndarray | None = None,
-                 dtype: str = "float32", rows_per_chunk: int = 64, attrs: Mapping | None = None):
+                 dtype: str = "float32", rows_per_chunk: int = 8, attrs: Mapping | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_name(self.path)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from brainenc.features.cache import FeatureCache
 from brainenc.models.backbones import Backbone
 from brainenc.models.losses import SmoothL1Loss, VoxelLoss
 from brainenc.models.readout import ReadoutFactory, pair_slot
@@ -55,12 +56,13 @@ class DistillModule(EncoderModule):
                  ramp_epochs: Optional[int] = None, extra_per_step: int = 0,
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
-                 eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-student"):
+                 eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-student",
+                 feature_cache: Optional[FeatureCache] = None):
         super().__init__(backbone, readout, voxel_counts=voxel_counts,
                          loss=loss if loss is not None else SmoothL1Loss(0.01), lr=lr,
                          weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
                          voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
-                         model_name=model_name)
+                         model_name=model_name, feature_cache=feature_cache)
         self._dark: dict[str, tuple[Tensor, Tensor]] = {}  # pair -> (row lookup (n_rows,), pred (n, V))
         self._extra_images: Optional[Tensor] = None
         self._extra_pred: dict[str, Tensor] = {}
@@ -117,7 +119,7 @@ class DistillModule(EncoderModule):
         dark = self.dark_for(pair, batch["stimulus"]).to(target.device)
         feats = self.features(batch)
         voxels = None
-        k = self.hparams.voxels_per_step
+        k = self.voxels_per_step
         if k and k < target.shape[1]:
             voxels = torch.randperm(target.shape[1], device=target.device)[:k]
             target, dark = target[:, voxels], dark[:, voxels]

@@ -29,7 +29,7 @@ class ExpertsModule(EncoderModule):
         pair, target = batch["pair"], batch["responses"]
         feats = self.features(batch)
         voxels = None
-        k = self.hparams.voxels_per_step
+        k = self.voxels_per_step
         if k and k < target.shape[1]:
             voxels = torch.randperm(target.shape[1], device=target.device)[:k]
             target = target[:, voxels]

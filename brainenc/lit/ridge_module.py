@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from brainenc.features.cache import FeatureCache
 from brainenc.models.backbones import Backbone
 from brainenc.models.linear import LinearReadout
 from brainenc.models.readout import pair_slot
@@ -35,10 +36,11 @@ class RidgeModule(EncoderModule):
 
     def __init__(self, backbone: Backbone, voxel_counts: Optional[dict[str, int]] = None,
                  alphas: Sequence[float] = tuple(np.logspace(-1, 7, 17).tolist()), cv: int = 5,
-                 model_name: str = "ridge"):
+                 model_name: str = "ridge", feature_cache: Optional[FeatureCache] = None):
         if not backbone.frozen:
             raise ValueError("RidgeModule: backbone.trainable must be 'frozen' (ridge fits fixed features)")
-        super().__init__(backbone, _linear, voxel_counts=voxel_counts, model_name=model_name)
+        super().__init__(backbone, _linear, voxel_counts=voxel_counts, model_name=model_name,
+                         feature_cache=feature_cache)
         self.save_hyperparameters(ignore=[k for k in _object_args() if k == "backbone"])
         self.alphas, self.cv = list(alphas), cv
         self.automatic_optimization = False
