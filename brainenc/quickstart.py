@@ -1,7 +1,9 @@
-"""``make quickstart``: simulate the quickstart brain, fit and test encoders, print a per-ROI table.
+"""``make quickstart``: the flagship comparison on the quickstart simbrain.
 
-Each step is the same ``brainenc`` command a user would type, run in a subprocess, so the
-quickstart doubles as a tour of the CLI.
+Ridge vs the All-for-One distilled retinotopic encoder vs the universal encoder, all on the same
+frozen ImageNet EfficientNet-Lite0 (offline weights), the same 64-px images, subjects and splits.
+Each step is the ``brainenc`` command a user would type, run in a subprocess, so the quickstart
+doubles as a tour of the CLI; finished runs are reused (delete ``runs/quickstart`` to start over).
 """
 
 from __future__ import annotations
@@ -11,27 +13,36 @@ import sys
 import time
 from pathlib import Path
 
-RUNS = [  # (config, run directory)
+QUIET = ["--trainer.enable_progress_bar=false"]
+RUNS = [  # (config, run directory) of the single-run encoders
     ("experiments/quickstart/ridge.yaml", "runs/quickstart/ridge"),
-    ("experiments/quickstart/linear.yaml", "runs/quickstart/linear"),
+    ("experiments/quickstart/universal.yaml", "runs/quickstart/universal"),
 ]
+AFO_CONFIG, AFO_STUDENT = "experiments/afo/quickstart.yaml", "runs/afo/quickstart/student"
 
 
 def brainenc(*args: str) -> None:
-    cmd = [sys.executable, "-m", "brainenc.cli", *args]
     print("\n$ brainenc " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, "-m", "brainenc.cli", *args], check=True)
 
 
 def main() -> int:
     t0 = time.time()
     brainenc("simulate", "--preset", "quickstart", "--out", "data/simbrain-quickstart")
     for config, run in RUNS:
-        brainenc("fit", "-c", config)
-        brainenc("test", "-c", config, "--ckpt_path", f"{run}/checkpoints/best.ckpt")
-    print("\nPer-ROI comparison on the held-out test images (medians over voxels; frac_oracle = r / oracle r):")
-    brainenc("compare", *[run for _, run in RUNS])
-    print(f"\nquickstart wall time: {time.time() - t0:.0f} s")
+        if (Path(run) / "results" / "voxels.csv").exists():
+            print(f"\n{run}: finished earlier, reusing its results")
+            continue
+        brainenc("fit", "-c", config, *QUIET)
+        brainenc("test", "-c", config, *QUIET, "--ckpt_path", f"{run}/checkpoints/best.ckpt")
+    brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
+    runs = [RUNS[0][1], AFO_STUDENT, RUNS[1][1]]
+    brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")
+    print("\nPer-ROI comparison on the held-out test images "
+          "(medians over voxels; frac_oracle = r / oracle r, the best any model can do):")
+    brainenc("compare", *runs)
+    print(f"\nreport: runs/quickstart/report/report.html")
+    print(f"quickstart wall time: {time.time() - t0:.0f} s")
     return 0
 
 

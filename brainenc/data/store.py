@@ -100,7 +100,40 @@ def file_checksum(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 
 # ----------------------------------------------------------------------------- writers
 
 
-class StimuliWriter:
+class _AtomicWriter:
+    """Close renames the temporary file into place only when every row was written."""
+
+    path: Path
+    tmp: Path
+    f: h5py.File
+    written: int
+    _expected: int
+    _field: str
+
+    def close(self) -> None:
+        if self.written != self._expected:
+            self.abort()
+            raise StoreError(self.path, self._field, f"{self._expected} {self._unit} written", str(self.written))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.f.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class StimuliWriter(_AtomicWriter):
     """Stream images into ``stimuli.h5`` (one image per chunk).
 
     Parameters
@@ -117,7 +150,7 @@ class StimuliWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_name(self.path)
         self.n_images = int(n_images)
-        self.written = 0
+        self.written, self._expected, self._field, self._unit = 0, self.n_images, "images", "images"
         h, w = image_size
         self.f = h5py.File(self.tmp, "w")
         self.images = self.f.create_dataset("images", (self.n_images, h, w, 3), dtype="uint8",
@@ -153,27 +186,6 @@ class StimuliWriter:
         for k, v in (attrs or {}).items():
             ds.attrs[k] = v
 
-    def close(self) -> None:
-        if self.written != self.n_images:
-            self.abort()
-            raise StoreError(self.path, "images", f"{self.n_images} images written", f"{self.written}")
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 @dataclass
@@ -189,7 +201,7 @@ class RoiAtlas:
         return np.array([lut.get(int(v), f"unknown:{int(v)}") for v in self.values], dtype=object)
 
 
-class SubjectWriter:
+class SubjectWriter(_AtomicWriter):
     """Stream single-trial responses of one subject into ``subjNN.h5``.
 
     Parameters
@@ -215,7 +227,7 @@ class SubjectWriter:
         coords = np.asarray(coords, dtype=np.float32)
         if coords.shape != (self.n_voxels, 3):
             raise StoreError(self.path, "voxels/coords", f"shape ({n_voxels}, 3)", str(coords.shape))
-        self.written = 0
+        self.written, self._expected, self._field, self._unit = 0, self.n_trials, "responses", "trials"
         self.f = h5py.File(self.tmp, "w")
         self.responses = self.f.create_dataset(
             "responses", (self.n_trials, self.n_voxels), dtype=dtype,
@@ -271,27 +283,6 @@ class SubjectWriter:
         for k, v in (attrs or {}).items():
             g.attrs[k] = v
 
-    def close(self) -> None:
-        if self.written != self.n_trials:
-            self.abort()
-            raise StoreError(self.path, "responses", f"{self.n_trials} trials written", str(self.written))
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_manifest(root: str | os.PathLike, manifest: Mapping) -> Path:

@@ -118,11 +118,9 @@ class DistillModule(EncoderModule):
         pair, target = batch["pair"], batch["responses"]
         dark = self.dark_for(pair, batch["stimulus"]).to(target.device)
         feats = self.features(batch)
-        voxels = None
-        k = self.voxels_per_step
-        if k and k < target.shape[1]:
-            voxels = torch.randperm(target.shape[1], device=target.device)[:k]
-            target, dark = target[:, voxels], dark[:, voxels]
+        voxels, target = self.sample_voxels(target)
+        if voxels is not None:
+            dark = dark[:, voxels]
         pred = self.readout(feats, pair, voxels)
         w = gt_weight(self.current_epoch, self.ramp())
         gt_loss, dark_loss = self.loss_fn(pred, target), self.loss_fn(pred, dark)
@@ -131,7 +129,7 @@ class DistillModule(EncoderModule):
         if m and self._extra_images is not None and pair in self._extra_pred and w < 1:
             sel = torch.randint(len(self._extra_images), (m,))
             imgs = self._extra_images[sel].permute(0, 3, 1, 2).float().div(255.0).to(target.device)
-            size = batch["images"].shape[-1]
+            size = self.trainer.datamodule.hparams.image_size
             if imgs.shape[-1] != size:
                 imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True,
                                      align_corners=False).clamp(0, 1)

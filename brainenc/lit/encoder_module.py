@@ -123,14 +123,18 @@ class EncoderModule(L.LightningModule):
         return torch.cat([self.readout(feats, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        pair, target = batch["pair"], batch["responses"]
-        feats = self.features(batch)
-        voxels = None
+    def sample_voxels(self, target: Tensor) -> tuple[Optional[Tensor], Tensor]:
+        """Draw ``voxels_per_step`` voxels for this step: (indices (V,) or None, target (B, V))."""
         k = self.voxels_per_step
-        if k and k < target.shape[1]:
-            voxels = torch.randperm(target.shape[1], device=target.device)[:k]
-            target = target[:, voxels]
+        if not k or k >= target.shape[1]:
+            return None, target
+        voxels = torch.randperm(target.shape[1], device=target.device)[:k]
+        return voxels, target[:, voxels]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pair = batch["pair"]
+        feats = self.features(batch)
+        voxels, target = self.sample_voxels(batch["responses"])
         pred = self.readout(feats, pair, voxels)
         loss = self.loss_fn(pred, target) + self.readout.regularization()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))

@@ -26,13 +26,9 @@ class ExpertsModule(EncoderModule):
         readout = self.readout
         if not isinstance(readout, ExpertsReadout):
             raise TypeError(f"ExpertsModule needs an ExpertsReadout, got {type(readout).__name__}")
-        pair, target = batch["pair"], batch["responses"]
+        pair = batch["pair"]
         feats = self.features(batch)
-        voxels = None
-        k = self.voxels_per_step
-        if k and k < target.shape[1]:
-            voxels = torch.randperm(target.shape[1], device=target.device)[:k]
-            target = target[:, voxels]
+        voxels, target = self.sample_voxels(batch["responses"])
         pred = readout.forward_partitions(feats, pair, voxels)  # (B, P, V)
         b, p, v = pred.shape
         # partition-major flattening on both sides: every (partition, voxel) is one output of the
