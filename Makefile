@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: quickstart test test-all install clean-runs benchmarks
+.PHONY: quickstart test test-slow test-all install clean-runs benchmarks
 
 # pip (not uv/poetry): on this class of machine it resolves torch from local wheels
 $(STAMP): pyproject.toml
@@ -21,6 +21,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -19,7 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = REPO / "experiments" / "ddp" / "cpu_2proc.yaml"
-ENCODERS = ["linear", "universal", "retinotopic"]
+# linear runs in the default suite; the other two (minutes of process start-up each) run in CI's
+# slow pass (`make test-slow`)
+ENCODERS = ["linear", pytest.param("universal", marks=pytest.mark.slow),
+            pytest.param("retinotopic", marks=pytest.mark.slow)]
 
 pytestmark = pytest.mark.ddp
 
