@@ -9,6 +9,7 @@ the same split everywhere.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +46,14 @@ def split_stimuli(seen: np.ndarray, stimulus_ids: np.ndarray, store_split: np.nd
     store_split : uint8 (n_stimuli,) or None; 1 marks test stimuli
     """
     seen = np.unique(seen)
-    if store_split is not None:
+    if store_split is not None and (store_split[seen] == SPLIT_TEST).any():
         is_test = store_split[seen] == SPLIT_TEST
     else:
+        # no store split, or its test images come without responses (Algonauts 2023 keeps the
+        # challenge's test responses hidden): hold out a hash-chosen fraction of what was seen
+        if store_split is not None:
+            warnings.warn("none of the stimuli with responses is marked test in stimuli.h5/split; "
+                          f"holding out a hash-chosen test_fraction={test_fraction} instead", stacklevel=2)
         is_test = np.array([id_fraction(stimulus_ids[s], "test") < test_fraction for s in seen], dtype=bool)
     rest = seen[~is_test]
     is_val = np.array([id_fraction(stimulus_ids[s], "val") < val_fraction for s in rest], dtype=bool)
