@@ -8,6 +8,7 @@ optimiser, voxel sampling, evaluation in voxel chunks and the per-voxel metrics.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from typing import Optional
 
@@ -197,7 +198,36 @@ class EncoderModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         pred = self.predict_all(self.features(batch), batch["pair"])
-        return {"pair": batch["pair"], "stimulus": batch["stimulus"].cpu(), "pred": pred.cpu()}
+        out = {"pair": batch["pair"], "stimulus": batch["stimulus"].cpu(), "pred": pred.cpu()}
+        self._predictions.setdefault(out["pair"], []).append(out)
+        return out
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions: dict[str, list[dict]] = {}
+
+    def on_predict_epoch_end(self) -> None:
+        """Write ``predictions/<dataset>__<subject>[.rankR].h5``: ``stimulus`` int64 (n,),
+        ``stimulus_id`` (n,), ``pred`` float32 (n, n_voxels); one file per rank under DDP."""
+        import h5py
+
+        from brainenc.data.store import atomic_path
+
+        dm = getattr(self.trainer, "datamodule", None)
+        out_dir = Path(self.trainer.default_root_dir) / "predictions"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        for key, items in self._predictions.items():
+            stim = torch.cat([i["stimulus"] for i in items]).numpy()
+            pred = torch.cat([i["pred"] for i in items]).float().numpy()
+            order = np.argsort(stim, kind="stable")
+            with atomic_path(out_dir / f"{key.replace('/', '__')}{suffix}.h5") as tmp:
+                with h5py.File(tmp, "w") as f:
+                    f["stimulus"] = stim[order]
+                    f["pred"] = pred[order]
+                    if dm is not None and hasattr(dm, "pair"):
+                        ids = dm.pair(key).store.stimulus_ids[stim[order]]
+                        f.create_dataset("stimulus_id", data=list(ids), dtype=h5py.string_dtype())
+                    f.attrs["pair"], f.attrs["model"] = key, self.model_name
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

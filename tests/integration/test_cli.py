@@ -98,3 +98,22 @@ def test_compare_prints_roi_table(runs, capsys):
 def test_validate_store_command(tiny_brain, capsys):
     assert main(["validate-store", str(tiny_brain["simbrain7t"])]) == 0
     assert "subj01" in capsys.readouterr().out
+
+
+def test_predict_writes_one_file_per_pair(runs, tiny_brain):
+    import h5py
+
+    run = runs["linear"].parent
+    stores = f"[{tiny_brain['simbrain7t']},{tiny_brain['simbrain3t']}]"
+    main(["predict", "-c", str(SMOKE / "linear.yaml"), f"--data.stores={stores}", "--data.simulate=null",
+          f"--trainer.default_root_dir={run}", f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"])
+    files = sorted((run / "predictions").glob("*.h5"))
+    assert [f.stem for f in files] == sorted(["simbrain7t__subj01", "simbrain7t__subj02",
+                                              "simbrain3t__subj01", "simbrain3t__subj02"])
+    test = pd.read_csv(runs["linear"] / "voxels.csv")
+    with h5py.File(files[0]) as f:
+        # the test images of simbrain3t/subj01, each once, with their ids
+        assert f["pred"].shape[0] == len(f["stimulus"]) == len(set(f["stimulus"][:].tolist())) > 0
+        assert all(i.decode().startswith("sim-") for i in f["stimulus_id"][:])
+        assert np.isfinite(f["pred"][:]).all()
+        assert f["pred"].shape[1] == int(((test.dataset == "simbrain3t") & (test.subject == "subj01")).sum())
