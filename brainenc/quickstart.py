@@ -41,7 +41,7 @@ def main() -> int:
     print("\nPer-ROI comparison on the held-out test images "
           "(medians over voxels; frac_oracle = r / oracle r, the best any model can do):")
     brainenc("compare", *runs)
-    print(f"\nreport: runs/quickstart/report/report.html")
+    print("\nreport: runs/quickstart/report/report.html")
     print(f"quickstart wall time: {time.time() - t0:.0f} s")
     return 0
 

@@ -9,7 +9,6 @@ is what the dark-knowledge targets are made of.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from brainenc.models.retinotopic import ExpertsReadout

@@ -123,6 +123,26 @@ def load_image_file(path: Path, size: int) -> np.ndarray:
         raise SourceError(path, "<image>", "a readable image file", str(e)) from None
 
 
+def image_folder_stimuli(index: Mapping[str, Path], names, test, image_size: int, folder: Path, what: str):
+    """Stimuli that are image files named by the trial tables (GOD, THINGS).
+
+    index : {name: image path}; names : every name the trials use; test : names of test stimuli.
+    Returns (sorted names, split uint8 (n,), load(rows) -> iterator of uint8 (S, S, 3)).
+    """
+    missing = sorted(n for n in names if n not in index)
+    if missing:
+        raise SourceError(folder, "<image>", f"an image file for every {what}",
+                          f"{len(missing)} missing, e.g. {missing[0]}")
+    ids = sorted(names)
+    split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
+
+    def load(rows):
+        for r in rows:
+            yield load_image_file(index[ids[r]], image_size)
+
+    return ids, split, load
+
+
 def zscore_rows(x: np.ndarray, block: int = 128) -> np.ndarray:
     """Z-score each column of ``x`` float32 (n_trials, n_voxels) over its rows, **in place**.
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from brainenc.data.importers.base import Importer, SourceError, StimulusPlan, SubjectPlan, load_image_file
-from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
+from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan,
+                                          image_folder_stimuli)
+from brainenc.data.store import RoiAtlas
 
 
 def label_to_name(label: float) -> str:
@@ -122,16 +123,8 @@ class GODImporter(Importer):
             _, _, dtype, labels = self._samples(s)
             names.update(labels)
             test.update(n for n, d in zip(labels, dtype) if d == 2)
-        missing = sorted(n for n in names if n not in index)
-        if missing:
-            raise SourceError(self.path("images"), "<image>", "an image file for every Label",
-                              f"{len(missing)} missing, e.g. {missing[0]}")
-        ids = sorted(names)
-        split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
-
-        def load(rows):
-            for r in rows:
-                yield load_image_file(index[ids[r]], self.image_size)
+        ids, split, load = image_folder_stimuli(index, names, test, self.image_size, self.path("images"),
+                                                "Label")
 
         return StimulusPlan(ids=[f"god-{n}" for n in ids], split=split, load=load, sources=[index[n] for n in ids])
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan, iter_blocks,
-                                          load_image_file)
-from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
+from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan, image_folder_stimuli,
+                                          iter_blocks)
+from brainenc.data.store import RoiAtlas
 
 
 def _labels(ds) -> list:
@@ -126,16 +126,8 @@ class ThingsFmriImporter(Importer):
             df = df[df.trial_type != "catch"]
             names.update(df.stimulus)
             test.update(df.stimulus[df.trial_type == "test"])
-        missing = sorted(n for n in names if n not in index)
-        if missing:
-            raise SourceError(self.path("images"), "<image>", "an image file for every stimulus",
-                              f"{len(missing)} missing, e.g. {missing[0]}")
-        ids = sorted(names)
-        split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
-
-        def load(rows):
-            for r in rows:
-                yield load_image_file(index[ids[r]], self.image_size)
+        ids, split, load = image_folder_stimuli(index, names, test, self.image_size, self.path("images"),
+                                                "stimulus")
 
         return StimulusPlan(ids=[f"things-{Path(n).stem}" for n in ids], split=split, load=load,
                             sources=[index[n] for n in ids])
