@@ -109,3 +109,36 @@ def test_interrupted_stage_resumes_from_last_checkpoint(afo, capsys):
     # continued, not restarted: exactly one more epoch of (limit_train_batches=3) steps
     assert second["global_step"] == first["global_step"] + 3
     assert (whole / "results" / "voxels.csv").exists()
+
+
+@pytest.mark.slow
+def test_experts_launched_separately_feed_the_dark_stage(afo, tmp_path):
+    """A cluster runs one process per partition (`--only-expert P` with `separate: true`); the
+    dark stage then stitches and averages the per-partition runs."""
+    import shutil
+
+    recipe, out, store = afo
+    rec = copy.deepcopy(recipe)
+    rec["out"] = str(tmp_path / "run")
+    rec["stages"]["experts"]["separate"] = True
+    rec["stages"]["dark"]["extra_images"] = []
+    for stage in ("whole", "partitions"):  # reuse the finished stages
+        shutil.copytree(out / stage, tmp_path / "run" / stage)
+    r = AFORecipe(rec)
+    names = r.partition_names()
+    assert len(names) == 3
+    for name in names:  # what each array task runs
+        r.run(only_expert=name)
+    for name in names:
+        results = pd.read_csv(tmp_path / "run" / f"experts-{name}" / "results" / "voxels.csv")
+        assert len(results) == store.subject("subj01").n_voxels
+    with pytest.raises(ValueError, match="no such partition"):
+        r.run(only_expert="nope")
+    r.dark()
+    with h5py.File(tmp_path / "run" / "dark" / "dark_targets.h5", "r") as f:
+        joint = h5py.File(out / "dark" / "dark_targets.h5", "r")
+        assert f.attrs["n_partitions"] == 3
+        assert f["pairs/simbrain7t__subj01/pred"].shape == joint["pairs/simbrain7t__subj01/pred"].shape
+        np.testing.assert_array_equal(f["pairs/simbrain7t__subj01/stimulus"][()],
+                                      joint["pairs/simbrain7t__subj01/stimulus"][()])
+        joint.close()
