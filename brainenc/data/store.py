@@ -322,6 +322,16 @@ class SubjectInfo:
         return f"{self.dataset}/{self.subject}"
 
 
+def _open_h5(path: Path, what: str) -> h5py.File:
+    """Open ``path`` read-only, turning a missing or unreadable file into a StoreError."""
+    if not path.exists():
+        raise StoreError(path, "<file>", what, "missing")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(path, "<file>", "a readable HDF5 file", str(e)) from None
+
+
 def _need(f: h5py.File | h5py.Group, name: str, path: Path, what: str) -> h5py.Dataset:
     if name not in f:
         raise StoreError(path, name, what, "missing")
@@ -366,13 +376,7 @@ class Store:
 
     def _read_stimuli(self) -> None:
         p = self.stimuli_path
-        if not p.exists():
-            raise StoreError(p, "<file>", "stimuli.h5", "missing")
-        try:
-            f = h5py.File(p, "r")
-        except OSError as e:
-            raise StoreError(p, "<file>", "a readable HDF5 file", str(e)) from None
-        with f:
+        with _open_h5(p, "stimuli.h5") as f:
             img = _need(f, "images", p, "uint8 (N, H, W, 3)")
             if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
                 raise StoreError(p, "images", "uint8 (N, H, W, 3)", f"{img.dtype} {img.shape}")
@@ -416,13 +420,7 @@ class Store:
 
     def _read_subject(self, subject: str) -> SubjectInfo:
         p = self.subject_path(subject)
-        if not p.exists():
-            raise StoreError(p, "<file>", f"the responses of {subject}", "missing")
-        try:
-            f = h5py.File(p, "r")
-        except OSError as e:
-            raise StoreError(p, "<file>", "a readable HDF5 file", str(e)) from None
-        with f:
+        with _open_h5(p, f"the responses of {subject}") as f:
             r = _need(f, "responses", p, "float16/float32 (n_trials, n_voxels)")
             if r.ndim != 2 or r.dtype not in (np.float16, np.float32):
                 raise StoreError(p, "responses", "float16/float32 (n_trials, n_voxels)", f"{r.dtype} {r.shape}")

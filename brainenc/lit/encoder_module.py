@@ -88,8 +88,7 @@ class EncoderModule(L.LightningModule):
     # ---------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "pairs"):
-            dm.setup(stage)
+        if dm is not None and hasattr(dm, "pairs"):  # the trainer has set the datamodule up already
             for p in dm.pairs:
                 if p.key in self.voxel_counts:
                     self.readout.set_voxel_info(p.key, p.info.coords)
