@@ -30,7 +30,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from brainenc.models.lora import apply_lora
+from brainenc.models.lora import apply_lora, set_adapter_count, use_adapter
 
 __all__ = ["Features", "Backbone", "WEIGHT_ALIASES", "load_weights_file", "resolve_weights"]
 
@@ -544,6 +544,19 @@ class Backbone(nn.Module):
         if self.frozen:
             self.net.eval()
         return self
+
+    # -- LoRA adapters ------------------------------------------------------------------------------
+    def set_lora_adapters(self, n: int) -> int:
+        """Give every LoRA layer ``n`` independent, freshly initialised adapters (e.g. one per AFO
+        expert); returns the number of adapted layers.  Only for ``trainable='lora'``."""
+        if self.trainable != "lora":
+            raise ValueError(f"set_lora_adapters: backbone {self.name!r} has trainable={self.trainable!r}; "
+                             "per-expert adapters need trainable='lora'")
+        return set_adapter_count(self.net, n)
+
+    def adapter(self, k: int):
+        """Context manager: inside it, the backbone runs with LoRA adapter ``k``."""
+        return use_adapter(self.net, k)
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Features:

@@ -33,7 +33,7 @@ visual field, i.e. the top rows of the image; see ``simbrain.responses._edges``)
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -103,6 +103,113 @@ def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
     return out.squeeze(2)
 
 
+def sample_experts(proj: Tensor, expert: Tensor, pos: Tensor) -> Tensor:
+    """Bilinearly sample each point's own expert map (the ``grid_sample`` convention of :func:`sample_at`).
+
+    Parameters
+    ----------
+    proj : Tensor (B, E, C, H, W), one C-channel map per expert
+    expert : int64 (N,), which expert's map each point reads
+    pos : Tensor (N, 2), grid units (x right, y down, align_corners=False, border padding)
+
+    Returns
+    -------
+    Tensor (B, C, N)
+    """
+    b, e, c, h, w = proj.shape
+    # border padding clamps the source coordinate into the image (and zeroes its gradient there)
+    ix = (((pos[:, 0] + 1) * w - 1) / 2).clamp(0, w - 1)
+    iy = (((pos[:, 1] + 1) * h - 1) / 2).clamp(0, h - 1)
+    x0, y0 = ix.detach().floor(), iy.detach().floor()
+    fx, fy = ix - x0, iy - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1)
+    base = expert * (h * w)
+    idx = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], 1)
+    wts = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)  # (N, 4)
+    # one row per (expert, pixel): a single index_select reads every point's four corners, and its
+    # backward is one index_add -- far cheaper than a grid_sample per expert
+    rows = proj.permute(1, 3, 4, 0, 2).reshape(e * h * w, b * c)
+    corners = rows.index_select(0, idx.reshape(-1)).view(-1, 4, b * c)
+    # an elementwise weighted sum: einsum would batch 4 x 1 matmuls over the N points
+    return (corners * wts[:, :, None]).sum(1).view(-1, b, c).permute(1, 2, 0)
+
+
+def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, expert: Optional[Tensor], pos: Tensor) -> tuple[Tensor, Tensor]:
+    """One level's bottlenecked features at every point, and its pooled (global) features.
+
+    Parameters
+    ----------
+    fmap : Tensor (B, C, H, W), the normalised level
+    weight, bias : Tensor (E, width, C) and (E, width), the 1x1 bottleneck of each of E experts
+    expert : int64 (N,) expert of each point, or None when E == 1
+    pos : Tensor (N, 2) positions in grid units
+
+    Returns
+    -------
+    local, glob : Tensor (B, width, N) each
+    """
+    n_exp, width, c = weight.shape
+    b, _, h, w = fmap.shape
+    n = pos.shape[0]
+    glob = torch.einsum("bc,ewc->bew", fmap.mean(dim=(2, 3)), weight) + bias  # (B, E, width)
+    glob = glob[:, 0, :, None].expand(-1, -1, n) if expert is None else glob[:, expert].transpose(1, 2)
+    # Bilinear sampling is linear with weights summing to 1, so it commutes with the 1x1 bottleneck:
+    # sample-then-project and project-then-sample give the same numbers.  Pick the cheaper order
+    # (points x input channels vs experts x bottleneck maps), which for many experts on a large
+    # early level saves most of the work.
+    if n * c <= n_exp * width * h * w:
+        s = sample_at(fmap, pos)  # (B, C, N)
+        if expert is None:
+            local = torch.einsum("bcn,wc->bwn", s, weight[0]) + bias[0][:, None]
+        else:
+            # (N, width, C) @ (N, C, B): one batched matmul with contiguous operands
+            local = torch.bmm(weight[expert], s.permute(2, 1, 0).contiguous()) + bias[expert][:, :, None]
+            local = local.permute(2, 1, 0)
+    else:
+        proj = F.conv2d(fmap, weight.reshape(n_exp * width, c, 1, 1), bias.reshape(-1))
+        if expert is None:
+            local = sample_at(proj, pos)
+        else:
+            local = sample_experts(proj.view(b, n_exp, width, h, w), expert, pos)
+    return local, glob
+
+
+def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], expert: Optional[Tensor],
+                   pos: Tensor, levels: Tensor, mix: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   dropout: nn.Module) -> Tensor:
+    """The retinotopic prediction of N points (voxels, or voxel x partition entries of many experts).
+
+    Parameters
+    ----------
+    maps : per level the normalised map (B, C_l, H_l, W_l)
+    bottleneck : per level (weight (E, width, C_l), bias (E, width))
+    expert : int64 (N,) expert of each point, None for a single model (E == 1)
+    pos : (N, 2) positions; levels : (N, L) level weights; mix : (N,) local weight, or None for
+        no global term
+    weight : (N, D) per-point readout weights (D = 2 * width with the global term, else width)
+    bias : (N,)
+
+    Returns
+    -------
+    Tensor (B, N)
+    """
+    local = glob = None
+    for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
+        lo, gl = read_level(m, w_l, b_l, expert, pos)
+        a = levels[:, l]
+        local = lo * a if local is None else local + lo * a
+        glob = gl * a if glob is None else glob + gl * a
+    feat = local if mix is None else torch.cat([local * mix, glob * (1 - mix)], dim=1)  # (B, D, N)
+    feat = dropout(feat)
+    return (feat * weight.t()).sum(dim=1) + bias
+
+
+def level_norms(spec: FeatureSpec) -> nn.ModuleList:
+    """Parameter-free standardisation of every level (levels differ in scale by orders of magnitude)."""
+    return nn.ModuleList([nn.BatchNorm2d(c, affine=False) for c, _, _ in spec.shapes])
+
+
 class RetinotopicReadout(Readout):
     """Coordinate MLPs -> receptive-field position, level weights and local/global mix per voxel.
 
@@ -120,19 +227,21 @@ class RetinotopicReadout(Readout):
         (positive pushes each voxel towards one level)
     global_term : include the pooled (global) features
     dropout : dropout on the per-voxel features during training
+    normalise : standardise each level with its own parameter-free BatchNorm; False when the
+        caller passes already normalised maps (the experts of :class:`ExpertsReadout` share one)
     """
 
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, width: int = 32, hidden: int = 64,
                  n_freq: int = 6, positions: Literal["mlp", "free"] = "mlp", jitter: float = 0.0,
-                 layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0):
+                 layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0,
+                 normalise: bool = True):
         super().__init__(voxel_counts, spec)
         if positions not in ("mlp", "free"):
             raise ValueError(f"RetinotopicReadout: positions must be 'mlp' or 'free', got {positions!r}")
         self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
         self.n_levels = len(spec.shapes)
-        # parameter-free standardisation first: levels differ in scale by orders of magnitude
-        self.norm = nn.ModuleList([nn.BatchNorm2d(c, affine=False) for c, _, _ in spec.shapes])
+        self.norm = level_norms(spec) if normalise else nn.ModuleList([nn.Identity() for _ in spec.shapes])
         self.bottleneck = nn.ModuleList([nn.Conv2d(c, self.width, 1) for c, _, _ in spec.shapes])
         self.dropout = nn.Dropout(dropout)
         d_enc = 3 + 6 * self.n_freq
@@ -207,32 +316,37 @@ class RetinotopicReadout(Readout):
         return torch.stack([p[:, 0] * half, -p[:, 1] * half], dim=1)
 
     # ------------------------------------------------------------------ forward
-    def project(self, features: Features) -> list[Tensor]:
-        """Bottlenecked maps, one (B, width, H_l, W_l) per level."""
-        return [conv(norm(m)) for m, norm, conv in zip(features.maps, self.norm, self.bottleneck)]
+    def normalised(self, features: Features) -> list[Tensor]:
+        """The standardised maps, one (B, C_l, H_l, W_l) per level."""
+        return [norm(m) for m, norm in zip(features.maps, self.norm)]
 
-    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None,
-                maps: Optional[list[Tensor]] = None) -> Tensor:
-        """Predict (B, V) responses; ``maps`` may pass precomputed :meth:`project` output."""
+    def bottleneck_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """Per level the 1x1 bottleneck as (weight (1, width, C_l), bias (1, width))."""
+        return [(conv.weight.flatten(1)[None], conv.bias[None]) for conv in self.bottleneck]
+
+    def point_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """Everything :func:`predict_points` needs per voxel, as used for training or evaluation.
+
+        Returns positions (V, 2) (jittered while training), level weights (V, L), local weight (V,)
+        or None without the global term, readout weights (V, D) and biases (V,).  While training
+        with ``layer_entropy > 0`` it also records the level weights' entropy for
+        :meth:`regularization`.
+        """
         s = pair_slot(pair)
         pos, levels, mix = self.voxel_params(pair, voxels)
         if self.training and self.jitter > 0:
             pos = pos + self.jitter * torch.randn_like(pos)
-        maps = self.project(features) if maps is None else maps
-        local = sum(sample_at(m, pos) * levels[:, l] for l, m in enumerate(maps))  # (B, width, V)
-        if self.global_term:
-            pooled = torch.stack([m.mean(dim=(2, 3)) for m in maps], dim=2)  # (B, width, L)
-            glob = pooled @ levels.t()  # (B, width, V)
-            feat = torch.cat([local * mix, glob * (1 - mix)], dim=1)
-        else:
-            feat = local
-        feat = self.dropout(feat)
+        if self.training and self.layer_entropy > 0:
+            self._entropy = -(levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
         w, b = self.weight[s], self.bias[s]
         if voxels is not None:
             w, b = w[voxels], b[voxels]
-        if self.training and self.layer_entropy > 0:
-            self._entropy = -(levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
-        return torch.einsum("bcv,vc->bv", feat, w) + b
+        return pos, levels, mix if self.global_term else None, w, b
+
+    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        """Predict (B, V) responses."""
+        return predict_points(self.normalised(features), self.bottleneck_weights(), None,
+                              *self.point_params(pair, voxels), dropout=self.dropout)
 
     def regularization(self) -> Tensor:
         """``layer_entropy *`` mean entropy of the level weights of the last training forward."""
@@ -250,13 +364,35 @@ def _key(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in str(name))
 
 
+class ExpertFeatures:
+    """Feature pyramids that differ per expert (each expert runs the backbone with its own LoRA adapter).
+
+    ``of(e)`` returns expert ``e``'s :class:`Features` of the batch, computed on first use by
+    ``compute(e)``; ``len()`` is the batch size B.
+    """
+
+    def __init__(self, compute: Callable[[int], Features], batch_size: int):
+        self._compute, self._batch_size = compute, int(batch_size)
+        self._memo: dict[int, Features] = {}
+
+    def __len__(self) -> int:
+        return self._batch_size
+
+    def of(self, e: int) -> Features:
+        if e not in self._memo:
+            self._memo[e] = self._compute(e)
+        return self._memo[e]
+
+
 class ExpertsReadout(Readout):
     """One small :class:`RetinotopicReadout` per ROI of each partition of the voxels (AFO stage 2).
 
     A partition assigns every voxel of every subject to exactly one ROI (see
     :mod:`brainenc.recipes.partitions`); the expert of ROI ``r`` is a retinotopic readout over only
     that ROI's voxels (its own coordinate MLPs, bottleneck and per-voxel weights, with
-    coordinates normalised over the ROI).  All experts share the backbone and train together.
+    coordinates normalised over the ROI).  All experts share the backbone -- or each runs it with
+    its own LoRA adapter (``ExpertsModule(expert_adapters=True)``, which passes
+    :class:`ExpertFeatures`) -- and train together.
 
     ``forward`` returns the ensemble: each voxel's prediction averaged over the partitions
     (B, V); :meth:`forward_partitions` returns every partition's stitched prediction (B, P, V).
@@ -302,7 +438,11 @@ class ExpertsReadout(Readout):
                 counts = {key: int((np.asarray(labels[key]) == r).sum()) for key in self.voxel_counts}
                 counts = {k: c for k, c in counts.items() if c > 0}
                 if counts:
-                    self.experts[self.expert_name(p, r)] = RetinotopicReadout(counts, spec, **(expert or {}))
+                    self.experts[self.expert_name(p, r)] = RetinotopicReadout(
+                        counts, spec, **{**(expert or {}), "normalise": False})
+        # every expert standardises the same features the same way: one shared set of norms
+        self.norm = level_norms(spec)
+        self._index = {name: i for i, name in enumerate(self.experts)}
 
     def expert_name(self, partition: str, r: int) -> str:
         return f"{_key(partition)}__{r}_{_key(self.roi_names[partition][r])}"
@@ -315,23 +455,66 @@ class ExpertsReadout(Readout):
                 if name in self.experts and pair in self.experts[name].voxel_counts:
                     self.experts[name].set_voxel_info(pair, coords[lab == r])
 
-    def forward_partitions(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
-        """Every partition's stitched prediction: (B, P, V) (V = n_voxels when ``voxels`` is None)."""
+    def _points(self, pair: str, voxels: Optional[Tensor], device) -> tuple[list, Tensor]:
+        """Every (partition, voxel) entry as a point of its ROI's expert.
+
+        Returns a list of (expert index, expert, output columns (n,), the expert's local voxel
+        indices (n,)) and the number of voxels V; output column ``i * V + j`` is voxel ``j`` of
+        partition ``i``.
+        """
         s = pair_slot(pair)
-        n = self.voxel_counts[pair]
-        device = features.maps[0].device
-        vox = torch.arange(n, device=device) if voxels is None else voxels
-        out = features.maps[0].new_zeros(len(features), len(self.partition_names), len(vox))
+        vox = torch.arange(self.voxel_counts[pair], device=device) if voxels is None else voxels
+        groups = []
         for i, p in enumerate(self.partition_names):
             lab = getattr(self, f"label_{_key(p)}_{s}")[vox]
             local = getattr(self, f"local_{_key(p)}_{s}")[vox]
             for r in range(len(self.roi_names[p])):
                 cols = torch.nonzero(lab == r).squeeze(1)
-                if len(cols) == 0:
-                    continue
-                # each expert predicts only its ROI's voxels; scatter them into the whole-brain vector
-                out[:, i, cols] = self.experts[self.expert_name(p, r)](features, pair, local[cols])
-        return out
+                if len(cols):
+                    name = self.expert_name(p, r)
+                    groups.append((self._index[name], self.experts[name], i * len(vox) + cols, local[cols]))
+        return groups, len(vox)
+
+    def forward_partitions(self, features: Features | ExpertFeatures, pair: str,
+                           voxels: Optional[Tensor] = None) -> Tensor:
+        """Every partition's stitched prediction: (B, P, V) (V = n_voxels when ``voxels`` is None).
+
+        With shared :class:`Features`, all experts run as one batched computation over the
+        once-normalised maps (see :func:`predict_points`); with :class:`ExpertFeatures` (per-expert
+        LoRA adapters) each expert runs on its own.  Either way an expert reads only its ROI's voxels.
+        """
+        if isinstance(features, ExpertFeatures):
+            return self._forward_each(features, pair, voxels)
+        groups, n = self._points(pair, voxels, features.maps[0].device)
+        maps = [norm(m) for m, norm in zip(features.maps, self.norm)]
+        experts = list(self.experts.values())
+        bottleneck = [(torch.stack([e.bottleneck[l].weight.flatten(1) for e in experts]),
+                       torch.stack([e.bottleneck[l].bias for e in experts])) for l in range(len(maps))]
+        params = [g[1].point_params(pair, g[3]) for g in groups]
+        expert = torch.cat([torch.full((len(g[2]),), g[0], dtype=torch.long, device=g[2].device) for g in groups])
+        pos, levels, mix, w, b = (None if parts[0] is None else torch.cat(parts) for parts in zip(*params))
+        pred = predict_points(maps, bottleneck, expert, pos, levels, mix, w, b, dropout=experts[0].dropout)
+        out = pred.new_zeros(len(features), len(self.partition_names) * n)
+        # each expert predicts only its ROI's voxels; scatter them into the whole-brain vectors
+        out[:, torch.cat([g[2] for g in groups])] = pred
+        return out.view(len(features), len(self.partition_names), n)
+
+    def _forward_each(self, features: ExpertFeatures, pair: str, voxels: Optional[Tensor]) -> Tensor:
+        """One expert at a time, each on its own features: (B, P, V)."""
+        groups, n = self._points(pair, voxels, self.label_device())
+        out = None
+        for e, expert, cols, local in groups:
+            f = features.of(e)
+            maps = [norm(m) for m, norm in zip(f.maps, self.norm)]
+            pred = predict_points(maps, expert.bottleneck_weights(), None, *expert.point_params(pair, local),
+                                  dropout=expert.dropout)
+            if out is None:
+                out = pred.new_zeros(len(features), len(self.partition_names) * n)
+            out[:, cols] = pred
+        return out.view(len(features), len(self.partition_names), n)
+
+    def label_device(self) -> torch.device:
+        return next(self.buffers()).device
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         return self.forward_partitions(features, pair, voxels).mean(dim=1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import pytest
 
 from brainenc.models.backbones import Backbone, Features, load_weights_file, resolve_weights
-from brainenc.models.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from brainenc.models.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, use_adapter
 
 SIZE = 64
 
@@ -171,7 +171,7 @@ def test_lora_starts_identical_trains_only_adapters(images):
     for a, b in zip(out0.maps + out0.cls, ref.maps + ref.cls):
         assert torch.equal(a, b)  # B is zero-initialised: exactly the base function
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
 
     lora.train()
@@ -200,12 +200,42 @@ def test_lora_linear_merge_and_no_double_wrapping():
     model.add_module("other", torch.nn.Linear(9, 3))
     assert apply_lora(model, rank=2, alpha=2.0) == ["qkv"]
     assert apply_lora(model, rank=2, alpha=2.0) == []  # already wrapped: not stacked
-    torch.nn.init.normal_(model.qkv.lora_B.weight)  # a non-trivial update
+    torch.nn.init.normal_(model.qkv.lora_B)  # a non-trivial update
     x = torch.randn(4, 6)
     expected = model(x)
     assert merge_lora(model) == ["qkv"]
     assert type(model.qkv) is torch.nn.Linear
     torch.testing.assert_close(model(x), expected)
+
+
+def test_lora_adapters_are_independent_and_selected_by_use_adapter(images):
+    bb = make("test_vit", seed=5, trainable="lora", lora_rank=2)
+    assert bb.set_lora_adapters(3) == len(bb.lora_modules)
+    ref = bb(images)
+    with torch.no_grad():
+        for name in bb.lora_modules:
+            torch.nn.init.normal_(bb.net.get_submodule(name).lora_B[1])  # adapter 1 only
+    with bb.adapter(0):
+        out0 = bb(images)
+    with bb.adapter(1):
+        out1 = bb(images)
+    with bb.adapter(2):
+        out2 = bb(images)
+    assert torch.equal(out0.maps[-1], ref.maps[-1]) and torch.equal(out2.maps[-1], ref.maps[-1])
+    assert not torch.allclose(out1.maps[-1], ref.maps[-1])
+    assert all(bb.net.get_submodule(n).active == 0 for n in bb.lora_modules)  # restored after the block
+    # a loss through adapter 2 trains adapter 2 only
+    with bb.adapter(2):
+        bb(images).pooled().pow(2).mean().backward()
+    layer = bb.net.get_submodule(bb.lora_modules[0])
+    # (B is zero at the start, so the first gradient reaches B; A follows once B has moved)
+    assert layer.lora_B.grad[2].abs().sum() > 0 and layer.lora_B.grad[:2].abs().sum() == 0
+    with pytest.raises(IndexError, match="adapter 3"):
+        with use_adapter(bb.net, 3):
+            pass
+    frozen = make("test_vit", seed=5)
+    with pytest.raises(ValueError, match="trainable='lora'"):
+        frozen.set_lora_adapters(2)
 
 
 # -------------------------------------------------------------------------------------------------

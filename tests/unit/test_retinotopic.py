@@ -13,8 +13,9 @@ from brainenc.lit.distill import DistillModule, gt_weight
 from brainenc.lit.encoder_module import EncoderModule
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
-from brainenc.models.retinotopic import (ExpertsReadout, RetinotopicReadout, fourier_encode,
-                                         normalise_coords, sample_at)
+from brainenc.lit.experts import ExpertsModule
+from brainenc.models.retinotopic import (ExpertFeatures, ExpertsReadout, RetinotopicReadout, fourier_encode,
+                                         normalise_coords, read_level, sample_at, sample_experts)
 from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
                                          write_partitions)
 
@@ -80,7 +81,7 @@ def test_readout_matches_a_direct_reference_at_pixel_centres():
     feats = _feats()
     pred = r(feats, PAIR)
     pos_, levels, mix = r.voxel_params(PAIR)
-    maps = r.project(feats)
+    maps = [conv(m) for m, conv in zip(r.normalised(feats), r.bottleneck)]
     local0 = torch.stack([maps[0][:, :, i, j] for i, j in ij], dim=2)
     local1 = sample_at(maps[1], pos_)
     local = local0 * levels[:, 0] + local1 * levels[:, 1]
@@ -164,6 +165,50 @@ def test_positions_receive_gradients_and_can_be_learned():
     assert torch.allclose(got, want, atol=0.1), (got, want)
 
 
+def _expert_maps(b=4, e=3, c=5, h=6, w=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, e, c, h, w, generator=g)
+
+
+def test_sample_experts_equals_grid_sample_on_each_experts_map():
+    proj = _expert_maps().requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    expert = torch.randint(0, 3, (n,), generator=g)
+    # include positions outside the image: border padding clamps them
+    pos = (torch.rand(n, 2, generator=g) * 2.6 - 1.3).requires_grad_(True)
+    out = sample_experts(proj, expert, pos)
+    ref = torch.stack([sample_at(proj[:, int(e)], pos[i:i + 1])[:, :, 0] for i, e in enumerate(expert)], dim=2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    g_out = torch.autograd.grad((out * w).sum(), [proj, pos])
+    g_ref = torch.autograd.grad((ref * w).sum(), [proj, pos])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_points", [3, 400])  # few points: sample first; many: project first
+def test_read_level_equals_project_then_sample_per_expert(n_points):
+    g = torch.Generator().manual_seed(2)
+    b, e, c, width, h, w = 2, 3, 5, 4, 6, 7
+    fmap = torch.randn(b, c, h, w, generator=g)
+    weight = torch.randn(e, width, c, generator=g).requires_grad_(True)
+    bias = torch.randn(e, width, generator=g).requires_grad_(True)
+    expert = torch.randint(0, e, (n_points,), generator=g)
+    pos = (torch.rand(n_points, 2, generator=g) * 2 - 1).requires_grad_(True)
+    local, glob = read_level(fmap, weight, bias, expert, pos)
+    proj = [torch.nn.functional.conv2d(fmap, weight[k][:, :, None, None], bias[k]) for k in range(e)]
+    ref_local = torch.stack([sample_at(proj[int(k)], pos[i:i + 1])[:, :, 0] for i, k in enumerate(expert)], 2)
+    ref_glob = torch.stack([proj[int(k)].mean(dim=(2, 3)) for k in expert], 2)
+    torch.testing.assert_close(local, ref_local, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(glob, ref_glob, atol=1e-5, rtol=1e-5)
+    wt = torch.randn_like(local)
+    got = torch.autograd.grad((local * wt).sum() + glob.sum(), [weight, bias, pos])
+    want = torch.autograd.grad((ref_local * wt).sum() + ref_glob.sum(), [weight, bias, pos])
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- experts
 def _partition_file(tmp_path, n):
     rng = np.random.default_rng(0)
@@ -196,6 +241,7 @@ def test_experts_stitch_each_roi_prediction_onto_its_voxels(tmp_path):
     ex.set_voxel_info(PAIR, coords)
     feats = _feats()
     per = ex.forward_partitions(feats, PAIR)
+    normed = Features([norm(m) for m, norm in zip(feats.maps, ex.norm)])
     assert per.shape == (3, 2, n)
     for p_i, (pname, (names, labels)) in enumerate(parts.items()):
         lab = labels[PAIR]
@@ -206,12 +252,69 @@ def test_experts_stitch_each_roi_prediction_onto_its_voxels(tmp_path):
             # the expert saw only its ROI's coordinates
             own = getattr(expert, f"coords_{PAIR.replace('/', '__')}")
             np.testing.assert_allclose(own.numpy(), normalise_coords(coords[idx]), atol=1e-6)
-            torch.testing.assert_close(per[:, p_i, idx], expert(feats, PAIR))
+            # experts share the ensemble's normalisation; alone on the normalised maps each gives
+            # exactly its columns of the batched computation
+            torch.testing.assert_close(per[:, p_i, idx], expert(normed, PAIR), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ex(feats, PAIR), per.mean(1))
     sub = torch.tensor([4, 0, 24, 7])
     torch.testing.assert_close(ex.forward_partitions(feats, PAIR, sub), per[:, :, sub])
     only = ExpertsReadout({PAIR: n}, _spec(), str(path), only=["random0"])
     assert only.partition_names == ["random0"] and len(only.experts) == 2
+
+
+def test_batched_experts_equal_experts_run_one_at_a_time(tmp_path):
+    n = 25
+    path, _ = _partition_file(tmp_path, n)
+    ex = ExpertsReadout({PAIR: n}, _spec(), str(path), expert={"width": 4, "hidden": 8}).eval()
+    ex.set_voxel_info(PAIR, _coords(n))
+    feats = _feats()
+    sub = torch.tensor([4, 0, 24, 7, 11])
+    for voxels in (None, sub):
+        batched = ex.forward_partitions(feats, PAIR, voxels)
+        one_by_one = ex.forward_partitions(ExpertFeatures(lambda e: feats, len(feats)), PAIR, voxels)
+        torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_per_expert_lora_adapters_route_each_expert_to_its_own_adapter(tmp_path):
+    torch.manual_seed(0)
+    n = 12
+    path, parts = _partition_file(tmp_path, n)
+    bb = _bb("test_vit", "lora")
+    m = ExpertsModule(bb, lambda vc, spec: ExpertsReadout(vc, spec, str(path), expert={"width": 4, "hidden": 8}),
+                      voxel_counts={PAIR: n}, expert_adapters=True)
+    ex = m.readout
+    layer = bb.net.get_submodule(bb.lora_modules[0])
+    assert layer.n_adapters == len(ex.experts) == 5
+    ex.set_voxel_info(PAIR, _coords(n))
+    base = {k: v.clone() for k, v in bb.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"images": torch.rand(4, 3, 32, 32), "responses": torch.randn(4, n), "pair": PAIR,
+             "stimulus": torch.arange(4)}
+    m.train()
+    for step in range(3):
+        opt.zero_grad()
+        m.training_step(batch, step).backward()
+        opt.step()
+    after = bb.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items()), "frozen backbone weights changed"
+    # every expert trained its own adapter, and they differ
+    b_ = layer.lora_B.detach()
+    assert all(b_[k].abs().sum() > 0 for k in range(5)) and not torch.allclose(b_[0], b_[1])
+    # changing one expert's adapter changes only that expert's voxels of its partition
+    m.eval()
+    with torch.no_grad():
+        before = ex.forward_partitions(m.features(batch), PAIR)
+        k = ex._index[ex.expert_name("atlas", 1)]
+        for name in bb.lora_modules:
+            bb.net.get_submodule(name).lora_B[k] += 0.5
+        changed = ex.forward_partitions(m.features(batch), PAIR)
+    mine = np.flatnonzero(parts["atlas"][1][PAIR] == 1)
+    diff = (changed - before).abs().amax(0)  # (P, V)
+    assert diff[0, mine].min() > 0
+    others = np.setdiff1d(np.arange(n), mine)
+    assert float(diff[0, others].max()) == 0.0 and float(diff[1].max()) == 0.0
+    with pytest.raises(ValueError, match="load_images"):
+        m.features({**batch, "images": None})
 
 
 # ----------------------------------------------------------------------------- distillation
