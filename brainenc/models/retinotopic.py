@@ -103,106 +103,122 @@ def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
     return out.squeeze(2)
 
 
-def sample_experts(proj: Tensor, expert: Tensor, pos: Tensor) -> Tensor:
-    """Bilinearly sample each point's own expert map (the ``grid_sample`` convention of :func:`sample_at`).
-
-    Parameters
-    ----------
-    proj : Tensor (B, E, C, H, W), one C-channel map per expert
-    expert : int64 (N,), which expert's map each point reads
-    pos : Tensor (N, 2), grid units (x right, y down, align_corners=False, border padding)
-
-    Returns
-    -------
-    Tensor (B, C, N)
-    """
-    b, e, c, h, w = proj.shape
-    # border padding clamps the source coordinate into the image (and zeroes its gradient there)
-    ix = (((pos[:, 0] + 1) * w - 1) / 2).clamp(0, w - 1)
-    iy = (((pos[:, 1] + 1) * h - 1) / 2).clamp(0, h - 1)
-    x0, y0 = ix.detach().floor(), iy.detach().floor()
-    fx, fy = ix - x0, iy - y0
-    x0, y0 = x0.long(), y0.long()
-    x1, y1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1)
-    base = expert * (h * w)
-    idx = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], 1)
-    wts = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)  # (N, 4)
-    # one row per (expert, pixel): a single index_select reads every point's four corners, and its
-    # backward is one index_add -- far cheaper than a grid_sample per expert
-    rows = proj.permute(1, 3, 4, 0, 2).reshape(e * h * w, b * c)
-    corners = rows.index_select(0, idx.reshape(-1)).view(-1, 4, b * c)
-    # an elementwise weighted sum: einsum would batch 4 x 1 matmuls over the N points
-    return (corners * wts[:, :, None]).sum(1).view(-1, b, c).permute(1, 2, 0)
+Runs = list[tuple[int, int, int]]  # [(expert, first point, end point), ...], consecutive and covering 0..N
 
 
-def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, expert: Optional[Tensor], pos: Tensor) -> tuple[Tensor, Tensor]:
-    """One level's bottlenecked features at every point, and its pooled (global) features.
+def expert_runs(expert: Tensor) -> Runs:
+    """Runs of equal entries of ``expert`` int64 (N,): points grouped by expert make one run each."""
+    ids, counts = torch.unique_consecutive(expert, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    return [(e, end - c, end) for e, c, end in zip(ids.tolist(), counts.tolist(), ends)]
+
+
+# sample-first is chosen while points x channels <= this x experts x width x pixels: on the 2-core
+# CPU, 16 made a training step of the quickstart whole-brain model 3.1x and of its 31 experts
+# 1.7x faster than the per-expert project-then-sample of the first version (1 gave 2.1x / 1.6x)
+SAMPLE_FIRST_ADVANTAGE = 16
+
+
+def _active(dropout: nn.Module) -> bool:
+    return dropout.training and getattr(dropout, "p", 0.0) > 0
+
+
+def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
+               runs: Optional[Runs] = None, dropout: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
+    """One level's local contribution to every point's prediction, and its pooled features per expert.
 
     Parameters
     ----------
     fmap : Tensor (B, C, H, W), the normalised level
     weight, bias : Tensor (E, width, C) and (E, width), the 1x1 bottleneck of each of E experts
-    expert : int64 (N,) expert of each point, or None when E == 1
     pos : Tensor (N, 2) positions in grid units
+    readout : Tensor (N, width), each point's readout weights of its local features
+    runs : which expert's bottleneck each point uses (:func:`expert_runs`); None when E == 1
+    dropout : applied to the point's bottlenecked features while training
 
     Returns
     -------
-    local, glob : Tensor (B, width, N) each
+    local : Tensor (B, N), ``readout[n] . bottleneck(fmap at pos[n])``
+    pooled : Tensor (B, E, width), the bottlenecked spatial mean of the level
     """
     n_exp, width, c = weight.shape
     b, _, h, w = fmap.shape
     n = pos.shape[0]
-    glob = torch.einsum("bc,ewc->bew", fmap.mean(dim=(2, 3)), weight) + bias  # (B, E, width)
-    glob = glob[:, 0, :, None].expand(-1, -1, n) if expert is None else glob[:, expert].transpose(1, 2)
+    dropout = dropout if dropout is not None else nn.Identity()
+    pooled = torch.einsum("bc,ewc->bew", fmap.mean(dim=(2, 3)), weight) + bias
+    sizes = None if runs is None else [j - i for _, i, j in runs]
+    experts = [0] if runs is None else [e for e, _, _ in runs]
     # Bilinear sampling is linear with weights summing to 1, so it commutes with the 1x1 bottleneck:
-    # sample-then-project and project-then-sample give the same numbers.  Pick the cheaper order
-    # (points x input channels vs experts x bottleneck maps), which for many experts on a large
-    # early level saves most of the work.
-    if n * c <= n_exp * width * h * w:
-        s = sample_at(fmap, pos)  # (B, C, N)
-        if expert is None:
-            local = torch.einsum("bcn,wc->bwn", s, weight[0]) + bias[0][:, None]
-        else:
-            # (N, width, C) @ (N, C, B): one batched matmul with contiguous operands
-            local = torch.bmm(weight[expert], s.permute(2, 1, 0).contiguous()) + bias[expert][:, :, None]
-            local = local.permute(2, 1, 0)
+    # sample-then-project and project-then-sample give the same numbers.  Pick the cheaper order:
+    # sampling first touches points x input channels, projecting first experts x width x pixels
+    # and then needs the gradient of grid_sample with respect to the projected map, which is the
+    # expensive part (hence the measured SAMPLE_FIRST_ADVANTAGE; benchmarks/afo_experts.py).
+    if n * c <= SAMPLE_FIRST_ADVANTAGE * n_exp * width * h * w:
+        s = sample_at(fmap, pos)  # (B, C, N): one grid_sample for every point of every expert
+        # split (not slices): its backward is one concatenation, a slice's a full-size zero tensor each
+        s_parts = [s] if runs is None else s.split(sizes, dim=2)
+        r_parts = [readout] if runs is None else readout.split(sizes)
+        out = []
+        for e, s_e, r_e in zip(experts, s_parts, r_parts):
+            if _active(dropout):
+                feat = torch.einsum("bcn,wc->bwn", s_e, weight[e]) + bias[e][:, None]
+                out.append((dropout(feat) * r_e.t()).sum(dim=1))
+            else:
+                # fold the readout into the bottleneck: no (B, width, N) features at all
+                out.append((s_e * (r_e @ weight[e]).t()).sum(dim=1) + r_e @ bias[e])
+        return torch.cat(out, dim=1), pooled
+    proj = F.conv2d(fmap, weight.reshape(n_exp * width, c, 1, 1), bias.reshape(-1))  # all experts at once
+    if runs is None:
+        feat = sample_at(proj, pos)
     else:
-        proj = F.conv2d(fmap, weight.reshape(n_exp * width, c, 1, 1), bias.reshape(-1))
-        if expert is None:
-            local = sample_at(proj, pos)
-        else:
-            local = sample_experts(proj.view(b, n_exp, width, h, w), expert, pos)
-    return local, glob
+        maps = proj.view(b, n_exp, width, h, w).unbind(1)
+        feat = torch.cat([sample_at(maps[e], p) for e, p in zip(experts, pos.split(sizes))], dim=2)
+    return (dropout(feat) * readout.t()).sum(dim=1), pooled
 
 
-def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], expert: Optional[Tensor],
+def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], runs: Optional[Runs],
                    pos: Tensor, levels: Tensor, mix: Optional[Tensor], weight: Tensor, bias: Tensor,
                    dropout: nn.Module) -> Tensor:
     """The retinotopic prediction of N points (voxels, or voxel x partition entries of many experts).
+
+    ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
+    + (1 - mix[n]) * w_global[n] . pooled_l[b, expert(n)]) + bias[n]`` with ``weight[n] =
+    [w_local, w_global]`` (without the global term: ``mix`` is None and ``weight = w_local``).
 
     Parameters
     ----------
     maps : per level the normalised map (B, C_l, H_l, W_l)
     bottleneck : per level (weight (E, width, C_l), bias (E, width))
-    expert : int64 (N,) expert of each point, None for a single model (E == 1)
+    runs : which expert each point belongs to (:func:`expert_runs`); None for a single model (E == 1)
     pos : (N, 2) positions; levels : (N, L) level weights; mix : (N,) local weight, or None for
         no global term
     weight : (N, D) per-point readout weights (D = 2 * width with the global term, else width)
     bias : (N,)
+    dropout : applied to each level's local features, and the global features, while training
 
     Returns
     -------
     Tensor (B, N)
     """
-    local = glob = None
+    width = bottleneck[0][0].shape[1]
+    # the mix scales the (small) readout weights instead of the (B, width, N) features
+    w_local = weight if mix is None else weight[:, :width] * mix[:, None]
+    pred, pooled = bias, []
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        lo, gl = read_level(m, w_l, b_l, expert, pos)
-        a = levels[:, l]
-        local = lo * a if local is None else local + lo * a
-        glob = gl * a if glob is None else glob + gl * a
-    feat = local if mix is None else torch.cat([local * mix, glob * (1 - mix)], dim=1)  # (B, D, N)
-    feat = dropout(feat)
-    return (feat * weight.t()).sum(dim=1) + bias
+        local, pl = read_level(m, w_l, b_l, pos, w_local, runs, dropout)
+        pred = pred + local * levels[:, l]
+        pooled.append(pl)
+    if mix is None:
+        return pred
+    w_glob = weight[:, width:] * (1 - mix)[:, None]
+    pooled = torch.stack(pooled, dim=-1)  # (B, E, width, L)
+    if runs is None:
+        glob = (dropout(pooled[:, 0] @ levels.t()) * w_glob.t()).sum(dim=1)
+    else:
+        sizes = [j - i for _, i, j in runs]
+        glob = torch.cat([(dropout(pooled[:, e] @ a.t()) * g.t()).sum(dim=1)
+                          for (e, _, _), a, g in zip(runs, levels.split(sizes), w_glob.split(sizes))], dim=1)
+    return pred + glob
 
 
 def level_norms(spec: FeatureSpec) -> nn.ModuleList:
@@ -491,9 +507,10 @@ class ExpertsReadout(Readout):
         bottleneck = [(torch.stack([e.bottleneck[l].weight.flatten(1) for e in experts]),
                        torch.stack([e.bottleneck[l].bias for e in experts])) for l in range(len(maps))]
         params = [g[1].point_params(pair, g[3]) for g in groups]
-        expert = torch.cat([torch.full((len(g[2]),), g[0], dtype=torch.long, device=g[2].device) for g in groups])
+        ends = np.cumsum([len(g[2]) for g in groups]).tolist()
+        runs = [(g[0], end - len(g[2]), end) for g, end in zip(groups, ends)]
         pos, levels, mix, w, b = (None if parts[0] is None else torch.cat(parts) for parts in zip(*params))
-        pred = predict_points(maps, bottleneck, expert, pos, levels, mix, w, b, dropout=experts[0].dropout)
+        pred = predict_points(maps, bottleneck, runs, pos, levels, mix, w, b, dropout=experts[0].dropout)
         out = pred.new_zeros(len(features), len(self.partition_names) * n)
         # each expert predicts only its ROI's voxels; scatter them into the whole-brain vectors
         out[:, torch.cat([g[2] for g in groups])] = pred

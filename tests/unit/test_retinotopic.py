@@ -15,7 +15,7 @@ from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
 from brainenc.models.retinotopic import (ExpertFeatures, ExpertsReadout, RetinotopicReadout, fourier_encode,
-                                         normalise_coords, read_level, sample_at, sample_experts)
+                                         expert_runs, normalise_coords, read_level, sample_at)
 from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
                                          write_partitions)
 
@@ -165,46 +165,30 @@ def test_positions_receive_gradients_and_can_be_learned():
     assert torch.allclose(got, want, atol=0.1), (got, want)
 
 
-def _expert_maps(b=4, e=3, c=5, h=6, w=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, e, c, h, w, generator=g)
-
-
-def test_sample_experts_equals_grid_sample_on_each_experts_map():
-    proj = _expert_maps().requires_grad_(True)
-    g = torch.Generator().manual_seed(1)
-    n = 40
-    expert = torch.randint(0, 3, (n,), generator=g)
-    # include positions outside the image: border padding clamps them
-    pos = (torch.rand(n, 2, generator=g) * 2.6 - 1.3).requires_grad_(True)
-    out = sample_experts(proj, expert, pos)
-    ref = torch.stack([sample_at(proj[:, int(e)], pos[i:i + 1])[:, :, 0] for i, e in enumerate(expert)], dim=2)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    w = torch.randn_like(out)
-    g_out = torch.autograd.grad((out * w).sum(), [proj, pos])
-    g_ref = torch.autograd.grad((ref * w).sum(), [proj, pos])
-    for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("n_points", [3, 400])  # few points: sample first; many: project first
-def test_read_level_equals_project_then_sample_per_expert(n_points):
+@pytest.mark.parametrize("dropout", [False, True])  # dropout materialises the features; else folded
+def test_read_level_equals_project_then_sample_per_expert(n_points, dropout):
     g = torch.Generator().manual_seed(2)
     b, e, c, width, h, w = 2, 3, 5, 4, 6, 7
     fmap = torch.randn(b, c, h, w, generator=g)
     weight = torch.randn(e, width, c, generator=g).requires_grad_(True)
     bias = torch.randn(e, width, generator=g).requires_grad_(True)
     expert = torch.randint(0, e, (n_points,), generator=g)
+    expert[-2:] = expert[0]  # unsorted: many short runs, one expert in several runs
     pos = (torch.rand(n_points, 2, generator=g) * 2 - 1).requires_grad_(True)
-    local, glob = read_level(fmap, weight, bias, expert, pos)
+    readout = torch.randn(n_points, width, generator=g).requires_grad_(True)
+    # dropout with p -> 0 in training mode takes the explicit path and must give the same numbers
+    drop = torch.nn.Dropout(1e-12 if dropout else 0.0).train()
+    local, pooled = read_level(fmap, weight, bias, pos, readout, expert_runs(expert), drop)
     proj = [torch.nn.functional.conv2d(fmap, weight[k][:, :, None, None], bias[k]) for k in range(e)]
-    ref_local = torch.stack([sample_at(proj[int(k)], pos[i:i + 1])[:, :, 0] for i, k in enumerate(expert)], 2)
-    ref_glob = torch.stack([proj[int(k)].mean(dim=(2, 3)) for k in expert], 2)
-    torch.testing.assert_close(local, ref_local, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(glob, ref_glob, atol=1e-5, rtol=1e-5)
+    feat = torch.stack([sample_at(proj[int(k)], pos[i:i + 1])[:, :, 0] for i, k in enumerate(expert)], 2)
+    ref_local = (feat * readout.t()).sum(1)
+    ref_pooled = torch.stack([p.mean(dim=(2, 3)) for p in proj], 1)
+    torch.testing.assert_close(local, ref_local, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
     wt = torch.randn_like(local)
-    got = torch.autograd.grad((local * wt).sum() + glob.sum(), [weight, bias, pos])
-    want = torch.autograd.grad((ref_local * wt).sum() + ref_glob.sum(), [weight, bias, pos])
+    got = torch.autograd.grad((local * wt).sum() + pooled.sum(), [weight, bias, pos, readout])
+    want = torch.autograd.grad((ref_local * wt).sum() + ref_pooled.sum(), [weight, bias, pos, readout])
     for a, b_ in zip(got, want):
         torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
 
