@@ -38,8 +38,20 @@ class BrainencCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # voxel counts exist only once the stores are opened, hence apply_on="instantiate"
         parser.link_arguments("data.voxel_counts", "model.init_args.voxel_counts", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit only: then test the best checkpoint in the same process and write "
+                                 "results/ as `brainenc test` does (saves a second start-up)")
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint_to_test(self.trainer))
+        self._write_results_config()
 
     def after_test(self) -> None:
+        self._write_results_config()
+
+    def _write_results_config(self) -> None:
         """Write the resolved config beside the results table it produced."""
         if not self.trainer.is_global_zero:
             return
@@ -49,7 +61,22 @@ class BrainencCLI(LightningCLI):
         out.mkdir(parents=True, exist_ok=True)
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(dumped.get("test", dumped), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
+
+
+def checkpoint_to_test(trainer) -> str | None:
+    """The checkpoint a test after fit should load: the monitored best, else ``best.ckpt`` or
+    ``last.ckpt`` in a checkpoint callback's directory (e.g. written by the ridge module), else
+    None (the weights in memory)."""
+    cb = trainer.checkpoint_callback
+    if cb is not None and getattr(cb, "best_model_path", ""):
+        return cb.best_model_path
+    for cb in trainer.checkpoint_callbacks:
+        for name in ("best.ckpt", "last.ckpt"):
+            path = Path(cb.dirpath or "") / name
+            if cb.dirpath and path.is_file():
+                return str(path)
+    return None
 
 
 def lightning_main(argv: list[str]) -> None:

@@ -33,8 +33,7 @@ def main() -> int:
         if (Path(run) / "results" / "voxels.csv").exists():
             print(f"\n{run}: finished earlier, reusing its results")
             continue
-        brainenc("fit", "-c", config, *QUIET)
-        brainenc("test", "-c", config, *QUIET, "--ckpt_path", f"{run}/checkpoints/best.ckpt")
+        brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true")  # then tests the best checkpoint
     brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
     runs = [RUNS[0][1], AFO_STUDENT, RUNS[1][1]]
     brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")

@@ -128,16 +128,18 @@ def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) 
     with atomic_path(config) as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     if not (root / "fit.done").exists():
-        args = ["fit", "-c", str(config), *cli_args]
+        # fit and test in one process (one start-up); a test that failed after a finished fit is
+        # re-run on its own below on the next call
+        args = ["fit", "-c", str(config), *cli_args, f"--test_after_fit={str(test).lower()}"]
         last = root / "checkpoints" / "last.ckpt"
         if last.exists():
             _log(f"{root.name}: resuming from {last}")
             args += ["--ckpt_path", str(last)]
         _cli(args)
         (root / "fit.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    if test:
+    if test and not stage_done(root):
         _cli(["test", "-c", str(config), "--ckpt_path", str(best_checkpoint(root)), *cli_args])
-    else:
+    elif not test:
         (root / "DONE").write_text("ok\n")
 
 

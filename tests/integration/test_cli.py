@@ -79,6 +79,19 @@ def test_fit_test_writes_results_for_every_voxel(runs, tiny_brain, model):
     assert ok.any() and (df.loc[ok, "noise_ceiling"].between(0, 100)).all()
 
 
+@pytest.mark.parametrize("model", ["linear", "ridge"])
+def test_fit_with_test_after_fit_equals_fit_then_test(runs, tiny_brain, tmp_path, model):
+    """One process (`fit --test_after_fit=true`) tests the same best checkpoint as `fit` + `test`."""
+    stores = f"[{tiny_brain['simbrain7t']},{tiny_brain['simbrain3t']}]"
+    main(["fit", "-c", str(SMOKE / f"{model}.yaml"), f"--data.stores={stores}", "--data.simulate=null",
+          f"--trainer.default_root_dir={tmp_path / model}", "--test_after_fit=true"])
+    one = pd.read_csv(tmp_path / model / "results" / "voxels.csv")
+    two = pd.read_csv(runs[model] / "voxels.csv")
+    np.testing.assert_allclose(one["pearson"], two["pearson"], atol=1e-6)
+    cfg = yaml.safe_load((tmp_path / model / "results" / "config.yaml").read_text())
+    assert cfg["test_after_fit"] is True and cfg["model"]["init_args"]["model_name"] == model
+
+
 def test_ridge_chooses_alphas_and_beats_gradient_linear_on_tiny(runs):
     lin = pd.read_csv(runs["linear"] / "voxels.csv")
     rid = pd.read_csv(runs["ridge"] / "voxels.csv")
