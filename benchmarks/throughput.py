@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--voxels 15000 40000] [--batch 32] [--seconds 3]
 
-* backbone: the frozen ImageNet EfficientNet-Lite0 at 96 px (the quickstart backbone), images/s
+* backbone: the frozen ImageNet EfficientNet-Lite0 at 64 px (the quickstart backbone), images/s
   of its forward pass — what every uncached step pays;
 * readouts (linear, retinotopic, universal when their modules exist, settings of
   experiments/quickstart/*.yaml) on fixed features of that backbone — what a step costs with the
@@ -61,7 +61,7 @@ def readouts(counts, spec, coords):
         u = UniversalReadout(counts, spec, embed_dim=256, width=32, mlp_ratio=1.0, dropout=0.1, max_grid=8)
         for k in counts:
             u.set_voxel_info(k, coords)
-        out.append(("universal", u, 384, 1024))
+        out.append(("universal", u, 2048, 1024))
     return out
 
 
@@ -75,10 +75,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--voxels", type=int, nargs="+", default=[15000, 40000])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--ridge-images", type=int, default=1350)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--encoders", nargs="+", default=None, help="only these (linear retinotopic universal)")
     args = ap.parse_args()
 
     from brainenc.models.backbones import Backbone
@@ -106,6 +107,8 @@ def main() -> None:
         coords = np.random.default_rng(0).uniform(-60, 60, (n_vox, 3)).astype(np.float32)
         target = torch.randn(B, n_vox)
         for name, ro, per_step, chunk in readouts(counts, spec, coords):
+            if args.encoders and name not in args.encoders:
+                continue
             opt = torch.optim.AdamW(ro.parameters(), lr=1e-3)
 
             def train_step():

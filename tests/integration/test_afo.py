@@ -142,3 +142,32 @@ def test_experts_launched_separately_feed_the_dark_stage(afo, tmp_path):
         np.testing.assert_array_equal(f["pairs/simbrain7t__subj01/stimulus"][()],
                                       joint["pairs/simbrain7t__subj01/stimulus"][()])
         joint.close()
+
+
+@pytest.mark.slow
+def test_experts_with_their_own_lora_adapters_run_and_feed_the_dark_stage(afo, tmp_path):
+    """`stages.experts.init_args.expert_adapters` with a LoRA ViT: one adapter per expert."""
+    import shutil
+
+    recipe, out, store = afo
+    rec = copy.deepcopy(recipe)
+    rec["out"] = str(tmp_path / "run")
+    rec["stages"]["dark"]["extra_images"] = []
+    rec["stages"]["experts"]["init_args"] = {
+        "expert_adapters": True,
+        "backbone": {"class_path": "brainenc.models.backbones.Backbone",
+                     "init_args": {"name": "test_vit", "image_size": 32, "trainable": "lora"}}}
+    for stage in ("whole", "partitions"):  # reuse the finished stages
+        shutil.copytree(out / stage, tmp_path / "run" / stage)
+    r = AFORecipe(rec)
+    r.run(only_stage="experts")
+    r.run(only_stage="dark")
+    experts = tmp_path / "run" / "experts"
+    results = pd.read_csv(experts / "results" / "voxels.csv")
+    assert len(results) == store.subject("subj01").n_voxels and results["pearson"].notna().all()
+    state = torch.load(experts / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    n_experts = len({k.split(".")[2] for k in state if k.startswith("readout.experts.")})
+    lora_a = [v for k, v in state.items() if k.endswith(".lora_A")]
+    assert lora_a and all(v.shape[0] == n_experts for v in lora_a)
+    with h5py.File(tmp_path / "run" / "dark" / "dark_targets.h5", "r") as f:
+        assert np.isfinite(f["pairs/simbrain7t__subj01/pred"][()]).all()
