@@ -59,8 +59,10 @@ def test_masked_tokens_get_zero_weight_and_do_not_matter():
     assert torch.all(a[~mask[:, None, :].expand_as(a)] > 0)
     changed = tokens.clone()
     changed[mask] = torch.randn(int(mask.sum()), 6) * 100
+    fused = att(q, *att.tokens(tokens), key_padding_mask=mask)  # the fused kernel used in training
+    torch.testing.assert_close(fused, h, rtol=1e-6, atol=1e-6)   # equals the explicit weights' path
     h2 = att(q, *att.tokens(changed), key_padding_mask=mask)
-    torch.testing.assert_close(h, h2, rtol=0, atol=0)
+    torch.testing.assert_close(h2, fused, rtol=0, atol=0)
     # and without the mask the same change does matter (the check above can fail)
     assert not torch.allclose(att(q, *att.tokens(tokens)), att(q, *att.tokens(changed)))
     with pytest.raises(ValueError, match="every token masked"):
