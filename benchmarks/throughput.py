@@ -61,7 +61,7 @@ def readouts(counts, spec, coords):
         u = UniversalReadout(counts, spec, embed_dim=256, width=32, mlp_ratio=1.0, dropout=0.1, max_grid=8)
         for k in counts:
             u.set_voxel_info(k, coords)
-        out.append(("universal", u, 2048, 1024))
+        out.append(("universal", u, 1536, 1024))
     return out
 
 
