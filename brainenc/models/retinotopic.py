@@ -103,19 +103,9 @@ def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
     return out.squeeze(2)
 
 
-Runs = list[tuple[int, int, int]]  # [(expert, first point, end point), ...], consecutive and covering 0..N
-
-
-def expert_runs(expert: Tensor) -> Runs:
-    """Runs of equal entries of ``expert`` int64 (N,): points grouped by expert make one run each."""
-    ids, counts = torch.unique_consecutive(expert, return_counts=True)
-    ends = torch.cumsum(counts, 0).tolist()
-    return [(e, end - c, end) for e, c, end in zip(ids.tolist(), counts.tolist(), ends)]
-
-
-# sample-first is chosen while points x channels <= this x experts x width x pixels: on the 2-core
-# CPU, 16 made a training step of the quickstart whole-brain model 3.1x and of its 31 experts
-# 1.7x faster than the per-expert project-then-sample of the first version (1 gave 2.1x / 1.6x)
+# sample-first is chosen while voxels x channels <= this x width x pixels: sampling first needs
+# no gradient with respect to the (frozen, normalised) map, which keeps it the cheaper order well
+# beyond equal sizes (measured with benchmarks/retinotopic_readout.py)
 SAMPLE_FIRST_ADVANTAGE = 16
 
 
@@ -124,75 +114,56 @@ def _active(dropout: nn.Module) -> bool:
 
 
 def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
-               runs: Optional[Runs] = None, dropout: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
-    """One level's local contribution to every point's prediction, and its pooled features per expert.
+               dropout: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
+    """One level's local contribution to every voxel's prediction, and the level's pooled features.
 
     Parameters
     ----------
     fmap : Tensor (B, C, H, W), the normalised level
-    weight, bias : Tensor (E, width, C) and (E, width), the 1x1 bottleneck of each of E experts
+    weight, bias : Tensor (width, C) and (width,), the level's 1x1 bottleneck
     pos : Tensor (N, 2) positions in grid units
-    readout : Tensor (N, width), each point's readout weights of its local features
-    runs : which expert's bottleneck each point uses (:func:`expert_runs`); None when E == 1
-    dropout : applied to the point's bottlenecked features while training
+    readout : Tensor (N, width), each voxel's readout weights of its local features
+    dropout : applied to the voxel's bottlenecked features while training
 
     Returns
     -------
     local : Tensor (B, N), ``readout[n] . bottleneck(fmap at pos[n])``
-    pooled : Tensor (B, E, width), the bottlenecked spatial mean of the level
+    pooled : Tensor (B, width), the bottlenecked spatial mean of the level
     """
-    n_exp, width, c = weight.shape
-    b, _, h, w = fmap.shape
-    n = pos.shape[0]
+    width, c = weight.shape
+    n, (h, w) = pos.shape[0], fmap.shape[-2:]
     dropout = dropout if dropout is not None else nn.Identity()
-    pooled = torch.einsum("bc,ewc->bew", fmap.mean(dim=(2, 3)), weight) + bias
-    sizes = None if runs is None else [j - i for _, i, j in runs]
-    experts = [0] if runs is None else [e for e, _, _ in runs]
+    pooled = fmap.mean(dim=(2, 3)) @ weight.t() + bias
     # Bilinear sampling is linear with weights summing to 1, so it commutes with the 1x1 bottleneck:
-    # sample-then-project and project-then-sample give the same numbers.  Pick the cheaper order:
-    # sampling first touches points x input channels, projecting first experts x width x pixels
-    # and then needs the gradient of grid_sample with respect to the projected map, which is the
-    # expensive part (hence the measured SAMPLE_FIRST_ADVANTAGE; benchmarks/afo_experts.py).
-    if n * c <= SAMPLE_FIRST_ADVANTAGE * n_exp * width * h * w:
-        s = sample_at(fmap, pos)  # (B, C, N): one grid_sample for every point of every expert
-        # split (not slices): its backward is one concatenation, a slice's a full-size zero tensor each
-        s_parts = [s] if runs is None else s.split(sizes, dim=2)
-        r_parts = [readout] if runs is None else readout.split(sizes)
-        out = []
-        for e, s_e, r_e in zip(experts, s_parts, r_parts):
-            if _active(dropout):
-                feat = torch.einsum("bcn,wc->bwn", s_e, weight[e]) + bias[e][:, None]
-                out.append((dropout(feat) * r_e.t()).sum(dim=1))
-            else:
-                # fold the readout into the bottleneck: no (B, width, N) features at all
-                out.append((s_e * (r_e @ weight[e]).t()).sum(dim=1) + r_e @ bias[e])
-        return torch.cat(out, dim=1), pooled
-    proj = F.conv2d(fmap, weight.reshape(n_exp * width, c, 1, 1), bias.reshape(-1))  # all experts at once
-    if runs is None:
-        feat = sample_at(proj, pos)
-    else:
-        maps = proj.view(b, n_exp, width, h, w).unbind(1)
-        feat = torch.cat([sample_at(maps[e], p) for e, p in zip(experts, pos.split(sizes))], dim=2)
+    # sample-then-project and project-then-sample give the same numbers.  Sampling first touches
+    # voxels x input channels, projecting first width x pixels plus the gradient of grid_sample
+    # with respect to the projected map; pick the cheaper order.
+    if n * c <= SAMPLE_FIRST_ADVANTAGE * width * h * w:
+        s = sample_at(fmap, pos)  # (B, C, N)
+        if _active(dropout):
+            feat = torch.einsum("bcn,wc->bwn", s, weight) + bias[:, None]
+            return (dropout(feat) * readout.t()).sum(dim=1), pooled
+        # fold the readout into the bottleneck: no (B, width, N) features at all
+        return (s * (readout @ weight).t()).sum(dim=1) + readout @ bias, pooled
+    feat = sample_at(F.conv2d(fmap, weight[:, :, None, None], bias), pos)  # (B, width, N)
     return (dropout(feat) * readout.t()).sum(dim=1), pooled
 
 
-def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], runs: Optional[Runs],
-                   pos: Tensor, levels: Tensor, mix: Optional[Tensor], weight: Tensor, bias: Tensor,
-                   dropout: nn.Module) -> Tensor:
-    """The retinotopic prediction of N points (voxels, or voxel x partition entries of many experts).
+def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
+                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module) -> Tensor:
+    """The retinotopic prediction of N voxels.
 
     ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
-    + (1 - mix[n]) * w_global[n] . pooled_l[b, expert(n)]) + bias[n]`` with ``weight[n] =
-    [w_local, w_global]`` (without the global term: ``mix`` is None and ``weight = w_local``).
+    + (1 - mix[n]) * w_global[n] . pooled_l[b]) + bias[n]`` with ``weight[n] = [w_local, w_global]``
+    (without the global term: ``mix`` is None and ``weight = w_local``).
 
     Parameters
     ----------
     maps : per level the normalised map (B, C_l, H_l, W_l)
-    bottleneck : per level (weight (E, width, C_l), bias (E, width))
-    runs : which expert each point belongs to (:func:`expert_runs`); None for a single model (E == 1)
+    bottleneck : per level (weight (width, C_l), bias (width,))
     pos : (N, 2) positions; levels : (N, L) level weights; mix : (N,) local weight, or None for
         no global term
-    weight : (N, D) per-point readout weights (D = 2 * width with the global term, else width)
+    weight : (N, D) per-voxel readout weights (D = 2 * width with the global term, else width)
     bias : (N,)
     dropout : applied to each level's local features, and the global features, while training
 
@@ -200,25 +171,18 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     -------
     Tensor (B, N)
     """
-    width = bottleneck[0][0].shape[1]
+    width = bottleneck[0][0].shape[0]
     # the mix scales the (small) readout weights instead of the (B, width, N) features
     w_local = weight if mix is None else weight[:, :width] * mix[:, None]
     pred, pooled = bias, []
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        local, pl = read_level(m, w_l, b_l, pos, w_local, runs, dropout)
+        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout)
         pred = pred + local * levels[:, l]
         pooled.append(pl)
     if mix is None:
         return pred
-    w_glob = weight[:, width:] * (1 - mix)[:, None]
-    pooled = torch.stack(pooled, dim=-1)  # (B, E, width, L)
-    if runs is None:
-        glob = (dropout(pooled[:, 0] @ levels.t()) * w_glob.t()).sum(dim=1)
-    else:
-        sizes = [j - i for _, i, j in runs]
-        glob = torch.cat([(dropout(pooled[:, e] @ a.t()) * g.t()).sum(dim=1)
-                          for (e, _, _), a, g in zip(runs, levels.split(sizes), w_glob.split(sizes))], dim=1)
-    return pred + glob
+    glob = torch.stack(pooled, dim=2) @ levels.t()  # (B, width, N)
+    return pred + (dropout(glob) * (weight[:, width:] * (1 - mix)[:, None]).t()).sum(dim=1)
 
 
 def level_norms(spec: FeatureSpec) -> nn.ModuleList:
@@ -337,8 +301,8 @@ class RetinotopicReadout(Readout):
         return [norm(m) for m, norm in zip(features.maps, self.norm)]
 
     def bottleneck_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """Per level the 1x1 bottleneck as (weight (1, width, C_l), bias (1, width))."""
-        return [(conv.weight.flatten(1)[None], conv.bias[None]) for conv in self.bottleneck]
+        """Per level the 1x1 bottleneck as (weight (width, C_l), bias (width,))."""
+        return [(conv.weight.flatten(1), conv.bias) for conv in self.bottleneck]
 
     def point_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, ...]:
         """Everything :func:`predict_points` needs per voxel, as used for training or evaluation.
@@ -361,7 +325,7 @@ class RetinotopicReadout(Readout):
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""
-        return predict_points(self.normalised(features), self.bottleneck_weights(), None,
+        return predict_points(self.normalised(features), self.bottleneck_weights(),
                               *self.point_params(pair, voxels), dropout=self.dropout)
 
     def regularization(self) -> Tensor:
@@ -495,40 +459,26 @@ class ExpertsReadout(Readout):
                            voxels: Optional[Tensor] = None) -> Tensor:
         """Every partition's stitched prediction: (B, P, V) (V = n_voxels when ``voxels`` is None).
 
-        With shared :class:`Features`, all experts run as one batched computation over the
-        once-normalised maps (see :func:`predict_points`); with :class:`ExpertFeatures` (per-expert
-        LoRA adapters) each expert runs on its own.  Either way an expert reads only its ROI's voxels.
+        With shared :class:`Features` the maps are normalised once for all experts; with
+        :class:`ExpertFeatures` (per-expert LoRA adapters) each expert's own are.  An expert reads
+        only its ROI's voxels.
         """
-        if isinstance(features, ExpertFeatures):
-            return self._forward_each(features, pair, voxels)
-        groups, n = self._points(pair, voxels, features.maps[0].device)
-        maps = [norm(m) for m, norm in zip(features.maps, self.norm)]
-        experts = list(self.experts.values())
-        bottleneck = [(torch.stack([e.bottleneck[l].weight.flatten(1) for e in experts]),
-                       torch.stack([e.bottleneck[l].bias for e in experts])) for l in range(len(maps))]
-        params = [g[1].point_params(pair, g[3]) for g in groups]
-        ends = np.cumsum([len(g[2]) for g in groups]).tolist()
-        runs = [(g[0], end - len(g[2]), end) for g, end in zip(groups, ends)]
-        pos, levels, mix, w, b = (None if parts[0] is None else torch.cat(parts) for parts in zip(*params))
-        pred = predict_points(maps, bottleneck, runs, pos, levels, mix, w, b, dropout=experts[0].dropout)
-        out = pred.new_zeros(len(features), len(self.partition_names) * n)
-        # each expert predicts only its ROI's voxels; scatter them into the whole-brain vectors
-        out[:, torch.cat([g[2] for g in groups])] = pred
+        per_expert = isinstance(features, ExpertFeatures)
+        groups, n = self._points(pair, voxels, self.label_device())
+        shared = None if per_expert else self.normalised(features)
+        preds = []
+        for e, expert, _, local in groups:
+            maps = self.normalised(features.of(e)) if per_expert else shared
+            preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
+                                        dropout=expert.dropout))
+        # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
+        out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
+        out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)
         return out.view(len(features), len(self.partition_names), n)
 
-    def _forward_each(self, features: ExpertFeatures, pair: str, voxels: Optional[Tensor]) -> Tensor:
-        """One expert at a time, each on its own features: (B, P, V)."""
-        groups, n = self._points(pair, voxels, self.label_device())
-        out = None
-        for e, expert, cols, local in groups:
-            f = features.of(e)
-            maps = [norm(m) for m, norm in zip(f.maps, self.norm)]
-            pred = predict_points(maps, expert.bottleneck_weights(), None, *expert.point_params(pair, local),
-                                  dropout=expert.dropout)
-            if out is None:
-                out = pred.new_zeros(len(features), len(self.partition_names) * n)
-            out[:, cols] = pred
-        return out.view(len(features), len(self.partition_names), n)
+    def normalised(self, features: Features) -> list[Tensor]:
+        """The shared standardisation of the maps, one (B, C_l, H_l, W_l) per level."""
+        return [norm(m) for m, norm in zip(features.maps, self.norm)]
 
     def label_device(self) -> torch.device:
         return next(self.buffers()).device

@@ -15,7 +15,7 @@ from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
 from brainenc.models.retinotopic import (ExpertFeatures, ExpertsReadout, RetinotopicReadout, fourier_encode,
-                                         expert_runs, normalise_coords, read_level, sample_at)
+                                         normalise_coords, read_level, sample_at)
 from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
                                          write_partitions)
 
@@ -165,25 +165,22 @@ def test_positions_receive_gradients_and_can_be_learned():
     assert torch.allclose(got, want, atol=0.1), (got, want)
 
 
-@pytest.mark.parametrize("n_points", [3, 400])  # few points: sample first; many: project first
+@pytest.mark.parametrize("n_points", [3, 400])  # few voxels: sample first; many: project first
 @pytest.mark.parametrize("dropout", [False, True])  # dropout materialises the features; else folded
-def test_read_level_equals_project_then_sample_per_expert(n_points, dropout):
+def test_read_level_equals_project_then_sample(n_points, dropout):
     g = torch.Generator().manual_seed(2)
-    b, e, c, width, h, w = 2, 3, 5, 4, 6, 7
+    b, c, width, h, w = 2, 5, 4, 3, 3
     fmap = torch.randn(b, c, h, w, generator=g)
-    weight = torch.randn(e, width, c, generator=g).requires_grad_(True)
-    bias = torch.randn(e, width, generator=g).requires_grad_(True)
-    expert = torch.randint(0, e, (n_points,), generator=g)
-    expert[-2:] = expert[0]  # unsorted: many short runs, one expert in several runs
-    pos = (torch.rand(n_points, 2, generator=g) * 2 - 1).requires_grad_(True)
+    weight = torch.randn(width, c, generator=g).requires_grad_(True)
+    bias = torch.randn(width, generator=g).requires_grad_(True)
+    pos = (torch.rand(n_points, 2, generator=g) * 2.4 - 1.2).requires_grad_(True)  # some outside the image
     readout = torch.randn(n_points, width, generator=g).requires_grad_(True)
     # dropout with p -> 0 in training mode takes the explicit path and must give the same numbers
     drop = torch.nn.Dropout(1e-12 if dropout else 0.0).train()
-    local, pooled = read_level(fmap, weight, bias, pos, readout, expert_runs(expert), drop)
-    proj = [torch.nn.functional.conv2d(fmap, weight[k][:, :, None, None], bias[k]) for k in range(e)]
-    feat = torch.stack([sample_at(proj[int(k)], pos[i:i + 1])[:, :, 0] for i, k in enumerate(expert)], 2)
-    ref_local = (feat * readout.t()).sum(1)
-    ref_pooled = torch.stack([p.mean(dim=(2, 3)) for p in proj], 1)
+    local, pooled = read_level(fmap, weight, bias, pos, readout, drop)
+    proj = torch.nn.functional.conv2d(fmap, weight[:, :, None, None], bias)
+    ref_local = (sample_at(proj, pos) * readout.t()).sum(1)
+    ref_pooled = proj.mean(dim=(2, 3))
     torch.testing.assert_close(local, ref_local, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
     wt = torch.randn_like(local)
@@ -246,7 +243,7 @@ def test_experts_stitch_each_roi_prediction_onto_its_voxels(tmp_path):
     assert only.partition_names == ["random0"] and len(only.experts) == 2
 
 
-def test_batched_experts_equal_experts_run_one_at_a_time(tmp_path):
+def test_experts_on_per_expert_features_equal_the_shared_path(tmp_path):
     n = 25
     path, _ = _partition_file(tmp_path, n)
     ex = ExpertsReadout({PAIR: n}, _spec(), str(path), expert={"width": 4, "hidden": 8}).eval()
@@ -254,9 +251,9 @@ def test_batched_experts_equal_experts_run_one_at_a_time(tmp_path):
     feats = _feats()
     sub = torch.tensor([4, 0, 24, 7, 11])
     for voxels in (None, sub):
-        batched = ex.forward_partitions(feats, PAIR, voxels)
-        one_by_one = ex.forward_partitions(ExpertFeatures(lambda e: feats, len(feats)), PAIR, voxels)
-        torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+        shared = ex.forward_partitions(feats, PAIR, voxels)
+        each = ex.forward_partitions(ExpertFeatures(lambda e: feats, len(feats)), PAIR, voxels)
+        torch.testing.assert_close(shared, each, atol=1e-5, rtol=1e-5)
 
 
 def test_per_expert_lora_adapters_route_each_expert_to_its_own_adapter(tmp_path):
