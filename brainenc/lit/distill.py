@@ -48,6 +48,8 @@ class DistillModule(EncoderModule):
         last epoch is pure ground truth)
     extra_per_step : unlabelled images (from ``/extra``) added to each training step, fitted to
         their dark targets only (0 = none)
+    init_from : a checkpoint of a model with the same backbone and readout (e.g. the AFO
+        whole-brain model) whose weights the student starts from; None = fresh initialisation
     other parameters : as :class:`EncoderModule` (loss defaults to SmoothL1(beta=0.01))
     """
 
@@ -57,15 +59,31 @@ class DistillModule(EncoderModule):
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-student",
-                 feature_cache: Optional[FeatureCache] = None):
+                 feature_cache: Optional[FeatureCache] = None, init_from: Optional[str] = None):
         super().__init__(backbone, readout, voxel_counts=voxel_counts,
                          loss=loss if loss is not None else SmoothL1Loss(0.01), lr=lr,
                          weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
                          voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
                          model_name=model_name, feature_cache=feature_cache)
+        if init_from:
+            self.load_weights(init_from)
         self._dark: dict[str, tuple[Tensor, Tensor]] = {}  # pair -> (row lookup (n_rows,), pred (n, V))
         self._extra_images: Optional[Tensor] = None
         self._extra_pred: dict[str, Tensor] = {}
+
+    def load_weights(self, path: str) -> None:
+        """Copy the backbone and readout weights of checkpoint ``path`` (shapes must match)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"DistillModule: init_from checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        own = self.state_dict()
+        keep = {k: v for k, v in state.items() if k.startswith(("backbone.", "readout."))}
+        bad = sorted(k for k, v in keep.items() if k not in own or own[k].shape != v.shape)
+        missing = sorted(k for k in own if k.startswith("readout.") and k not in keep)
+        if bad or missing or not keep:
+            raise ValueError(f"{path}: field 'state_dict': expected the student's backbone and readout tensors; "
+                             f"unknown or mis-shaped {bad[:5]}, missing {missing[:5]}")
+        self.load_state_dict(keep, strict=False)
 
     # ------------------------------------------------------------------ targets
     def load_dark_targets(self, path: Optional[str] = None) -> None:

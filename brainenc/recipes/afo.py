@@ -29,7 +29,7 @@ Recipe YAML::
       whole: {max_epochs: 4}
       experts: {max_epochs: 4, expert: {width: 16}, separate: false}
       dark: {batch_size: 128, extra_images: []}     # store dirs or folders of PNG/JPG
-      student: {max_epochs: 6, ramp_epochs: 4, extra_per_step: 0}
+      student: {max_epochs: 6, ramp_epochs: 4, extra_per_step: 0, init: scratch}   # or init: whole
 """
 
 from __future__ import annotations
@@ -363,6 +363,11 @@ class AFORecipe:
                 **dict(s.get("init_args") or {})}
         if "loss" not in args:  # the recipe's per-voxel SmoothL1, unless the stage says otherwise
             args["loss"] = {"class_path": "brainenc.models.losses.SmoothL1Loss", "init_args": {"beta": 0.01}}
+        init = s.get("init", "scratch")
+        if init == "whole":  # start from the whole-brain model (same base config, same shapes)
+            args["init_from"] = str(best_checkpoint(self.dir("whole")).resolve())
+        elif init != "scratch":
+            raise ValueError(f"recipe field 'stages.student.init': expected 'scratch' or 'whole', got {init!r}")
         cfg = stage_config(self.base, self.dir("student"), s.get("max_epochs"),
                            "brainenc.lit.distill.DistillModule", init_args=args)
         run_fit_test(self.dir("student"), cfg, self.cli_args)
@@ -388,7 +393,6 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
 
     Writes ``<out>/summary.json`` and returns it.
     """
-    import pandas as pd
     from scipy.stats import pearsonr, wilcoxon
 
     from brainenc.compare import roi_table

@@ -350,3 +350,27 @@ def test_lora_training_leaves_frozen_weights_bit_identical():
     for k, v in base.items():
         assert torch.equal(after[k], v), f"frozen weight {k} changed"
     assert any(not torch.equal(after[k], v) for k, v in lora.items()), "LoRA adapters did not train"
+
+
+def test_student_starts_from_a_checkpoint_of_the_whole_brain_model(tmp_path):
+    n = 8
+    f = tmp_path / "dark.h5"
+    with h5py.File(f, "w") as h:
+        h.create_dataset("pairs/sim__subj01/stimulus", data=np.arange(3))
+        h.create_dataset("pairs/sim__subj01/pred", data=np.zeros((3, n), np.float32))
+    whole = EncoderModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec, width=4), voxel_counts={PAIR: n})
+    with torch.no_grad():
+        for p in whole.readout.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save({"state_dict": whole.state_dict()}, tmp_path / "whole.ckpt")
+    student = DistillModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec, width=4), dark_targets=str(f),
+                            voxel_counts={PAIR: n}, init_from=str(tmp_path / "whole.ckpt"))
+    for k, v in whole.readout.state_dict().items():
+        assert torch.equal(student.readout.state_dict()[k], v), k
+    fresh = DistillModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec, width=4), dark_targets=str(f),
+                          voxel_counts={PAIR: n})
+    assert not torch.equal(fresh.readout.state_dict()[f"weight.{PAIR.replace('/', '__')}"],
+                           whole.readout.state_dict()[f"weight.{PAIR.replace('/', '__')}"])
+    with pytest.raises(ValueError, match="field 'state_dict'.*mis-shaped"):
+        DistillModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec, width=6), dark_targets=str(f),
+                      voxel_counts={PAIR: n}, init_from=str(tmp_path / "whole.ckpt"))
