@@ -130,3 +130,35 @@ def test_predict_writes_one_file_per_pair(runs, tiny_brain):
         assert all(i.decode().startswith("sim-") for i in f["stimulus_id"][:])
         assert np.isfinite(f["pred"][:]).all()
         assert f["pred"].shape[1] == int(((test.dataset == "simbrain3t") & (test.subject == "subj01")).sum())
+
+
+FIT_CONFIGS = sorted(str(p.relative_to(REPO)) for d in ("smoke", "quickstart", "universal")
+                     for p in (REPO / "experiments" / d).glob("*.yaml")
+                     if p.name not in ("afo.yaml", "holdout.yaml"))
+OVERLAYS = [("experiments/universal/quickstart_crowd.yaml", "experiments/universal/holdout.yaml")] + [
+    ("experiments/smoke/linear.yaml", str(p.relative_to(REPO))) for p in sorted((REPO / "experiments/ddp").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("configs", [(c,) for c in FIT_CONFIGS] + OVERLAYS, ids=lambda c: "+".join(c))
+def test_every_experiment_config_parses(configs, capsys, monkeypatch):
+    """Every shipped fit config (and overlay) resolves: a broken class path, key or interpolation fails here."""
+    monkeypatch.chdir(REPO)
+    args = ["fit", "--print_config"]
+    for c in configs:
+        args += ["-c", c]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"].startswith("brainenc.lit.")
+    assert cfg["data"]["stores"] and cfg["trainer"]["default_root_dir"]
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("afo*.yaml"))
+                         + sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments/afo").glob("*.yaml")))
+def test_every_afo_recipe_loads(recipe):
+    from brainenc.recipes.afo import load_recipe
+
+    r = load_recipe(REPO / recipe)
+    assert r["base"]["model"]["init_args"]["readout"]["class_path"].endswith("RetinotopicReadout")
+    assert set(r["stages"]) <= {"whole", "experts", "dark", "student"}
