@@ -81,7 +81,8 @@ def main() -> None:
     from brainenc.models.backbones import Backbone
     from brainenc.models.losses import SmoothL1Loss
     from brainenc.models.readout import FeatureSpec
-    from brainenc.models.retinotopic import ExpertsReadout, RetinotopicReadout
+    from brainenc.models.experts import ExpertsReadout
+    from brainenc.models.retinotopic import RetinotopicReadout
     from brainenc.recipes.partitions import write_partitions
 
     torch.manual_seed(0)

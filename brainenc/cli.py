@@ -64,19 +64,23 @@ class BrainencCLI(LightningCLI):
             tmp.write_text(yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
 
 
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """``best.ckpt`` in ``directory``, else ``last.ckpt``, else None."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def checkpoint_to_test(trainer) -> str | None:
-    """The checkpoint a test after fit should load: the monitored best, else ``best.ckpt`` or
-    ``last.ckpt`` in a checkpoint callback's directory (e.g. written by the ridge module), else
-    None (the weights in memory)."""
+    """The checkpoint a test after fit should load: the monitored best, else :func:`find_checkpoint`
+    in a checkpoint callback's directory (e.g. files written by the ridge module), else None (the
+    weights in memory)."""
     cb = trainer.checkpoint_callback
     if cb is not None and getattr(cb, "best_model_path", ""):
         return cb.best_model_path
-    for cb in trainer.checkpoint_callbacks:
-        for name in ("best.ckpt", "last.ckpt"):
-            path = Path(cb.dirpath or "") / name
-            if cb.dirpath and path.is_file():
-                return str(path)
-    return None
+    found = (find_checkpoint(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)
+    return next((str(p) for p in found if p is not None), None)
 
 
 def lightning_main(argv: list[str]) -> None:

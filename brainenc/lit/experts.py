@@ -1,7 +1,7 @@
 """ExpertsModule: AFO stage 2 — every ROI expert of every partition trained in one LightningModule.
 
 The experts share the backbone, so one forward pass of it (or one read of the feature cache)
-feeds them all, and :class:`~brainenc.models.retinotopic.ExpertsReadout` evaluates them together;
+feeds them all, and :class:`~brainenc.models.experts.ExpertsReadout` evaluates them together;
 that is much cheaper than one run per ROI.  With ``expert_adapters=True`` and a LoRA backbone,
 every expert instead gets its own adapter, so an ROI can specialise the backbone (one backbone
 pass per expert and step: costly, and only for backbones LoRA can adapt, e.g. ViTs).
@@ -21,12 +21,12 @@ from brainenc.features.cache import FeatureCache
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.losses import VoxelLoss
 from brainenc.models.readout import ReadoutFactory
-from brainenc.models.retinotopic import ExpertFeatures, ExpertsReadout
+from brainenc.models.experts import ExpertFeatures, ExpertsReadout
 from .encoder_module import EncoderModule
 
 
 class ExpertsModule(EncoderModule):
-    """An :class:`EncoderModule` whose readout is an :class:`~brainenc.models.retinotopic.ExpertsReadout`.
+    """An :class:`EncoderModule` whose readout is an :class:`~brainenc.models.experts.ExpertsReadout`.
 
     Parameters
     ----------

@@ -110,11 +110,13 @@ def _cli(args: list[str]) -> None:
 
 
 def best_checkpoint(root: Path) -> Path:
-    ck = root / "checkpoints"
-    for name in ("best.ckpt", "last.ckpt"):
-        if (ck / name).exists():
-            return ck / name
-    raise FileNotFoundError(f"{ck}: no best.ckpt or last.ckpt (did the fit of stage {root.name} run?)")
+    from brainenc.cli import find_checkpoint
+
+    found = find_checkpoint(root / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{root / 'checkpoints'}: no best.ckpt or last.ckpt (did the fit of stage "
+                                f"{root.name} run?)")
+    return found
 
 
 def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) -> None:
@@ -322,7 +324,7 @@ class AFORecipe:
 
     def _experts_cfg(self, root: Path, only: Optional[list[str]]) -> dict:
         s = self.stages.get("experts") or {}
-        readout = {"class_path": "brainenc.models.retinotopic.ExpertsReadout",
+        readout = {"class_path": "brainenc.models.experts.ExpertsReadout",
                    "init_args": {"partitions": str((self.dir("partitions") / "partitions.h5").resolve()),
                                  "only": only, "expert": dict(s.get("expert") or {})}}
         extra = {"model_name": "afo-experts", **dict(s.get("init_args") or {})}

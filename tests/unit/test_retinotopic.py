@@ -14,8 +14,9 @@ from brainenc.lit.encoder_module import EncoderModule
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
-from brainenc.models.retinotopic import (ExpertFeatures, ExpertsReadout, RetinotopicReadout, fourier_encode,
-                                         normalise_coords, read_level, sample_at)
+from brainenc.models.experts import ExpertFeatures, ExpertsReadout
+from brainenc.models.retinotopic import (RetinotopicReadout, fourier_encode, normalise_coords, normalise_levels,
+                                         read_level, sample_at)
 from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
                                          write_partitions)
 
@@ -81,7 +82,7 @@ def test_readout_matches_a_direct_reference_at_pixel_centres():
     feats = _feats()
     pred = r(feats, PAIR)
     pos_, levels, mix = r.voxel_params(PAIR)
-    maps = [conv(m) for m, conv in zip(r.normalised(feats), r.bottleneck)]
+    maps = [conv(m) for m, conv in zip(normalise_levels(feats, r.norm), r.bottleneck)]
     local0 = torch.stack([maps[0][:, :, i, j] for i, j in ij], dim=2)
     local1 = sample_at(maps[1], pos_)
     local = local0 * levels[:, 0] + local1 * levels[:, 1]

@@ -1,0 +1,165 @@
+"""All-for-One experts: one small retinotopic readout per ROI of each partition of the voxels.
+
+:class:`ExpertsReadout` holds the experts of every partition (AFO stage 2) and stitches their
+predictions into whole-brain vectors; :class:`ExpertFeatures` carries one feature pyramid per
+expert when each expert runs the backbone with its own LoRA adapter.  The prediction itself is
+:func:`brainenc.models.retinotopic.predict_points`, shared with the whole-brain readout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .backbones import Features
+from .readout import FeatureSpec, Readout, pair_slot
+from .retinotopic import RetinotopicReadout, level_norms, normalise_levels, predict_points
+
+
+def _key(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in str(name))
+
+
+class ExpertFeatures:
+    """Feature pyramids that differ per expert (each expert runs the backbone with its own LoRA adapter).
+
+    ``of(e)`` returns expert ``e``'s :class:`Features` of the batch, computed on first use by
+    ``compute(e)``; ``len()`` is the batch size B.
+    """
+
+    def __init__(self, compute: Callable[[int], Features], batch_size: int):
+        self._compute, self._batch_size = compute, int(batch_size)
+        self._memo: dict[int, Features] = {}
+
+    def __len__(self) -> int:
+        return self._batch_size
+
+    def of(self, e: int) -> Features:
+        if e not in self._memo:
+            self._memo[e] = self._compute(e)
+        return self._memo[e]
+
+
+class ExpertsReadout(Readout):
+    """One small :class:`RetinotopicReadout` per ROI of each partition of the voxels (AFO stage 2).
+
+    A partition assigns every voxel of every subject to exactly one ROI (see
+    :mod:`brainenc.recipes.partitions`); the expert of ROI ``r`` is a retinotopic readout over only
+    that ROI's voxels (its own coordinate MLPs, bottleneck and per-voxel weights, with
+    coordinates normalised over the ROI).  All experts share the backbone -- or each runs it with
+    its own LoRA adapter (``ExpertsModule(expert_adapters=True)``, which passes
+    :class:`ExpertFeatures`) -- and train together.
+
+    ``forward`` returns the ensemble: each voxel's prediction averaged over the partitions
+    (B, V); :meth:`forward_partitions` returns every partition's stitched prediction (B, P, V).
+
+    Parameters
+    ----------
+    voxel_counts, spec : as for every readout
+    partitions : path of a partitions HDF5 file (``brainenc.recipes.partitions.write_partitions``)
+    only : train only these partitions (for running partitions as separate processes); None = all
+    expert : keyword arguments of each expert's :class:`RetinotopicReadout` (e.g. ``{"width": 16}``)
+    """
+
+    def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, partitions: str,
+                 only: Optional[list[str]] = None, expert: Optional[dict] = None):
+        super().__init__(voxel_counts, spec)
+        from brainenc.recipes.partitions import read_partitions
+
+        parts = read_partitions(partitions)
+        if only:
+            unknown = sorted(set(only) - set(parts))
+            if unknown:
+                raise ValueError(f"{partitions}: partitions {unknown} not found; have {sorted(parts)}")
+            parts = {k: v for k, v in parts.items() if k in only}
+        if not parts:
+            raise ValueError(f"{partitions}: no partitions to train")
+        self.partition_names = list(parts)
+        self.roi_names: dict[str, list[str]] = {}
+        self.experts = nn.ModuleDict()
+        for p, (names, labels) in parts.items():
+            self.roi_names[p] = list(names)
+            for key, n in self.voxel_counts.items():
+                lab = labels.get(key)
+                if lab is None or len(lab) != n:
+                    raise ValueError(f"{partitions}: partition {p!r} has no labels of length {n} for {key}")
+                lab_t = torch.as_tensor(lab, dtype=torch.long)
+                local = torch.zeros(n, dtype=torch.long)
+                for r in range(len(names)):
+                    sel = lab_t == r
+                    local[sel] = torch.arange(int(sel.sum()))
+                self.register_buffer(f"label_{_key(p)}_{pair_slot(key)}", lab_t)
+                self.register_buffer(f"local_{_key(p)}_{pair_slot(key)}", local)
+            for r, roi in enumerate(names):
+                counts = {key: int((np.asarray(labels[key]) == r).sum()) for key in self.voxel_counts}
+                counts = {k: c for k, c in counts.items() if c > 0}
+                if counts:
+                    self.experts[self.expert_name(p, r)] = RetinotopicReadout(
+                        counts, spec, **{**(expert or {}), "normalise": False})
+        # every expert standardises the same features the same way: one shared set of norms
+        self.norm = level_norms(spec)
+        self._index = {name: i for i, name in enumerate(self.experts)}
+
+    def expert_name(self, partition: str, r: int) -> str:
+        return f"{_key(partition)}__{r}_{_key(self.roi_names[partition][r])}"
+
+    def set_voxel_info(self, pair: str, coords: np.ndarray) -> None:
+        for p in self.partition_names:
+            lab = getattr(self, f"label_{_key(p)}_{pair_slot(pair)}").cpu().numpy()
+            for r in range(len(self.roi_names[p])):
+                name = self.expert_name(p, r)
+                if name in self.experts and pair in self.experts[name].voxel_counts:
+                    self.experts[name].set_voxel_info(pair, coords[lab == r])
+
+    def _points(self, pair: str, voxels: Optional[Tensor], device) -> tuple[list, Tensor]:
+        """Every (partition, voxel) entry as a point of its ROI's expert.
+
+        Returns a list of (expert index, expert, output columns (n,), the expert's local voxel
+        indices (n,)) and the number of voxels V; output column ``i * V + j`` is voxel ``j`` of
+        partition ``i``.
+        """
+        s = pair_slot(pair)
+        vox = torch.arange(self.voxel_counts[pair], device=device) if voxels is None else voxels
+        groups = []
+        for i, p in enumerate(self.partition_names):
+            lab = getattr(self, f"label_{_key(p)}_{s}")[vox]
+            local = getattr(self, f"local_{_key(p)}_{s}")[vox]
+            for r in range(len(self.roi_names[p])):
+                cols = torch.nonzero(lab == r).squeeze(1)
+                if len(cols):
+                    name = self.expert_name(p, r)
+                    groups.append((self._index[name], self.experts[name], i * len(vox) + cols, local[cols]))
+        return groups, len(vox)
+
+    def forward_partitions(self, features: Features | ExpertFeatures, pair: str,
+                           voxels: Optional[Tensor] = None) -> Tensor:
+        """Every partition's stitched prediction: (B, P, V) (V = n_voxels when ``voxels`` is None).
+
+        With shared :class:`Features` the maps are normalised once for all experts; with
+        :class:`ExpertFeatures` (per-expert LoRA adapters) each expert's own are.  An expert reads
+        only its ROI's voxels.
+        """
+        per_expert = isinstance(features, ExpertFeatures)
+        groups, n = self._points(pair, voxels, self.label_device())
+        shared = None if per_expert else normalise_levels(features, self.norm)
+        preds = []
+        for e, expert, _, local in groups:
+            maps = normalise_levels(features.of(e), self.norm) if per_expert else shared
+            preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
+                                        dropout=expert.dropout))
+        # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
+        out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
+        out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)
+        return out.view(len(features), len(self.partition_names), n)
+
+    def label_device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        return self.forward_partitions(features, pair, voxels).mean(dim=1)
+
+    def regularization(self) -> Tensor:
+        return sum((e.regularization() for e in self.experts.values()), torch.zeros(()))
