@@ -62,10 +62,15 @@ class ExpertsReadout(Readout):
     partitions : path of a partitions HDF5 file (``brainenc.recipes.partitions.write_partitions``)
     only : train only these partitions (for running partitions as separate processes); None = all
     expert : keyword arguments of each expert's :class:`RetinotopicReadout` (e.g. ``{"width": 16}``)
+    init_from : checkpoint of the whole-brain model (a :class:`RetinotopicReadout` built with the
+        same ``expert`` arguments): every expert starts as a copy of it restricted to its ROI, with
+        coordinates in the subject's frame, so at step 0 every partition predicts exactly what the
+        whole-brain model does and training can only specialise it (AFO's warm start)
     """
 
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, partitions: str,
-                 only: Optional[list[str]] = None, expert: Optional[dict] = None):
+                 only: Optional[list[str]] = None, expert: Optional[dict] = None,
+                 init_from: Optional[str] = None):
         super().__init__(voxel_counts, spec)
         from brainenc.recipes.partitions import read_partitions
 
@@ -99,9 +104,38 @@ class ExpertsReadout(Readout):
                 if counts:
                     self.experts[self.expert_name(p, r)] = RetinotopicReadout(
                         counts, spec, **{**(expert or {}), "normalise": False})
-        # every expert standardises the same features the same way: one shared set of norms
+        # every expert standardises (and pools) the same features the same way: one shared set of norms
         self.norm = level_norms(spec)
+        self.grid = (expert or {}).get("grid")
         self._index = {name: i for i, name in enumerate(self.experts)}
+        self.subject_frame = init_from is not None
+        if init_from is not None:
+            self.warm_start(init_from, expert or {})
+
+    @torch.no_grad()
+    def warm_start(self, path: str, expert: dict) -> None:
+        """Copy the whole-brain readout of checkpoint ``path`` into every expert (see ``init_from``)."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ExpertsReadout: init_from checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        sub = {k[len("readout."):]: v for k, v in state.items() if k.startswith("readout.")}
+        whole = RetinotopicReadout(self.voxel_counts, self.spec, **expert)
+        try:
+            whole.load_state_dict(sub)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: field 'state_dict': expected a whole-brain RetinotopicReadout over "
+                             f"{sorted(self.voxel_counts)} built with expert={expert}: {err}") from err
+        self.norm.load_state_dict(whole.norm.state_dict())
+        for p in self.partition_names:
+            for r in range(len(self.roi_names[p])):
+                name = self.expert_name(p, r)
+                if name not in self.experts:
+                    continue
+                idx = {key: torch.nonzero(getattr(self, f"label_{_key(p)}_{pair_slot(key)}") == r).squeeze(1)
+                       for key in self.experts[name].voxel_counts}
+                self.experts[name].copy_from(whole, idx)
 
     def expert_name(self, partition: str, r: int) -> str:
         return f"{_key(partition)}__{r}_{_key(self.roi_names[partition][r])}"
@@ -112,7 +146,9 @@ class ExpertsReadout(Readout):
             for r in range(len(self.roi_names[p])):
                 name = self.expert_name(p, r)
                 if name in self.experts and pair in self.experts[name].voxel_counts:
-                    self.experts[name].set_voxel_info(pair, coords[lab == r])
+                    # warm-started experts keep the subject's frame, the one their copied MLPs learned in
+                    self.experts[name].set_voxel_info(pair, coords[lab == r],
+                                                      frame=coords if self.subject_frame else None)
 
     def _points(self, pair: str, voxels: Optional[Tensor], device) -> tuple[list, Tensor]:
         """Every (partition, voxel) entry as a point of its ROI's expert.
@@ -144,12 +180,12 @@ class ExpertsReadout(Readout):
         """
         per_expert = isinstance(features, ExpertFeatures)
         groups, n = self._points(pair, voxels, self.label_device())
-        shared = None if per_expert else normalise_levels(features, self.norm)
+        shared = None if per_expert else normalise_levels(features, self.norm, self.grid)
         preds = []
         for e, expert, _, local in groups:
-            maps = normalise_levels(features.of(e), self.norm) if per_expert else shared
+            maps = normalise_levels(features.of(e), self.norm, self.grid) if per_expert else shared
             preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
-                                        dropout=expert.dropout))
+                                        dropout=expert.dropout, padding=expert.padding))
         # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
         out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
         out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)

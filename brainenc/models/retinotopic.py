@@ -61,14 +61,16 @@ def fourier_encode(coords: Tensor, n_freq: int) -> Tensor:
     return torch.cat([coords, ang.sin().flatten(1), ang.cos().flatten(1)], dim=1)
 
 
-def normalise_coords(coords: np.ndarray) -> np.ndarray:
-    """Centre a subject's coordinates on their bounding box and scale isotropically into [-1, 1].
+def normalise_coords(coords: np.ndarray, frame: Optional[np.ndarray] = None) -> np.ndarray:
+    """Centre coordinates on a bounding box and scale isotropically into [-1, 1].
 
     One scale for all three axes keeps distances (and so the smoothness the MLP imposes) the same
-    in every direction.  Returns float32 (n_voxels, 3).
+    in every direction.  ``frame`` (m, 3) gives the box (default: ``coords`` themselves), so a
+    subset of a subject's voxels can keep the whole subject's frame.  Returns float32 (n_voxels, 3).
     """
     c = np.asarray(coords, dtype=np.float64)
-    lo, hi = c.min(0), c.max(0)
+    f = c if frame is None else np.asarray(frame, dtype=np.float64)
+    lo, hi = f.min(0), f.max(0)
     half = max(float((hi - lo).max()) / 2, 1e-6)
     return ((c - (lo + hi) / 2) / half).astype(np.float32)
 
@@ -82,7 +84,7 @@ def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
+def sample_at(fmap: Tensor, pos: Tensor, padding: str = "border") -> Tensor:
     """Bilinearly sample ``fmap`` at voxel positions.
 
     Parameters
@@ -97,9 +99,9 @@ def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
     if pos.ndim == 2:
         pos = pos.unsqueeze(0).expand(fmap.shape[0], -1, -1)
     grid = pos.unsqueeze(1).to(fmap.dtype)  # (B, 1, V, 2)
-    # border padding: a position on the image's edge reads the edge pixels rather than
-    # blending them with zeros outside the image
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # "border": a position on the image's edge reads the edge pixels rather than blending them
+    # with zeros outside the image ("zeros", FactorTopy's choice, fades them out)
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode=padding, align_corners=False)
     return out.squeeze(2)
 
 
@@ -114,7 +116,7 @@ def _active(dropout: nn.Module) -> bool:
 
 
 def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
-               dropout: nn.Module) -> tuple[Tensor, Tensor]:
+               dropout: nn.Module, padding: str = "border") -> tuple[Tensor, Tensor]:
     """One level's local contribution to every voxel's prediction, and the level's pooled features.
 
     Parameters
@@ -124,6 +126,7 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     pos : Tensor (N, 2) positions in grid units
     readout : Tensor (N, width), each voxel's readout weights of its local features
     dropout : applied to the voxel's bottlenecked features while training
+    padding : ``grid_sample`` padding mode ("border" or "zeros")
 
     Returns
     -------
@@ -138,23 +141,25 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     # voxels x input channels, projecting first width x pixels plus the gradient of grid_sample
     # with respect to the projected map; pick the cheaper order.
     if n * c <= SAMPLE_FIRST_ADVANTAGE * width * h * w:
-        s = sample_at(fmap, pos)  # (B, C, N)
+        s = sample_at(fmap, pos, padding)  # (B, C, N)
         if _active(dropout):
             feat = torch.einsum("bcn,wc->bwn", s, weight) + bias[:, None]
             return (dropout(feat) * readout.t()).sum(dim=1), pooled
         # fold the readout into the bottleneck: no (B, width, N) features at all
         return (s * (readout @ weight).t()).sum(dim=1) + readout @ bias, pooled
-    feat = sample_at(F.conv2d(fmap, weight[:, :, None, None], bias), pos)  # (B, width, N)
+    feat = sample_at(F.conv2d(fmap, weight[:, :, None, None], bias), pos, padding)  # (B, width, N)
     return (dropout(feat) * readout.t()).sum(dim=1), pooled
 
 
 def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
-                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module) -> Tensor:
+                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module,
+                   padding: str = "border") -> Tensor:
     """The retinotopic prediction of N voxels.
 
     ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
     + (1 - mix[n]) * w_global[n] . pooled_l[b]) + bias[n]`` with ``weight[n] = [w_local, w_global]``
-    (without the global term: ``mix`` is None and ``weight = w_local``).
+    (D = 2 * width), or one vector ``w_local = w_global = weight[n]`` for both terms (D = width,
+    FactorTopy's shared readout); without the global term ``mix`` is None and ``weight = w_local``.
 
     Parameters
     ----------
@@ -162,26 +167,29 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     bottleneck : per level (weight (width, C_l), bias (width,))
     pos : (N, 2) positions; levels : (N, L) level weights; mix : (N,) local weight, or None for
         no global term
-    weight : (N, D) per-voxel readout weights (D = 2 * width with the global term, else width)
+    weight : (N, D) per-voxel readout weights (D = 2 * width or width, see above)
     bias : (N,)
     dropout : applied to each level's local features, and the global features, while training
+    padding : ``grid_sample`` padding mode
 
     Returns
     -------
     Tensor (B, N)
     """
     width = bottleneck[0][0].shape[0]
+    shared = weight.shape[1] == width
     # the mix scales the (small) readout weights instead of the (B, width, N) features
     w_local = weight if mix is None else weight[:, :width] * mix[:, None]
     pred, pooled = bias, []
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout)
+        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout, padding)
         pred = pred + local * levels[:, l]
         pooled.append(pl)
     if mix is None:
         return pred
     glob = torch.stack(pooled, dim=2) @ levels.t()  # (B, width, N)
-    return pred + (dropout(glob) * (weight[:, width:] * (1 - mix)[:, None]).t()).sum(dim=1)
+    w_global = weight if shared else weight[:, width:]
+    return pred + (dropout(glob) * (w_global * (1 - mix)[:, None]).t()).sum(dim=1)
 
 
 def level_norms(spec: FeatureSpec) -> nn.ModuleList:
@@ -189,9 +197,38 @@ def level_norms(spec: FeatureSpec) -> nn.ModuleList:
     return nn.ModuleList([nn.BatchNorm2d(c, affine=False) for c, _, _ in spec.shapes])
 
 
-def normalise_levels(features: Features, norms: nn.ModuleList) -> list[Tensor]:
-    """The maps standardised by ``norms`` (from :func:`level_norms`), one (B, C_l, H_l, W_l) per level."""
-    return [norm(m) for m, norm in zip(features.maps, norms)]
+def normalise_levels(features: Features, norms: nn.ModuleList, grid: Optional[int] = None) -> list[Tensor]:
+    """The maps standardised by ``norms`` (from :func:`level_norms`), one (B, C_l, H_l, W_l) per level.
+
+    With ``grid``, maps larger than ``grid x grid`` are average-pooled to it (area averaging, so
+    no aliasing): a coarse map gives every position a gradient from a wide neighbourhood, where
+    on a fine map a position only feels its 2 x 2 nearest cells (see docs/afo.md).
+    """
+    maps = [norm(m) for m, norm in zip(features.maps, norms)]
+    if grid is None:
+        return maps
+    return [F.adaptive_avg_pool2d(m, (min(grid, m.shape[-2]), min(grid, m.shape[-1]))) for m in maps]
+
+
+def selector_prior_term(levels: Tensor, mix: Optional[Tensor]) -> Tensor:
+    """FactorTopy's selector prior: mean normalised negative entropy of the level weights plus the
+    mean squared distance of the local/global mix from 0.5.
+
+    Parameters
+    ----------
+    levels : Tensor (V, L), rows summing to 1
+    mix : Tensor (V,) or None
+
+    Returns
+    -------
+    scalar Tensor in [-1, 0.25]: -1 for uniform levels and an even mix
+    """
+    n_levels = levels.shape[1]
+    neg_entropy = (levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
+    out = neg_entropy / math.log(n_levels) if n_levels > 1 else neg_entropy * 0
+    if mix is not None:
+        out = out + (mix - 0.5).pow(2).mean()
+    return out
 
 
 class RetinotopicReadout(Readout):
@@ -213,23 +250,51 @@ class RetinotopicReadout(Readout):
     dropout : dropout on the per-voxel features during training
     normalise : standardise each level with its own parameter-free BatchNorm; False when the
         caller passes already normalised maps (the experts of :class:`ExpertsReadout` share one)
+    grid : average-pool every level map larger than ``grid x grid`` down to it before sampling
+        (None = sample the backbone's maps as they are); see :func:`normalise_levels`
+    selector_init : "zero" starts the last layer of every selector MLP at zero, so every voxel
+        starts at the image centre with uniform level weights and an even local/global mix and
+        moves by gradient; "small" (earlier default) only shrinks the position layer
+    shared_readout : one readout vector per voxel for the local and the global features
+        (``w . (m * local + (1 - m) * global)``, width values) instead of one each (2 * width)
+    selector_prior : weight of a prior that holds the selectors near their neutral start
+        (normalised negative entropy of the level weights, minimal when uniform, plus
+        ``(mix - 0.5)^2``) and fades linearly to 0 over ``selector_prior_steps`` training steps,
+        so early noisy gradients cannot lock a voxel onto one level before its position is found
+    padding : ``grid_sample`` padding mode, "border" or "zeros"
     """
 
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, width: int = 32, hidden: int = 64,
                  n_freq: int = 6, positions: Literal["mlp", "free"] = "mlp", jitter: float = 0.0,
                  layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0,
-                 normalise: bool = True):
+                 normalise: bool = True, grid: Optional[int] = None,
+                 selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
+                 selector_prior: float = 0.0, selector_prior_steps: int = 2000,
+                 padding: Literal["border", "zeros"] = "border"):
         super().__init__(voxel_counts, spec)
         if positions not in ("mlp", "free"):
             raise ValueError(f"RetinotopicReadout: positions must be 'mlp' or 'free', got {positions!r}")
+        if selector_init not in ("zero", "small"):
+            raise ValueError(f"RetinotopicReadout: selector_init must be 'zero' or 'small', got {selector_init!r}")
+        if padding not in ("border", "zeros"):
+            raise ValueError(f"RetinotopicReadout: padding must be 'border' or 'zeros', got {padding!r}")
+        if grid is not None and int(grid) < 1:
+            raise ValueError(f"RetinotopicReadout: grid must be a positive integer or null, got {grid!r}")
+        if selector_prior < 0 or int(selector_prior_steps) < 1:
+            raise ValueError("RetinotopicReadout: selector_prior must be >= 0 and selector_prior_steps >= 1, got "
+                             f"{selector_prior!r} and {selector_prior_steps!r}")
         self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
+        self.grid, self.padding, self.shared_readout = None if grid is None else int(grid), padding, bool(shared_readout)
+        self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
+        # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
+        self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
         self.n_levels = len(spec.shapes)
         self.norm = level_norms(spec) if normalise else nn.ModuleList([nn.Identity() for _ in spec.shapes])
         self.bottleneck = nn.ModuleList([nn.Conv2d(c, self.width, 1) for c, _, _ in spec.shapes])
         self.dropout = nn.Dropout(dropout)
         d_enc = 3 + 6 * self.n_freq
-        d_feat = 2 * self.width if self.global_term else self.width
+        d_feat = 2 * self.width if self.global_term and not self.shared_readout else self.width
         self.pos_mlp, self.layer_mlp, self.mix_mlp = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.free_pos = nn.ParameterDict()
         self.weight, self.bias = nn.ParameterDict(), nn.ParameterDict()
@@ -245,20 +310,54 @@ class RetinotopicReadout(Readout):
                 nn.init.normal_(self.pos_mlp[s][-1].weight, std=0.01)
                 nn.init.zeros_(self.pos_mlp[s][-1].bias)
             else:
-                self.free_pos[s] = nn.Parameter(0.1 * torch.randn(n, 2, generator=gen))
+                self.free_pos[s] = nn.Parameter(
+                    torch.zeros(n, 2) if selector_init == "zero" else 0.1 * torch.randn(n, 2, generator=gen))
             self.layer_mlp[s] = _mlp(d_enc, hidden, self.n_levels)
             self.mix_mlp[s] = _mlp(d_enc, hidden, 1)
+            if selector_init == "zero":
+                # a neutral start: centre, uniform levels, even mix; the hidden layers keep their
+                # random init, so the first gradient step already differs between voxels
+                for mlp in (self.pos_mlp[s] if positions == "mlp" else None, self.layer_mlp[s], self.mix_mlp[s]):
+                    if mlp is not None:
+                        nn.init.zeros_(mlp[-1].weight)
+                        nn.init.zeros_(mlp[-1].bias)
             self.weight[s] = nn.Parameter(torch.randn(n, d_feat, generator=gen) * (0.1 / math.sqrt(d_feat)))
             self.bias[s] = nn.Parameter(torch.zeros(n))
         self._entropy: Optional[Tensor] = None
+        self._prior: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def copy_from(self, other: "RetinotopicReadout", voxels: dict[str, Tensor]) -> None:
+        """Start as ``other`` restricted to some voxels: copy its selector MLPs, bottleneck and the
+        per-voxel weights of ``voxels[pair]`` (int64 (n,), this readout's voxels in ``other``'s order).
+
+        Both readouts must have the same architecture; with coordinates in the same frame (see
+        :meth:`set_voxel_info`), this readout then predicts exactly what ``other`` does for those voxels.
+        """
+        if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout) != (
+                self.width, self.n_freq, self.positions_mode, self.global_term, self.shared_readout):
+            raise ValueError("RetinotopicReadout.copy_from: the two readouts differ in width, n_freq, positions, "
+                             "global_term or shared_readout")
+        self.bottleneck.load_state_dict(other.bottleneck.state_dict())
+        for key, idx in voxels.items():
+            s = pair_slot(key)
+            for mine, theirs in ((self.pos_mlp, other.pos_mlp), (self.layer_mlp, other.layer_mlp),
+                                 (self.mix_mlp, other.mix_mlp)):
+                if s in theirs:
+                    mine[s].load_state_dict(theirs[s].state_dict())
+            if s in other.free_pos:
+                self.free_pos[s].copy_(other.free_pos[s][idx])
+            self.weight[s].copy_(other.weight[s][idx])
+            self.bias[s].copy_(other.bias[s][idx])
 
     # ------------------------------------------------------------------ voxel info
-    def set_voxel_info(self, pair: str, coords: np.ndarray) -> None:
-        """Store the pair's coordinates float (n_voxels, 3) mm, normalised per subject."""
+    def set_voxel_info(self, pair: str, coords: np.ndarray, frame: Optional[np.ndarray] = None) -> None:
+        """Store the pair's coordinates float (n_voxels, 3) mm, normalised in the bounding box of
+        ``frame`` (m, 3) mm (default: of ``coords``, i.e. per subject)."""
         s = pair_slot(pair)
         if s not in self.weight:
             return
-        c = torch.from_numpy(normalise_coords(coords))
+        c = torch.from_numpy(normalise_coords(coords, frame))
         buf = getattr(self, f"coords_{s}")
         if c.shape != buf.shape:
             raise ValueError(f"RetinotopicReadout: {pair} has {buf.shape[0]} voxels but coords of shape "
@@ -316,8 +415,11 @@ class RetinotopicReadout(Readout):
         pos, levels, mix = self.voxel_params(pair, voxels)
         if self.training and self.jitter > 0:
             pos = pos + self.jitter * torch.randn_like(pos)
-        if self.training and self.layer_entropy > 0:
-            self._entropy = -(levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
+        if self.training and (self.layer_entropy > 0 or self.selector_prior > 0):
+            entropy = -(levels * levels.clamp_min(1e-8).log()).sum(-1).mean()
+            self._entropy = entropy if self.layer_entropy > 0 else None
+            if self.selector_prior > 0:
+                self._prior = selector_prior_term(levels, mix if self.global_term else None)
         w, b = self.weight[s], self.bias[s]
         if voxels is not None:
             w, b = w[voxels], b[voxels]
@@ -325,14 +427,26 @@ class RetinotopicReadout(Readout):
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""
-        return predict_points(normalise_levels(features, self.norm), self.bottleneck_weights(),
-                              *self.point_params(pair, voxels), dropout=self.dropout)
+        return predict_points(normalise_levels(features, self.norm, self.grid), self.bottleneck_weights(),
+                              *self.point_params(pair, voxels), dropout=self.dropout, padding=self.padding)
+
+    def prior_weight(self) -> float:
+        """The selector prior's weight at the current step: ``selector_prior * max(0, 1 - step / steps)``."""
+        return self.selector_prior * max(0.0, 1.0 - int(self.prior_step) / self.selector_prior_steps)
 
     def regularization(self) -> Tensor:
-        """``layer_entropy *`` mean entropy of the level weights of the last training forward."""
-        if self._entropy is None:
-            return torch.zeros(())
-        out, self._entropy = self.layer_entropy * self._entropy, None
+        """The regularisers of the last training forward (call once per training step).
+
+        ``layer_entropy *`` mean entropy of the level weights, plus :meth:`prior_weight` ``*``
+        :func:`selector_prior_term`; the prior's step counter advances by one per call.
+        """
+        out = torch.zeros(())
+        if self._entropy is not None:
+            out = out + self.layer_entropy * self._entropy
+        if self._prior is not None:
+            out = out + self.prior_weight() * self._prior
+            self.prior_step += 1
+        self._entropy = self._prior = None
         return out
 
     def voxel_weights(self, pair: str) -> Tensor:

@@ -375,3 +375,102 @@ def test_student_starts_from_a_checkpoint_of_the_whole_brain_model(tmp_path):
     with pytest.raises(ValueError, match="field 'state_dict'.*mis-shaped"):
         DistillModule(_bb(), lambda vc, spec: RetinotopicReadout(vc, spec, width=6), dark_targets=str(f),
                       voxel_counts={PAIR: n}, init_from=str(tmp_path / "whole.ckpt"))
+
+
+# ----------------------------------------------------------------------------- FactorTopy-style options
+def test_warm_started_experts_predict_exactly_the_whole_brain_model(tmp_path):
+    n = 30
+    path, _ = _partition_file(tmp_path, n)
+    kw = {"width": 4, "hidden": 8, "grid": 2, "selector_init": "zero"}
+    whole = RetinotopicReadout({PAIR: n}, _spec(), **kw)
+    coords = _coords(n)
+    whole.set_voxel_info(PAIR, coords)
+    # move every parameter away from its initialisation, and give BatchNorm non-trivial statistics
+    with torch.no_grad():
+        for prm in whole.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    whole.train()
+    whole(_feats(b=8, seed=3), PAIR)
+    whole.eval()
+    ckpt = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {f"readout.{k}": v for k, v in whole.state_dict().items()}}, ckpt)
+    cold = ExpertsReadout({PAIR: n}, _spec(), str(path), expert=kw).eval()
+    warm = ExpertsReadout({PAIR: n}, _spec(), str(path), expert=kw, init_from=str(ckpt)).eval()
+    for ex in (cold, warm):
+        ex.set_voxel_info(PAIR, coords)
+    feats = _feats()
+    want = whole(feats, PAIR)
+    per = warm.forward_partitions(feats, PAIR)
+    for p_i in range(per.shape[1]):  # every partition on its own equals the whole-brain model
+        torch.testing.assert_close(per[:, p_i], want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cold(feats, PAIR), want, atol=1e-3)
+    other = RetinotopicReadout({PAIR: n}, _spec(), width=6, hidden=8)
+    torch.save({"state_dict": {f"readout.{k}": v for k, v in other.state_dict().items()}}, ckpt)
+    with pytest.raises(ValueError, match="whole-brain RetinotopicReadout"):
+        ExpertsReadout({PAIR: n}, _spec(), str(path), expert=kw, init_from=str(ckpt))
+
+
+def test_grid_pools_maps_by_area_before_sampling():
+    feats = _feats()
+    norms = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    pooled = normalise_levels(feats, norms, grid=2)
+    # 8x8 -> 2x2: each cell is the mean of a 4x4 block; the 4x4 level -> 2x2 likewise
+    torch.testing.assert_close(pooled[0][:, :, 1, 0], feats.maps[0][:, :, 4:, :4].mean(dim=(2, 3)))
+    torch.testing.assert_close(pooled[1][:, :, 0, 1], feats.maps[1][:, :, :2, 2:].mean(dim=(2, 3)))
+    # a map already at or below the grid is left alone
+    assert normalise_levels(feats, norms, grid=16)[0] is not None
+    torch.testing.assert_close(normalise_levels(feats, norms, grid=16)[1], feats.maps[1])
+
+
+def test_zero_selector_init_starts_at_the_centre_with_uniform_levels_and_even_mix():
+    n = 12
+    r = RetinotopicReadout({PAIR: n}, _spec(), selector_init="zero")
+    r.set_voxel_info(PAIR, _coords(n))
+    pos, levels, mix = r.voxel_params(PAIR)
+    assert torch.equal(pos, torch.zeros(n, 2))
+    torch.testing.assert_close(levels, torch.full((n, 2), 0.5))
+    torch.testing.assert_close(mix, torch.full((n,), 0.5))
+    default = RetinotopicReadout({PAIR: n}, _spec())
+    default.set_voxel_info(PAIR, _coords(n))
+    assert not torch.allclose(default.voxel_params(PAIR)[1], torch.full((n, 2), 0.5), atol=1e-4)
+
+
+def test_selector_prior_equals_a_direct_computation_and_fades_linearly():
+    n, steps = 15, 4
+    r = RetinotopicReadout({PAIR: n}, _spec(), selector_prior=0.2, selector_prior_steps=steps)
+    r.set_voxel_info(PAIR, _coords(n))
+    with torch.no_grad():  # non-uniform selectors, so the prior is not at its minimum
+        for prm in [*r.layer_mlp.parameters(), *r.mix_mlp.parameters()]:
+            prm.add_(0.3 * torch.randn_like(prm))
+    r.train()
+    feats = _feats()
+    got = []
+    for step in range(steps + 1):
+        r(feats, PAIR)
+        _, levels, mix = (t.detach() for t in r.voxel_params(PAIR))
+        p = levels.numpy().astype(np.float64)
+        assert p.min() > 1e-6
+        direct = (p * np.log(p)).sum(1).mean() / np.log(2) + ((mix.numpy() - 0.5) ** 2).mean()
+        got.append(float(r.regularization().detach()))
+        assert got[-1] == pytest.approx(0.2 * max(0.0, 1 - step / steps) * direct, rel=1e-5, abs=1e-7)
+    assert got[-1] == 0.0 and int(r.prior_step) == steps + 1
+    # the step counter is in the state dict, so a resumed fit continues the fade
+    assert "prior_step" in r.state_dict()
+
+
+def test_shared_readout_uses_one_vector_for_local_and_global_terms():
+    n = 10
+    r = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, shared_readout=True).eval()
+    r.set_voxel_info(PAIR, _coords(n))
+    assert r.weight[PAIR.replace("/", "__")].shape == (n, 4)
+    feats = _feats()
+    pos, levels, mix, w, b = r.point_params(PAIR)
+    maps = normalise_levels(feats, r.norm)
+    local = torch.zeros(3, 4, n)
+    glob = torch.zeros(3, 4, n)
+    for l, (m, conv) in enumerate(zip(maps, r.bottleneck)):
+        proj = conv(m)
+        local += sample_at(proj, pos) * levels[:, l]
+        glob += proj.mean(dim=(2, 3))[:, :, None] * levels[:, l]
+    want = ((mix * local + (1 - mix) * glob) * w.t()).sum(1) + b
+    torch.testing.assert_close(r(feats, PAIR), want, atol=1e-5, rtol=1e-5)

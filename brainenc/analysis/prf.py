@@ -1,0 +1,127 @@
+"""Receptive-field recovery: a retinotopic readout's learned positions against simbrain's truth.
+
+simbrain stores every voxel's true population receptive-field centre (``truth/prf_x_deg``,
+``truth/prf_y_deg``, degrees, x right, y up). A retinotopic readout learns one position per voxel
+(:meth:`~brainenc.models.retinotopic.RetinotopicReadout.positions_deg`, same convention), so the
+two can be compared voxel by voxel: Pearson r per axis and the median distance in degrees, over
+the voxels of the early visual areas (V1-V3), where a position is well defined.
+
+Command line (prints JSON; ``--out`` also writes it)::
+
+    python -m brainenc.analysis.prf runs/quickstart/retinotopic [--rois V1,V2,V3] [--out prf.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+
+EARLY_VISUAL = ("V1", "V2", "V3")
+
+
+def true_centres(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """simbrain's true centres (n_voxels, 2) in degrees, voxel types (n_voxels,) and their labels."""
+    import yaml
+
+    with h5py.File(path, "r") as f:
+        if "truth/prf_x_deg" not in f:
+            raise KeyError(f"{path}: field 'truth/prf_x_deg': expected simbrain ground truth (a simulated store)")
+        xy = np.stack([f["truth/prf_x_deg"][()], f["truth/prf_y_deg"][()]], axis=1).astype(np.float64)
+        vt = f["truth/voxel_type"][()].astype(np.int64)
+        labels = {int(k): str(v) for k, v in (yaml.safe_load(f["truth/voxel_type"].attrs["labels"]) or {}).items()}
+    return xy, vt, labels
+
+
+def recovery_stats(est: np.ndarray, true: np.ndarray) -> dict:
+    """Agreement of estimated and true centres, both (n, 2) in degrees.
+
+    Returns ``{"n", "r_x", "r_y", "median_dist_deg"}``; r is NaN for fewer than 3 voxels or a
+    constant axis.
+    """
+    est, true = np.asarray(est, np.float64), np.asarray(true, np.float64)
+    ok = np.isfinite(est).all(1) & np.isfinite(true).all(1)
+    est, true = est[ok], true[ok]
+    out = {"n": int(len(est))}
+    for k, axis in (("r_x", 0), ("r_y", 1)):
+        a, b = est[:, axis], true[:, axis]
+        out[k] = float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+    out["median_dist_deg"] = float(np.median(np.hypot(*(est - true).T))) if len(est) else float("nan")
+    return out
+
+
+def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -> dict[str, dict]:
+    """Per (dataset, subject) pair with ground truth: :func:`recovery_stats` over voxels of ``rois``.
+
+    Parameters
+    ----------
+    readout : a readout with ``positions_deg(pair, visual_angle_deg)`` (n_voxels, 2)
+    pairs : :class:`~brainenc.data.datamodule.PairData` (store, subject, ...)
+    rois : true voxel types to include, by name (simbrain's ``truth/voxel_type`` labels)
+    """
+    out = {}
+    for p in pairs:
+        if not p.info.has_truth or p.key not in readout.voxel_counts:
+            continue
+        true, vt, labels = true_centres(p.info.path)
+        codes = [c for c, name in labels.items() if name in set(rois)]
+        sel = np.isin(vt, codes)
+        est = readout.positions_deg(p.key, p.store.visual_angle_deg).cpu().numpy()
+        out[p.key] = recovery_stats(est[sel], true[sel])
+    return out
+
+
+def summarise(stats: dict[str, dict]) -> dict:
+    """Mean over pairs of each statistic (for one line per run)."""
+    keys = ("r_x", "r_y", "median_dist_deg")
+    return {k: float(np.nanmean([s[k] for s in stats.values()])) if stats else float("nan") for k in keys}
+
+
+def load_tested_run(run: Path):
+    """(model with its best weights in eval mode, datamodule) of a tested run directory.
+
+    The model is rebuilt from ``results/config.yaml`` (the resolved config ``brainenc test`` wrote)
+    and the state dict is read without unpickling code (``weights_only=True``).
+    """
+    import torch
+
+    from brainenc.cli import find_checkpoint
+    from brainenc.recipes.afo import instantiate
+
+    config = run / "results" / "config.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config}: not found; test the run first (brainenc test or fit --test_after_fit=true)")
+    ckpt = find_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run / 'checkpoints'}: no best.ckpt or last.ckpt")
+    model, dm = instantiate(config)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    return model.eval(), dm
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m brainenc.analysis.prf", description=(
+        "Compare a retinotopic run's learned receptive-field centres with simbrain's true ones."))
+    ap.add_argument("run", type=Path, help="run directory (with config.yaml and checkpoints/)")
+    ap.add_argument("--rois", default=",".join(EARLY_VISUAL), help="true voxel types (comma-separated)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    a = ap.parse_args(argv)
+    model, dm = load_tested_run(a.run)
+    stats = prf_recovery(model.readout, dm.pairs, a.rois.split(","))
+    doc = {"pairs": stats, "mean": summarise(stats)}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if a.out:
+        from brainenc.data.store import atomic_path
+
+        with atomic_path(a.out) as tmp:
+            tmp.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
