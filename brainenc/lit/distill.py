@@ -9,19 +9,21 @@ Dark targets file (HDF5, written by ``brainenc afo``'s ``dark`` stage)::
 
     /pairs/<pair slot>/stimulus   int64 (n,)            rows of the pair's stimuli.h5
     /pairs/<pair slot>/pred       float32 (n, n_voxels) stitched, partition-averaged predictions
-    /extra/images                 uint8 (M, S, S, 3)    optional unlabelled images
+    /extra                        optional unlabelled images; attr ``stores``: JSON list of store dirs
+    /extra/source                 int64 (M,)            index into ``stores``
+    /extra/row                    int64 (M,)            row of that store's stimuli.h5
     /extra/pred/<pair slot>       float32 (M, n_voxels) their predictions
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from brainenc.features.cache import FeatureCache
@@ -47,7 +49,8 @@ class DistillModule(EncoderModule):
     ramp_epochs : epochs over which ``w`` rises from 0 to 1 (None = ``max_epochs - 1``, so the
         last epoch is pure ground truth)
     extra_per_step : unlabelled images (from ``/extra``) added to each training step, fitted to
-        their dark targets only (0 = none)
+        their dark targets only, with weight ``1 - w(e)`` (0 = none); their features come from the
+        feature cache like the labelled images' (one store per step)
     init_from : a checkpoint of a model with the same backbone and readout (e.g. the AFO
         whole-brain model) whose weights the student starts from; None = fresh initialisation
     other parameters : as :class:`EncoderModule` (loss defaults to SmoothL1(beta=0.01))
@@ -68,14 +71,17 @@ class DistillModule(EncoderModule):
         if init_from:
             self.load_weights(init_from)
         self._dark: dict[str, tuple[Tensor, Tensor]] = {}  # pair -> (row lookup (n_rows,), pred (n, V))
-        self._extra_images: Optional[Tensor] = None
+        self._extra_stores: list = []
+        self._extra_source: Optional[Tensor] = None  # (M,) index into _extra_stores
+        self._extra_row: Optional[Tensor] = None  # (M,) row of that store's stimuli.h5
         self._extra_pred: dict[str, Tensor] = {}
 
     def load_weights(self, path: str) -> None:
         """Copy the backbone and readout weights of checkpoint ``path`` (shapes must match)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"DistillModule: init_from checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        # weights only: a checkpoint is data, never code to unpickle
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
         own = self.state_dict()
         keep = {k: v for k, v in state.items() if k.startswith(("backbone.", "readout."))}
         bad = sorted(k for k, v in keep.items() if k not in own or own[k].shape != v.shape)
@@ -103,10 +109,15 @@ class DistillModule(EncoderModule):
                 lookup = np.full(int(stim.max()) + 1 if len(stim) else 0, -1, dtype=np.int64)
                 lookup[stim] = np.arange(len(stim))
                 self._dark[key] = (torch.from_numpy(lookup), torch.from_numpy(pred))
-            if "extra/images" in f:
-                self._extra_images = torch.from_numpy(f["extra/images"][()])
-                self._extra_pred = {k: torch.from_numpy(f[f"extra/pred/{pair_slot(k)}"][()].astype(np.float32))
-                                    for k in self.voxel_counts if f"extra/pred/{pair_slot(k)}" in f}
+            if "extra" in f:
+                from brainenc.data.store import Store
+
+                g = f["extra"]
+                self._extra_stores = [Store(p, validate=False) for p in json.loads(g.attrs["stores"])]
+                self._extra_source = torch.from_numpy(g["source"][()].astype(np.int64))
+                self._extra_row = torch.from_numpy(g["row"][()].astype(np.int64))
+                self._extra_pred = {k: torch.from_numpy(g[f"pred/{pair_slot(k)}"][()].astype(np.float32))
+                                    for k in self.voxel_counts if f"pred/{pair_slot(k)}" in g}
 
     def dark_for(self, pair: str, stimulus: Tensor) -> Tensor:
         """Dark targets (B, n_voxels) of the batch's stimulus rows ``stimulus`` (B,)."""
@@ -119,6 +130,18 @@ class DistillModule(EncoderModule):
             missing = rows[idx < 0][:5].tolist()
             raise KeyError(f"{self.hparams.dark_targets}: no dark targets for {pair} stimulus rows {missing}")
         return pred[idx]
+
+    def extra_loss(self, pair: str, m: int, voxels: Optional[Tensor]) -> Tensor:
+        """Loss of ``m`` random extra images of one extra store against their dark targets."""
+        j = int(self._extra_source[torch.randint(len(self._extra_source), (1,))])
+        pool = torch.nonzero(self._extra_source == j).squeeze(1)
+        sel = pool[torch.randperm(len(pool))[:m]].sort().values
+        size = self.trainer.datamodule.hparams.image_size
+        feats = self.features_of_rows(self._extra_stores[j], self._extra_row[sel], size)
+        x_dark = self._extra_pred[pair][sel].to(self.device)
+        if voxels is not None:
+            x_dark = x_dark[:, voxels]
+        return self.loss_fn(self.readout(feats, pair, voxels), x_dark)
 
     def ramp(self) -> int:
         r = self.hparams.ramp_epochs
@@ -144,18 +167,8 @@ class DistillModule(EncoderModule):
         gt_loss, dark_loss = self.loss_fn(pred, target), self.loss_fn(pred, dark)
         loss = w * gt_loss + (1 - w) * dark_loss + self.readout.regularization()
         m = self.hparams.extra_per_step
-        if m and self._extra_images is not None and pair in self._extra_pred and w < 1:
-            sel = torch.randint(len(self._extra_images), (m,))
-            imgs = self._extra_images[sel].permute(0, 3, 1, 2).float().div(255.0).to(target.device)
-            size = self.trainer.datamodule.hparams.image_size
-            if imgs.shape[-1] != size:
-                imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False).clamp(0, 1)
-            x_dark = self._extra_pred[pair][sel].to(target.device)
-            if voxels is not None:
-                x_dark = x_dark[:, voxels]
-            x_pred = self.readout(self.backbone(imgs), pair, voxels)
-            loss = loss + (1 - w) * self.loss_fn(x_pred, x_dark)
+        if m and self._extra_source is not None and pair in self._extra_pred and w < 1:
+            loss = loss + (1 - w) * self.extra_loss(pair, m, voxels)
         bs = len(target)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/gt_loss", gt_loss, batch_size=bs)

@@ -137,6 +137,10 @@ class ExpertsReadout(Readout):
                        for key in self.experts[name].voxel_counts}
                 self.experts[name].copy_from(whole, idx)
 
+    def labels(self, partition: str, pair: str) -> np.ndarray:
+        """ROI index (n_voxels,) of every voxel of ``pair`` in ``partition`` (names: ``roi_names[partition]``)."""
+        return getattr(self, f"label_{_key(partition)}_{pair_slot(pair)}").cpu().numpy()
+
     def expert_name(self, partition: str, r: int) -> str:
         return f"{_key(partition)}__{r}_{_key(self.roi_names[partition][r])}"
 

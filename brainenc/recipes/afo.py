@@ -27,8 +27,8 @@ Recipe YAML::
     partitions: {atlases: [simbrain], kmeans: [8], n_random: 2, random_k: 8, seed: 0}
     stages:
       whole: {max_epochs: 4}
-      experts: {max_epochs: 4, expert: {width: 16}, separate: false}
-      dark: {batch_size: 128, extra_images: []}     # store dirs or folders of PNG/JPG
+      experts: {max_epochs: 4, expert: {width: 16}, separate: false, init: scratch}   # or init: whole
+      dark: {batch_size: 128, extra_images: [], check_experts: true}   # store dirs or folders of PNG/JPG
       student: {max_epochs: 6, ramp_epochs: 4, extra_per_step: 0, init: scratch}   # or init: whole
 """
 
@@ -197,58 +197,110 @@ def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str])
 
 
 # ----------------------------------------------------------------------------- stage 4
-def load_extra_images(sources: list[str], image_size: int) -> np.ndarray:
-    """Unlabelled images from store dirs (their ``stimuli.h5``) or folders of PNG/JPG.
+def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
+    """Stores whose images serve as extra, unlabelled dark-knowledge images.
 
-    Returns uint8 (M, S, S, 3) resized to ``image_size``.
+    ``sources`` are canonical store directories (their stimuli are used, e.g. another dataset's
+    or another subject's images) or folders of PNG/JPG images; the folders' images are written,
+    resized to ``image_size``, into one subject-less store ``root/extra_images`` (atomically), so
+    every extra image is a (store, row) whose frozen features the feature cache can hold.
     """
-    import torch
-    import torch.nn.functional as F
+    from brainenc.data.store import MANIFEST, Store, StimuliWriter, write_manifest
 
-    out = []
+    stores, files, at = [], [], None
     for src in sources:
         p = Path(src)
-        if (p / "stimuli.h5").exists():
-            with h5py.File(p / "stimuli.h5", "r") as f:
-                imgs = f["images"][()]
+        if (p / MANIFEST).exists():
+            stores.append(Store(p, validate=False))
         elif p.is_dir():
-            from PIL import Image
-
-            files = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
+            at = len(stores) if at is None else at  # the folders' store takes the first folder's place
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
                 raise ValueError(f"{p}: expected PNG/JPG images for extra dark-knowledge targets, found none")
-            imgs = [np.asarray(Image.open(q).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                    for q in files]
-            imgs = np.stack(imgs)
+            files += found
         else:
-            raise FileNotFoundError(f"extra images: {p} is neither a store (stimuli.h5) nor a folder of images")
-        t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
-        if t.shape[-1] != image_size or t.shape[-2] != image_size:
-            t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(t.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+            raise FileNotFoundError(f"extra images: {p} is neither a store (manifest.yaml) nor a folder of images")
+    if files:
+        from PIL import Image
+
+        out = root / "extra_images"
+        if not (out / MANIFEST).exists():
+            w = StimuliWriter(out / "stimuli.h5", len(files), (image_size, image_size), visual_angle_deg=8.4,
+                              attrs={"source": "afo extra images"})
+            with w:
+                for q in files:
+                    img = np.asarray(Image.open(q).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+                    w.write(img[None], [f"extra-{q.name}"])
+            write_manifest(out, {"dataset": "afo-extra", "subjects": [], "source": "image folders",
+                                 "files": [str(q) for q in files]})
+        stores.insert(at, Store(out, validate=False))
+    return stores
 
 
-def predict_images(model, pair: str, images, batch_size: int):
-    """Model predictions (n, n_voxels) float32 for float images (n, 3, S, S) in [0, 1]."""
+def predict_rows(model, pair: str, store, rows: np.ndarray, image_size: int, batch_size: int,
+                 partitions: bool = False) -> np.ndarray:
+    """Predictions of ``pair``'s voxels for sorted stimulus rows of ``store``.
+
+    Returns float32 (n, n_voxels), or (n, P, n_voxels) per partition of an experts model with
+    ``partitions=True``.
+    """
     import torch
 
     outs = []
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            outs.append(model(images[i:i + batch_size], pair).float().cpu())
+        for i in range(0, len(rows), batch_size):
+            feats = model.features_of_rows(store, rows[i:i + batch_size], image_size)
+            pred = model.readout.forward_partitions(feats, pair) if partitions else model.predict_all(feats, pair)
+            outs.append(pred.float().cpu())
     return torch.cat(outs).numpy()
 
 
-def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cli_args: list[str]) -> Path:
+def expert_check(val_pred: np.ndarray, whole_pred: np.ndarray, target: np.ndarray, labels: np.ndarray,
+                 names: list[str]) -> tuple[np.ndarray, list[dict]]:
+    """Which experts of one partition beat the whole-brain model inside their ROI, on validation images.
+
+    Parameters
+    ----------
+    val_pred, whole_pred, target : (n_val, n_voxels) the partition's stitched experts, the
+        whole-brain model, the measured responses
+    labels : (n_voxels,) ROI index of each voxel in this partition; names : ROI names
+
+    Returns
+    -------
+    keep : bool (n_voxels,), True where the voxel's expert wins (its median r over the ROI's
+        voxels exceeds the whole-brain model's), and rows ``{"roi", "n_voxels", "r_expert",
+        "r_whole", "wins"}`` per ROI for the report
+    """
+    from brainenc.metrics.correlation import pearson_np
+
+    r_e, r_w = pearson_np(val_pred, target), pearson_np(whole_pred, target)
+    keep = np.zeros(len(labels), bool)
+    rows = []
+    for r, name in enumerate(names):
+        sel = labels == r
+        if not sel.any():
+            continue
+        me, mw = float(np.nanmedian(r_e[sel])), float(np.nanmedian(r_w[sel]))
+        wins = bool(me > mw)
+        keep[sel] = wins
+        rows.append({"roi": name, "n_voxels": int(sel.sum()), "r_expert": round(me, 4), "r_whole": round(mw, 4),
+                     "wins": wins})
+    return keep, rows
+
+
+def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cli_args: list[str],
+             whole: Optional[Path] = None) -> Path:
     """Stitched, partition-averaged expert predictions for every training image -> ``dark_targets.h5``.
 
-    ``expert_runs``: (run dir, number of partitions it holds); runs are averaged weighted by that
-    number, so one run with all partitions and one run per partition give the same targets.
+    ``expert_runs``: (run dir, number of partitions it holds).  With ``whole`` (the whole-brain
+    stage) and ``settings["check_experts"]`` (default true), every expert is first scored against
+    the whole-brain model on the validation images inside its ROI; where it does not beat it, its
+    voxels take the whole-brain prediction instead (reported in ``experts_vs_whole.json``), so the
+    targets are never worse than the model being distilled.  Extra unlabelled images
+    (``settings["extra_images"]``: store dirs or image folders, see :func:`extra_stores`) get
+    targets too.
     """
-    import torch
-
-    from brainenc.data.datamodule import read_images
+    from brainenc.data.store import Store
 
     out = root / "dark_targets.h5"
     if stage_done(root) and out.exists():
@@ -256,28 +308,57 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
         return out
     root.mkdir(parents=True, exist_ok=True)
     bs = int(settings.get("batch_size", 128))
-    total = sum(n for _, n in expert_runs)
+    check = bool(settings.get("check_experts", True)) and whole is not None
+    whole_model = load_trained(whole, cli_args)[0] if check else None
     acc: dict[str, np.ndarray] = {}
-    extra_acc: dict[str, np.ndarray] = {}
+    extra_acc: dict[str, list[np.ndarray]] = {}
     rows_of: dict[str, np.ndarray] = {}
-    extra = None
-    for run, n_parts in expert_runs:
+    report: list[dict] = []
+    extras: Optional[list] = None
+    whole_cache: dict = {}
+
+    def whole_pred(key, store, rows, tag):
+        if (key, tag) not in whole_cache:
+            whole_cache[(key, tag)] = predict_rows(whole_model, key, store, rows, size, bs)
+        return whole_cache[(key, tag)]
+
+    total = 0
+    for run, _ in expert_runs:
         model, dm = load_trained(run, cli_args)
         size = dm.hparams.image_size
-        if extra is None:
-            extra = load_extra_images(list(settings.get("extra_images") or []), size)
+        if extras is None:
+            extras = extra_stores(list(settings.get("extra_images") or []), root, size)
+        names = model.readout.partition_names
+        total += len(names)
         for p in dm.pairs:
             rows = np.sort(p.split.train)
             rows_of[p.key] = rows
-            with h5py.File(p.store.stimuli_path, "r") as f:
-                preds = [predict_images(model, p.key, read_images(f, rows[i:i + bs], size), bs)
-                         for i in range(0, len(rows), bs)]
-            pred = np.concatenate(preds) * (n_parts / total)
-            acc[p.key] = acc.get(p.key, 0) + pred
-            if len(extra):
-                x = torch.from_numpy(extra).permute(0, 3, 1, 2).float().div(255.0)
-                extra_acc[p.key] = extra_acc.get(p.key, 0) + predict_images(model, p.key, x, bs) * (n_parts / total)
+            pred = predict_rows(model, p.key, p.store, rows, size, bs, partitions=True)  # (n, P, V)
+            x_preds = [predict_rows(model, p.key, s, np.arange(s.n_stimuli), size, bs, partitions=True)
+                       for s in extras]
+            if check:
+                val = np.sort(p.split.val)
+                v_pred = predict_rows(model, p.key, p.store, val, size, bs, partitions=True)
+                v_whole = whole_pred(p.key, p.store, val, "val")
+                target = _responses(dm, p, val)
+                w_train = whole_pred(p.key, p.store, rows, "train")
+                w_extra = [whole_pred(p.key, s, np.arange(s.n_stimuli), f"extra{j}") for j, s in enumerate(extras)]
+                for i, part in enumerate(names):
+                    lab = model.readout.labels(part, p.key)
+                    keep, table = expert_check(v_pred[:, i], v_whole, target, lab, model.readout.roi_names[part])
+                    report += [{"partition": part, "pair": p.key, **row} for row in table]
+                    pred[:, i] = np.where(keep, pred[:, i], w_train)
+                    for xp, wx in zip(x_preds, w_extra):
+                        xp[:, i] = np.where(keep, xp[:, i], wx)
+            acc[p.key] = acc.get(p.key, 0) + pred.sum(axis=1)
+            x_sum = [xp.sum(axis=1) for xp in x_preds]
+            extra_acc[p.key] = x_sum if p.key not in extra_acc else [a + b for a, b in zip(extra_acc[p.key], x_sum)]
         _log(f"dark: predicted with {run}")
+    if report:
+        (root / "experts_vs_whole.json").write_text(json.dumps(report, indent=1))
+        wins = sum(r["wins"] for r in report)
+        _log(f"dark: {wins} of {len(report)} experts beat the whole-brain model on validation images inside "
+             "their ROI; the others' voxels take the whole-brain prediction (experts_vs_whole.json)")
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["expert_runs"] = json.dumps([str(r) for r, _ in expert_runs])
@@ -286,15 +367,28 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                 g = f.create_group(f"pairs/{pair_slot(key)}")
                 g.attrs["pair"] = key
                 g.create_dataset("stimulus", data=rows_of[key].astype(np.int64))
-                g.create_dataset("pred", data=pred.astype(np.float32), chunks=True)
-            if extra is not None and len(extra):
-                f.create_dataset("extra/images", data=extra, chunks=(1, *extra.shape[1:]))
-                for key, pred in extra_acc.items():
-                    f.create_dataset(f"extra/pred/{pair_slot(key)}", data=pred.astype(np.float32))
+                g.create_dataset("pred", data=(pred / total).astype(np.float32), chunks=True)
+            if extras:
+                g = f.create_group("extra")
+                g.attrs["stores"] = json.dumps([str(Path(s.root).resolve()) for s in extras])
+                g.create_dataset("source", data=np.concatenate([np.full(s.n_stimuli, j) for j, s in enumerate(extras)]))
+                g.create_dataset("row", data=np.concatenate([np.arange(s.n_stimuli) for s in extras]))
+                for key, preds in extra_acc.items():
+                    g.create_dataset(f"pred/{pair_slot(key)}", data=(np.concatenate(preds) / total).astype(np.float32))
     (root / "DONE").write_text("ok\n")
+    n_extra = sum(s.n_stimuli for s in extras or [])
     _log(f"dark: targets for {sum(len(v) for v in rows_of.values())} (pair, image) rows"
-         f" and {0 if extra is None else len(extra)} extra images -> {out}")
+         f" and {n_extra} extra images -> {out}")
     return out
+
+
+def _responses(dm, pair, rows: np.ndarray) -> np.ndarray:
+    """Repeat-averaged measured responses (n, n_voxels) of ``pair`` for sorted stimulus ``rows``."""
+    from brainenc.data.datamodule import PairBatchDataset
+
+    ds = PairBatchDataset(dm.pairs, dm.hparams.image_size, "stimuli", load_images=False)
+    index = [q.key for q in dm.pairs].index(pair.key)
+    return ds[(index, rows)]["responses"].numpy()
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -324,9 +418,19 @@ class AFORecipe:
 
     def _experts_cfg(self, root: Path, only: Optional[list[str]]) -> dict:
         s = self.stages.get("experts") or {}
+        expert, init_from = dict(s.get("expert") or {}), None
+        init = s.get("init", "scratch")
+        if init == "whole":
+            # warm start: every expert is the whole-brain readout restricted to its ROI, so it has
+            # the whole-brain model's architecture; `expert` may only change training-time options
+            base_readout = ((self.base.get("model") or {}).get("init_args") or {}).get("readout") or {}
+            expert = {**dict(base_readout.get("init_args") or {}), **expert}
+            init_from = str(best_checkpoint(self.dir("whole")).resolve())
+        elif init != "scratch":
+            raise ValueError(f"recipe field 'stages.experts.init': expected 'scratch' or 'whole', got {init!r}")
         readout = {"class_path": "brainenc.models.experts.ExpertsReadout",
                    "init_args": {"partitions": str((self.dir("partitions") / "partitions.h5").resolve()),
-                                 "only": only, "expert": dict(s.get("expert") or {})}}
+                                 "only": only, "expert": expert, "init_from": init_from}}
         extra = {"model_name": "afo-experts", **dict(s.get("init_args") or {})}
         return stage_config(self.base, root, s.get("max_epochs"), "brainenc.lit.experts.ExpertsModule",
                             readout, extra)
@@ -355,7 +459,8 @@ class AFORecipe:
             run_fit_test(root, self._experts_cfg(root, part), self.cli_args)
 
     def dark(self) -> Path:
-        return run_dark(self.dir("dark"), self.expert_runs(), self.stages.get("dark") or {}, self.cli_args)
+        return run_dark(self.dir("dark"), self.expert_runs(), self.stages.get("dark") or {}, self.cli_args,
+                        whole=self.dir("whole"))
 
     def student(self) -> None:
         s = self.stages.get("student") or {}

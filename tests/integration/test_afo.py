@@ -8,6 +8,7 @@ file is dominated by process start-up; one subject keeps it small.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import h5py
@@ -38,7 +39,8 @@ def afo(tmp_path_factory):
     recipe["base"]["data"]["stores"] = [str(paths["simbrain7t"])]
     recipe["out"] = str(tmp / "run")
     recipe["cli_args"] = [*recipe["cli_args"], "--data.subjects=[subj01]", "--trainer.logger=false"]
-    recipe["stages"]["dark"]["extra_images"] = [str(extra)]
+    # extra dark-knowledge images: a folder of photos and another dataset's stimuli
+    recipe["stages"]["dark"]["extra_images"] = [str(extra), str(paths["simbrain3t"])]
     AFORecipe(copy.deepcopy(recipe)).run()
     return recipe, Path(recipe["out"]), Store(paths["simbrain7t"])
 
@@ -68,11 +70,31 @@ def test_dark_targets_cover_the_training_images_and_extras(afo):
         np.testing.assert_array_equal(g["stimulus"][()], np.sort(pair.split.train))
         assert g["pred"].shape == (len(pair.split.train), n_vox)
         assert np.isfinite(g["pred"][()]).all() and g["pred"][()].std() > 0
-        assert f["extra/images"].shape == (3, 32, 32, 3)
-        assert f["extra/pred/simbrain7t__subj01"].shape == (3, n_vox)
+        n3t = Store(Path(store.root).parent / "simbrain3t").n_stimuli
+        stores = [Path(p) for p in json.loads(f["extra"].attrs["stores"])]
+        assert [p.name for p in stores] == ["extra_images", "simbrain3t"]
+        np.testing.assert_array_equal(f["extra/source"][()], np.r_[np.zeros(3), np.ones(n3t)])
+        np.testing.assert_array_equal(f["extra/row"][()], np.r_[np.arange(3), np.arange(n3t)])
+        x = f["extra/pred/simbrain7t__subj01"][()]
+        assert x.shape == (3 + n3t, n_vox) and np.isfinite(x).all() and x.std() > 0
         assert f.attrs["n_partitions"] == 3
+    # the folder's photos became a subject-less store (so the feature cache can hold them)
+    folder = Store(stores[0])
+    assert folder.n_stimuli == 3 and folder.subjects == []
+    # every expert was checked against the whole-brain model inside its ROI
+    report = json.loads((out / "dark" / "experts_vs_whole.json").read_text())
+    parts = yaml.safe_load((out / "partitions" / "partitions.json").read_text())
+    assert {r["partition"] for r in report} == set(parts)
+    for r in report:
+        assert set(r) >= {"roi", "n_voxels", "r_expert", "r_whole", "wins"}
+        assert r["wins"] == (r["r_expert"] > r["r_whole"])
     cfg = yaml.safe_load((out / "student" / "stage.yaml").read_text())
     assert cfg["model"]["class_path"] == "brainenc.lit.distill.DistillModule"
+    # the experts were warm-started from the whole-brain model, with its architecture
+    ecfg = yaml.safe_load((out / "experts" / "stage.yaml").read_text())["model"]["init_args"]["readout"]
+    assert ecfg["init_args"]["init_from"].endswith("whole/checkpoints/best.ckpt")
+    base = recipe["base"]["model"]["init_args"]["readout"]["init_args"]
+    assert {k: ecfg["init_args"]["expert"][k] for k in base} == base
     assert cfg["model"]["init_args"]["dark_targets"].endswith("dark/dark_targets.h5")
 
 
