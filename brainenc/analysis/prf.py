@@ -75,6 +75,41 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
     return out
 
 
+def prf_figure(readout, pair, rois: Sequence[str] = EARLY_VISUAL):
+    """Learned vs true receptive-field centres of one pair: a Figure with, for voxels of ``rois``,
+    the true and learned polar angle on the flat cortical map (simbrain's ``truth/flat_xy``) and
+    learned-vs-true scatters of x and y (degrees)."""
+    import matplotlib
+
+    from brainenc.reports.plots import new_figure
+
+    true, vt, labels = true_centres(pair.info.path)
+    with h5py.File(pair.info.path, "r") as f:
+        flat = f["truth/flat_xy"][()] if "truth/flat_xy" in f else pair.info.coords[:, :2]
+    sel = np.isin(vt, [c for c, n in labels.items() if n in set(rois)])
+    est = readout.positions_deg(pair.key, pair.store.visual_angle_deg).cpu().numpy()
+    fig, axes = new_figure(1, 4, figsize=(17, 4.2))
+    axes = axes[0]
+    cmap = matplotlib.colormaps["hsv"]
+    for ax, xy, title in ((axes[0], true, "true polar angle"), (axes[1], est, "learned polar angle")):
+        ang = np.arctan2(xy[sel, 1], xy[sel, 0])
+        ax.scatter(flat[sel, 0], flat[sel, 1], c=ang, cmap=cmap, vmin=-np.pi, vmax=np.pi, s=9, linewidths=0)
+        ax.set_title(f"{title} ({', '.join(rois)})")
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    stats = recovery_stats(est[sel], true[sel])
+    half = pair.store.visual_angle_deg / 2
+    for ax, axis, name in ((axes[2], 0, "x"), (axes[3], 1, "y")):
+        ax.scatter(true[sel, axis], est[sel, axis], s=5, alpha=0.5, linewidths=0)
+        ax.plot([-half, half], [-half, half], color="k", lw=0.8)
+        ax.set_xlabel(f"true {name} (deg)")
+        ax.set_ylabel(f"learned {name} (deg)")
+        ax.set_title(f"{name}: r = {stats['r_' + name]:.3f}, median error {stats['median_dist_deg']:.2f} deg")
+    fig.suptitle(f"{pair.key}: learned vs true receptive-field centres")
+    return fig
+
+
 def summarise(stats: dict[str, dict]) -> dict:
     """Mean over pairs of each statistic (for one line per run)."""
     keys = ("r_x", "r_y", "median_dist_deg")
@@ -109,9 +144,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("run", type=Path, help="run directory (with config.yaml and checkpoints/)")
     ap.add_argument("--rois", default=",".join(EARLY_VISUAL), help="true voxel types (comma-separated)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--figure", type=Path, default=None, help="also draw the first pair's maps into this PNG")
     a = ap.parse_args(argv)
     model, dm = load_tested_run(a.run)
-    stats = prf_recovery(model.readout, dm.pairs, a.rois.split(","))
+    rois = a.rois.split(",")
+    stats = prf_recovery(model.readout, dm.pairs, rois)
+    if a.figure:
+        pair = next(p for p in dm.pairs if p.key in stats)
+        a.figure.parent.mkdir(parents=True, exist_ok=True)
+        prf_figure(model.readout, pair, rois).savefig(a.figure, dpi=110)
     doc = {"pairs": stats, "mean": summarise(stats)}
     text = json.dumps(doc, indent=2)
     print(text)
