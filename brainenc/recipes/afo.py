@@ -500,7 +500,7 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
 
     Writes ``<out>/summary.json`` and returns it.
     """
-    from scipy.stats import pearsonr, wilcoxon
+    from scipy.stats import wilcoxon
 
     from brainenc.compare import roi_table
     from brainenc.results import read_results
@@ -515,23 +515,33 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
         keys = ["dataset", "subject", "voxel"]
         m = read_results(runs["whole"]).merge(read_results(runs["student"]), on=keys, suffixes=("_w", "_s"))
         m = m[np.isfinite(m["pearson_w"]) & np.isfinite(m["pearson_s"])]
-        stat = wilcoxon(m["pearson_s"], m["pearson_w"], alternative="greater")
-        out["student_vs_whole"] = {"n_voxels": int(len(m)), "median_diff": float((m["pearson_s"] - m["pearson_w"]).median()),
-                                   "frac_student_better": float((m["pearson_s"] > m["pearson_w"]).mean()),
-                                   "wilcoxon_p_greater": float(stat.pvalue)}
+        out["student_vs_whole"] = {}
+        # all voxels, then only those with a signal to predict (simbrain's oracle r > 0.1)
+        for name, sel in (("all", np.ones(len(m), bool)), ("signal", (m["oracle_w"] > 0.1).to_numpy())):
+            d = m[sel]
+            if len(d) < 10:
+                continue
+            stat = wilcoxon(d["pearson_s"], d["pearson_w"], alternative="greater")
+            out["student_vs_whole"][name] = {
+                "n_voxels": int(len(d)), "median_diff": float((d["pearson_s"] - d["pearson_w"]).median()),
+                "frac_student_better": float((d["pearson_s"] > d["pearson_w"]).mean()),
+                "wilcoxon_p_greater": float(stat.pvalue)}
+    from brainenc.analysis.prf import prf_recovery
+
     model, dm = load_trained(recipe.dir(stage), recipe.cli_args)
-    pos = {}
-    for p in dm.pairs:
-        if not p.info.has_truth or not hasattr(model.readout, "positions_deg"):
-            continue
-        with h5py.File(p.info.path, "r") as f:
-            tx, ty, vt = f["truth/prf_x_deg"][()], f["truth/prf_y_deg"][()], f["truth/voxel_type"][()]
-        est = model.readout.positions_deg(p.key, p.store.visual_angle_deg).cpu().numpy()
-        sel = np.isin(vt, [1, 2, 3]) & np.isfinite(tx) & np.isfinite(ty)
-        d = np.hypot(est[sel, 0] - tx[sel], est[sel, 1] - ty[sel])
-        pos[p.key] = {"n": int(sel.sum()), "r_x": float(pearsonr(est[sel, 0], tx[sel])[0]),
-                      "r_y": float(pearsonr(est[sel, 1], ty[sel])[0]), "median_dist_deg": float(np.median(d))}
+    pos = prf_recovery(model.readout, dm.pairs) if hasattr(model.readout, "positions_deg") else {}
     out["positions_V1_V3"] = pos
+    if pos:
+        from brainenc.analysis.prf import prf_figure
+
+        first = next(p for p in dm.pairs if p.key in pos)
+        prf_figure(model.readout, first).savefig(recipe.out / f"prf_{stage}.png", dpi=100)
+    check = recipe.dir("dark") / "experts_vs_whole.json"
+    if check.exists():
+        rows = json.loads(check.read_text())
+        out["experts_beat_whole"] = {"wins": sum(r["wins"] for r in rows), "experts": len(rows),
+                                     "losers": [f"{r['partition']}/{r['roi']} ({r['pair']})"
+                                                for r in rows if not r["wins"]]}
     (recipe.out / "summary.json").write_text(json.dumps(out, indent=2))
     _log("summary -> " + str(recipe.out / "summary.json"))
     print(json.dumps(out, indent=2))

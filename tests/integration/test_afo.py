@@ -98,6 +98,25 @@ def test_dark_targets_cover_the_training_images_and_extras(afo):
     assert cfg["model"]["init_args"]["dark_targets"].endswith("dark/dark_targets.h5")
 
 
+def test_summary_reports_student_vs_whole_expert_checks_and_prf_recovery(afo):
+    from brainenc.recipes.afo import summarise
+
+    recipe, out, store = afo
+    doc = summarise(AFORecipe(copy.deepcopy(recipe)))
+    n = store.subject("subj01").n_voxels
+    allv = doc["student_vs_whole"]["all"]
+    assert allv["n_voxels"] == n and 0 <= allv["frac_student_better"] <= 1
+    assert 0 < allv["wilcoxon_p_greater"] <= 1
+    assert doc["student_vs_whole"]["signal"]["n_voxels"] < n
+    checked = json.loads((out / "dark" / "experts_vs_whole.json").read_text())
+    assert doc["experts_beat_whole"]["experts"] == len(checked)
+    assert doc["experts_beat_whole"]["wins"] + len(doc["experts_beat_whole"]["losers"]) == len(checked)
+    prf = doc["positions_V1_V3"]["simbrain7t/subj01"]
+    assert prf["n"] > 0 and -1 <= prf["r_x"] <= 1
+    assert (out / "prf_student.png").stat().st_size > 10_000
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(doc))
+
+
 def test_rerun_skips_finished_stages(afo, capsys):
     recipe, out, _ = afo
     mtimes = {s: (out / s / "results" / "voxels.csv").stat().st_mtime for s in ("whole", "experts", "student")}
