@@ -160,12 +160,35 @@ class BrainDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
-        missing = [d for d in self.store_dirs if not (d / "manifest.yaml").exists()]
-        if missing and self.hparams.simulate:
-            from .simbrain import simulate
+        """Simulate the stores that are missing, when ``simulate`` names a simbrain preset.
 
-            for parent in sorted({d.parent for d in missing}):
-                simulate(preset=self.hparams.simulate, out=parent, seed=self.hparams.seed)
+        Only a store whose directory is absent or empty (or an interrupted simulation) is
+        simulated, and only when its name is a dataset of the preset; anything else is an error
+        (simbrain never writes over or beside files it did not create).
+        """
+        missing = [d for d in self.store_dirs if not (d / "manifest.yaml").exists()]
+        if not missing or not self.hparams.simulate:
+            return
+        from .simbrain import PRESETS, simulate
+        from .simbrain.generate import _foreign_error, existing_status
+
+        preset = self.hparams.simulate
+        if preset not in PRESETS:
+            raise StoreError(missing[0], "data.simulate", f"a simbrain preset among {sorted(PRESETS)}",
+                             repr(preset))
+        names = [spec.name for spec in PRESETS[preset].datasets]
+        by_parent: dict[Path, list[str]] = {}
+        for d in missing:
+            if d.name not in names:
+                raise StoreError(d / "manifest.yaml", "manifest.yaml",
+                                 f"an existing store, or a directory named after a dataset of simbrain "
+                                 f"preset {preset!r} ({', '.join(names)}) for data.simulate to create",
+                                 f"no manifest and the name {d.name!r}")
+            if existing_status(d, preset, int(self.hparams.seed)) == "foreign":
+                raise _foreign_error(d)
+            by_parent.setdefault(d.parent, []).append(d.name)
+        for parent, datasets in sorted(by_parent.items()):
+            simulate(preset=preset, out=parent, seed=self.hparams.seed, datasets=datasets)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.pairs:
