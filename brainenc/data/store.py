@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -44,6 +45,22 @@ class StoreError(ValueError):
         if found is not None:
             msg += f", found {found}"
         super().__init__(msg)
+
+
+# ----------------------------------------------------------------------------- names
+
+# Dataset and subject names become file names (``<root>/<subject>.h5``, results per pair), so a
+# name read from a manifest must not be able to leave the directory: no separators, no "..".
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value, path: str | os.PathLike, field: str) -> str:
+    """Return ``value`` as a str if it is a safe dataset/subject name, else raise StoreError."""
+    name = str(value)
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise StoreError(path, field, "a plain name (letters, digits, '_', '-', '.'; no path "
+                         "separators or '..', at most 128 characters)", repr(name))
+    return name
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -362,7 +379,9 @@ class Store:
             raise StoreError(mpath, "<file>", "valid YAML", str(e).splitlines()[0]) from None
         if not isinstance(self.manifest, dict) or "dataset" not in self.manifest:
             raise StoreError(mpath, "dataset", "a dataset name", "missing")
-        self.name = str(self.manifest["dataset"])
+        self.name = check_name(self.manifest["dataset"], mpath, "dataset")
+        for s in self.subjects:
+            check_name(s, mpath, "subjects")
         self._subjects: dict[str, SubjectInfo] = {}
         self._read_stimuli()
         if validate:
@@ -404,6 +423,8 @@ class Store:
     def subjects(self) -> list[str]:
         listed = self.manifest.get("subjects")
         if listed:
+            if not isinstance(listed, list):
+                raise StoreError(self.root / MANIFEST, "subjects", "a list of subject names", repr(listed))
             return [str(s) for s in listed]
         return sorted(p.stem for p in self.root.glob("subj*.h5"))
 

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from brainenc.data.store import (MANIFEST, STIMULI, SPLIT_TEST, SPLIT_TRAIN, RoiAtlas, StimuliWriter,
-                                 StoreError, SubjectWriter, file_checksum, write_manifest)
+                                 StoreError, SubjectWriter, check_name, file_checksum, write_manifest)
 
 ENV_DATA = "BRAINENC_DATA"
 ENV_MANIFESTS = "BRAINENC_MANIFESTS"
@@ -332,6 +332,7 @@ class Importer:
         """{store name: manifest entry}; entries carry at least ``source`` (the source's name)."""
         table = {}
         for key, entry in self.manifest["subjects"].items():
+            key = check_name(key, self.manifest["_path"], "subjects")  # becomes <out>/<key>.h5
             table[str(key)] = dict(entry or {})
             table[str(key)].setdefault("source", str(key))
         return table
