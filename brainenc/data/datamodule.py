@@ -214,6 +214,32 @@ class BrainDataModule(L.LightningDataModule):
                                  "stimuli in both the train and the test split",
                                  f"train={len(p.split.train)} test={len(p.split.test)}")
 
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the global random states at save time, so that a resumed
+        fit draws the same dropout masks (and any other random numbers) as an uninterrupted one.
+        Plain tensors and lists only, so checkpoints still load with ``weights_only=True``."""
+        import random
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        return {"rng": {"torch": torch.get_rng_state(),
+                        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                  float(gauss)],
+                        "python": [version, list(internal), gauss_next]}}
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        rng = (state or {}).get("rng")
+        if not rng:  # a checkpoint written before random states were saved
+            return
+        torch.set_rng_state(rng["torch"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = rng["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
     # ---------------------------------------------------------------- what models need
     @property
     def voxel_counts(self) -> dict[str, int]:
@@ -248,6 +274,10 @@ class BrainDataModule(L.LightningDataModule):
         sampler = PairBatchSampler(
             self._units(split), self.hparams.batch_size if train else self.hparams.eval_batch_size,
             shuffle=train, seed=self.hparams.seed, weights=self._weights() if train else None, pad=train)
+        if train and self.trainer is not None:
+            # start at the epoch the fit loop is in (restored from a checkpoint on resume), so
+            # worker processes that prefetch before set_epoch still get the right order
+            sampler.set_epoch(int(self.trainer.fit_loop.epoch_progress.current.processed))
         nw = self.hparams.num_workers
         return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
                           batch_size=None,

@@ -89,7 +89,10 @@ class PairBatchSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return iter(self._mine())
+        # A generator: the batch list is built on the first ``next``, not when the iterator is
+        # created.  Lightning creates the train iterator once before it calls ``set_epoch`` (and,
+        # on resume, never again for that epoch), so an eager list would replay epoch 0's order.
+        yield from self._mine()
 
     def __len__(self) -> int:
         return len(self._mine())

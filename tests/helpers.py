@@ -1,0 +1,22 @@
+"""Test instruments that run inside `brainenc` subprocesses (importable as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class HangAtEpoch(L.Callback):
+    """Write ``flag`` and sleep when epoch ``epoch`` starts: a stand-in for a long run that the
+    test then kills with SIGKILL at a known point (after the previous epoch's checkpoint).
+    Draws no random numbers and changes nothing about training."""
+
+    def __init__(self, epoch: int, flag: str):
+        self.epoch, self.flag = int(epoch), flag
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            Path(self.flag).write_text(str(self.epoch))
+            time.sleep(600)
