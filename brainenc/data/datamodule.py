@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sampling import PairBatchSampler
 from .splits import StimulusSplit, limit_train, split_stimuli
-from .store import Store, StoreError, SubjectInfo
+from .store import Store, StoreError, SubjectInfo, check_scale, scan_responses
 
 
 @dataclass
@@ -103,6 +103,7 @@ class PairBatchDataset(Dataset):
         resp_ds = self._files.get(pair.info.path)["responses"]
         if self.unit == "trials":
             responses = resp_ds[np.asarray(rows)].astype(np.float32)
+            check_scale(responses, pair.info.path, np.asarray(rows))
             stimuli = pair.info.trial_stimulus[rows]
         else:
             stimuli = np.asarray(rows)
@@ -110,13 +111,19 @@ class PairBatchDataset(Dataset):
             trial_rows = np.concatenate(groups)
             order = np.argsort(trial_rows)
             block = resp_ds[trial_rows[order]].astype(np.float32)
+            check_scale(block, pair.info.path, trial_rows[order])
             unsorted = np.empty_like(block)
             unsorted[order] = block
             sizes = np.array([len(g) for g in groups])
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            # each stimulus' repeats are contiguous in `unsorted`
-            sums = np.add.reduceat(unsorted.astype(np.float64), starts, axis=0)
-            responses = (sums / sizes[:, None]).astype(np.float32)
+            # each stimulus' repeats are contiguous in `unsorted`; average only the finite ones
+            # (a NaN/Inf volume is a missing trial, not a reason to lose the image); a voxel
+            # with no finite repeat stays NaN, which losses and metrics leave out
+            ok = np.isfinite(unsorted)
+            sums = np.add.reduceat(np.where(ok, unsorted, 0).astype(np.float64), starts, axis=0)
+            counts = np.add.reduceat(ok.astype(np.int64), starts, axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                responses = (sums / counts).astype(np.float32)
         # images are read in sorted order; stimuli may repeat within a trial batch
         images = None
         if self.load_images:
@@ -157,6 +164,7 @@ class BrainDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
         self.pairs: list[PairData] = []
+        self._reported: set[str] = set()
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -268,8 +276,49 @@ class BrainDataModule(L.LightningDataModule):
             return [np.concatenate(p.trials_of(p.split.train)) for p in self.pairs]
         return [p.split.of(split) for p in self.pairs]
 
+    def missing_data(self, split: str) -> dict[str, tuple[int, int]]:
+        """Scan the trials of ``split``'s stimuli (the check ``validate-store`` applies to all
+        trials): absurd values and voxels with no finite value in the split raise StoreError.
+
+        Returns {pair: (non-finite values, trials with no finite value)} for pairs with missing
+        data; those values are left out of repeat averages, losses and metrics.
+        """
+        out = {}
+        for p in self.pairs:
+            rows = np.sort(np.concatenate([np.zeros(0, np.int64), *p.trials_of(p.split.of(split))]))
+            values = trials = 0
+            seen = np.zeros(p.info.n_voxels, bool)
+            with h5py.File(p.info.path, "r") as f:
+                for a in range(0, len(rows), 1024):
+                    block = f["responses"][rows[a:a + 1024]]
+                    check_scale(block, p.info.path, rows[a:a + 1024])
+                    nv, nt = scan_responses(block)
+                    values, trials = values + nv, trials + nt
+                    seen |= np.isfinite(block).any(axis=0)
+            if len(rows) and not seen.all():
+                bad = np.flatnonzero(~seen)
+                raise StoreError(p.info.path, "responses", f"a finite response of every voxel among the "
+                                 f"{split} trials (drop empty voxels at import)",
+                                 f"{len(bad)} voxels without one, first {bad[:5].tolist()}")
+            if values:
+                out[p.key] = (values, trials)
+        return out
+
+    def _report_missing(self, split: str) -> None:
+        if split in self._reported:
+            return
+        self._reported.add(split)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        for key, (values, trials) in self.missing_data(split).items():
+            rank_zero_warn(f"{key}: {values} NaN/Inf response values in the {split} trials are treated as "
+                           f"missing ({trials} trials with no finite value dropped); repeat averages use "
+                           f"the finite trials (see `brainenc validate-store`)")
+
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
+        if not train:
+            self._report_missing(split)
         unit = self.hparams.train_unit if train else "stimuli"
         sampler = PairBatchSampler(
             self._units(split), self.hparams.batch_size if train else self.hparams.eval_batch_size,
