@@ -42,6 +42,18 @@ class BrainencCLI(LightningCLI):
                             help="fit only: then test the best checkpoint in the same process and write "
                                  "results/ as `brainenc test` does (saves a second start-up)")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path before anything else runs: check
+        # the file first, so a truncated last.ckpt is a clear error instead of a zip traceback
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and str(ckpt) not in ("last", "best", "hpc", "registry"):
+            _check_checkpoint_file(Path(ckpt))
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        check_run_folder(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
@@ -62,6 +74,50 @@ class BrainencCLI(LightningCLI):
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
+
+
+class RunFolderError(ValueError):
+    """A fit would mix with another fit's checkpoints, or cannot resume from the one given."""
+
+    input_error = True
+
+
+def check_run_folder(trainer, ckpt_path: str | None) -> None:
+    """A run folder holds one fit.  Refuse to start a fresh fit where checkpoints already exist
+    (ModelCheckpoint would write ``best-v1.ckpt`` beside the old ``best.ckpt``, which ``test`` and
+    the AFO recipe keep using), and check that a checkpoint to resume from is a complete file."""
+    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    existing = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.ckpt"))
+    if ckpt_path in (None, ""):
+        if existing:
+            names = ", ".join(p.name for p in existing[:4])
+            last = next((p for p in existing if p.name == "last.ckpt"), existing[0])
+            raise RunFolderError(
+                f"{existing[0].parent}: holds the checkpoints of an earlier fit ({names}); a run folder "
+                f"holds one fit. Resume it with --ckpt_path={last}, or start a new fit in another folder "
+                f"with --trainer.default_root_dir=<new folder> (or delete this one)")
+        return
+    if str(ckpt_path) in ("last", "best", "hpc", "registry"):  # Lightning's own shortcuts
+        return
+    p = Path(ckpt_path)
+    if existing and not any(p.resolve().parent == d.resolve() for d in dirs):
+        raise RunFolderError(f"{existing[0].parent}: holds the checkpoints of another fit; resuming {p} "
+                             "here would mix two fits. Choose another --trainer.default_root_dir")
+    _check_checkpoint_file(p)
+
+
+def _check_checkpoint_file(p: Path) -> None:
+    """Cheap completeness check of a torch.save zip (its directory is written last)."""
+    import zipfile
+
+    from brainenc.lit.checkpoint import CheckpointError
+
+    if not p.is_file():
+        raise CheckpointError(p, "--ckpt_path", "a checkpoint file to resume from", "missing")
+    if p.stat().st_size == 0 or not zipfile.is_zipfile(p):
+        raise CheckpointError(p, "--ckpt_path", "a complete checkpoint written by torch.save",
+                              "an empty or truncated file (a save interrupted by a crash? resume from "
+                              "another checkpoint or start the fit in a new folder)")
 
 
 def find_checkpoint(directory: str | Path) -> Path | None:
@@ -130,5 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def console_main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``brainenc`` command: :func:`main`, with the errors brainenc raises for bad
+    input (they name the file, the field and what was expected) printed as one message instead
+    of a traceback.  ``BRAINENC_TRACEBACK=1`` shows the traceback too."""
+    import os
+
+    try:
+        return main(argv)
+    except Exception as e:
+        # bad input (StoreError and its kin set `input_error`): the message is the whole story
+        if not getattr(e, "input_error", False) or os.environ.get("BRAINENC_TRACEBACK"):
+            raise
+        print(f"brainenc: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import lightning as L
 
 
 class HangAtEpoch(L.Callback):
-    """Write ``flag`` and sleep when epoch ``epoch`` starts: a stand-in for a long run that the
-    test then kills with SIGKILL at a known point (after the previous epoch's checkpoint).
+    """Write this process' id to ``flag`` and sleep when epoch ``epoch`` starts: a stand-in for a
+    long run that the test then kills at a known point (after the previous epoch's checkpoint).
     Draws no random numbers and changes nothing about training."""
 
     def __init__(self, epoch: int, flag: str):
@@ -18,5 +19,7 @@ class HangAtEpoch(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
-            Path(self.flag).write_text(str(self.epoch))
+            tmp = Path(self.flag + ".tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, self.flag)  # the test reads a complete pid
             time.sleep(600)

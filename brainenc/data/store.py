@@ -39,6 +39,8 @@ class StoreError(ValueError):
     The message always names the file, the field and what was expected.
     """
 
+    input_error = True  # the CLI prints the message alone, without a traceback
+
     def __init__(self, path: str | os.PathLike, field: str, expected: str, found: str | None = None):
         self.path, self.field, self.expected, self.found = str(path), field, expected, found
         msg = f"{path}: field '{field}': expected {expected}"

@@ -77,6 +77,8 @@ class CacheError(ValueError):
     """A feature cache file is unreadable, belongs to another key, or was changed after filling.
     The message names the file."""
 
+    input_error = True
+
 
 def _row_crc(arrays: dict[str, np.ndarray], rows: Optional[np.ndarray] = None) -> np.ndarray:
     """CRC-32 of each row's stored bytes over every level in name order: uint32 (R,)."""

@@ -106,7 +106,9 @@ def stage_done(root: Path) -> bool:
 def _cli(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "brainenc.cli", *args]
     _log("$ brainenc " + " ".join(args))
-    subprocess.run(cmd, check=True)
+    from brainenc.subprocs import die_with_parent
+
+    subprocess.run(cmd, check=True, preexec_fn=die_with_parent())  # the stage dies with the recipe
 
 
 def best_checkpoint(root: Path) -> Path:
