@@ -52,7 +52,33 @@ class BrainencCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
-        check_run_folder(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        check_run_folder(self.trainer, ckpt)
+        self._check_matches_model(ckpt)
+
+    def before_validate(self) -> None:
+        self._check_matches_model(self.config[self.subcommand].get("ckpt_path"))
+
+    before_test = before_predict = before_validate
+
+    def _check_matches_model(self, ckpt) -> None:
+        """A checkpoint of another model (other voxel counts, readout or backbone) is a clear
+        error naming the file, not Lightning's strict-loading traceback."""
+        if not ckpt or str(ckpt) in ("last", "best", "hpc", "registry"):
+            return
+        from brainenc.lit.checkpoint import CheckpointError, load_state_dict
+
+        state = load_state_dict(ckpt)
+        own = self.model.state_dict()
+        strict = getattr(self.model, "strict_loading", True)  # Lightning's switch for partial loads
+        unexpected = sorted(k for k in state if k not in own) if strict else []
+        missing = sorted(k for k in own if k not in state) if strict else []
+        shape = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
+        if unexpected or missing or shape:
+            raise CheckpointError(ckpt, "state_dict", "a checkpoint of the configured model (same "
+                                  "backbone, readout and subjects)",
+                                  f"another model's: unexpected {unexpected[:3]}, missing {missing[:3]}, "
+                                  f"mis-shaped {shape[:3]}")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

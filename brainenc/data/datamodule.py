@@ -161,6 +161,24 @@ class BrainDataModule(L.LightningDataModule):
                  simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None,
                  load_images: bool = True):
         super().__init__()
+        from brainenc.errors import ConfigError
+
+        for name, value in (("image_size", image_size), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"data.{name}", "a positive integer", value)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"data.{name}", "a fraction strictly between 0 and 1", value)
+        if val_fraction + test_fraction >= 1:
+            raise ConfigError("data.val_fraction + data.test_fraction", "less than 1 (some images must "
+                              "be left for training)", val_fraction + test_fraction)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError("data.num_workers", "an integer >= 0", num_workers)
+        if train_limit is not None and (not isinstance(train_limit, int) or train_limit < 1):
+            raise ConfigError("data.train_limit", "a positive integer or null", train_limit)
+        if not stores:
+            raise ConfigError("data.stores", "at least one store directory", stores)
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
         self.pairs: list[PairData] = []
@@ -202,10 +220,20 @@ class BrainDataModule(L.LightningDataModule):
         if self.pairs:
             return
         wanted = self.hparams.subjects
+        stores = []
         for d in self.store_dirs:
             if not (d / "manifest.yaml").exists() and self.hparams.simulate:
                 self.prepare_data()  # e.g. called outside a Trainer
-            store = Store(d)
+            stores.append(Store(d))
+        if wanted is not None:
+            # every requested subject must exist: a typo must not silently shrink the experiment
+            known = {f"{st.name}/{s}" for st in stores for s in st.subjects} | {s for st in stores for s in st.subjects}
+            unknown = [w for w in wanted if w not in known]
+            if unknown:
+                raise StoreError(", ".join(map(str, self.store_dirs)), "data.subjects",
+                                 f"subjects among {sorted(k for k in known if '/' in k)} (or bare names)",
+                                 f"unknown {unknown}")
+        for d, store in zip(self.store_dirs, stores):
             for s in store.subjects:
                 key = f"{store.name}/{s}"
                 if wanted is None or key in wanted or s in wanted:
