@@ -55,6 +55,20 @@ class BrainencCLI(LightningCLI):
         ckpt = self.config[self.subcommand].get("ckpt_path")
         check_run_folder(self.trainer, ckpt)
         self._check_matches_model(ckpt)
+        self._add_console_feedback()
+
+    def _add_console_feedback(self) -> None:
+        """One line per epoch when the progress bar is off; a precise eval-mode check instead of
+        Lightning's warning about (intentionally) frozen backbones.  lightning_main scopes the
+        warning filter to this command."""
+        import warnings
+
+        from brainenc.lit.progress import LIGHTNING_EVAL_MODE_WARNING, EpochLine, EvalModeCheck
+
+        if self.trainer.progress_bar_callback is None:
+            self.trainer.callbacks.append(EpochLine())
+        self.trainer.callbacks.append(EvalModeCheck())
+        warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
 
     def before_validate(self) -> None:
         self._check_matches_model(self.config[self.subcommand].get("ckpt_path"))
@@ -174,9 +188,14 @@ def lightning_main(argv: list[str]) -> None:
     # "omegaconf+" resolves ${...} after command-line overrides, so --trainer.default_root_dir
     # moves checkpoints and logs too; configs keep readable absolute paths like ${data.image_size}
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
-                parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
-                seed_everything_default=0, auto_configure_optimizers=False)
+    import warnings
+
+    with warnings.catch_warnings():  # filters set while this command runs are undone after it
+        # we pass argv as `args` on purpose (`brainenc fit ...` is sys.argv too): not a mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
+                    parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
+                    seed_everything_default=0, auto_configure_optimizers=False)
 
 
 def _resolve(target: str) -> Callable[[list[str]], int]:
