@@ -23,3 +23,16 @@ class HangAtEpoch(L.Callback):
             tmp.write_text(str(os.getpid()))
             os.replace(tmp, self.flag)  # the test reads a complete pid
             time.sleep(600)
+
+
+class HangAtStep(HangAtEpoch):
+    """Like :class:`HangAtEpoch`, at the start of optimizer step ``step`` (mid-epoch)."""
+
+    def __init__(self, step: int, flag: str):
+        super().__init__(-1, flag)
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.epoch = trainer.current_epoch
+            self.on_train_epoch_start(trainer, pl_module)

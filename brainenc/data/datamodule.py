@@ -134,6 +134,69 @@ class PairBatchDataset(Dataset):
                 "pair": pair.key, "pair_index": p_idx}
 
 
+def capture_rng() -> dict:
+    """The global torch, numpy and Python random states, as tensors and lists only (so that
+    checkpoints holding them still load with ``weights_only=True``)."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of :func:`capture_rng`."""
+    import random
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning saves its position in checkpoints, so a fit resumed from a
+    checkpoint written mid-epoch continues with the next batch of the same epoch order.
+
+    ``state_dict`` is {"epoch": the sampler's epoch, "consumed": batches handed to the training
+    loop this epoch}; counted here, at the loop's side, so batches that worker processes
+    prefetched but the loop never saw are not skipped.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+        self._rng_mid_epoch: dict | None = None
+
+    def __iter__(self):
+        # a generator: the underlying iterator (and any worker prefetch) starts on the first
+        # next(), after Lightning's set_epoch
+        self._consumed = 0
+        pending = self.sampler._resume
+        mid_epoch = pending is not None and pending[0] == self.sampler.epoch and pending[1] > 0
+        if mid_epoch:
+            self._consumed = pending[1]
+        it = super().__iter__()
+        if mid_epoch and self._rng_mid_epoch is not None:
+            # creating the iterator drew a random seed; an uninterrupted fit, which is past that
+            # point mid-epoch, did not: continue from the random state of the checkpoint
+            restore_rng(self._rng_mid_epoch)
+        self._rng_mid_epoch = None
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.sampler.epoch), "consumed": int(self._consumed), "rng": capture_rng()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume(state["epoch"], state["consumed"])
+        self._rng_mid_epoch = state.get("rng")
+
+
 class BrainDataModule(L.LightningDataModule):
     """Subjects of one or more canonical stores, split on stimuli.
 
@@ -183,6 +246,8 @@ class BrainDataModule(L.LightningDataModule):
         self.store_dirs = [Path(s) for s in stores]
         self.pairs: list[PairData] = []
         self._reported: set[str] = set()
+        self._train_loader: Optional[ResumableLoader] = None
+        self._pending_loader_state: Optional[dict] = None
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -253,28 +318,21 @@ class BrainDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the global random states at save time, so that a resumed
-        fit draws the same dropout masks (and any other random numbers) as an uninterrupted one.
-        Plain tensors and lists only, so checkpoints still load with ``weights_only=True``."""
-        import random
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        version, internal, gauss_next = random.getstate()
-        return {"rng": {"torch": torch.get_rng_state(),
-                        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                                  float(gauss)],
-                        "python": [version, list(internal), gauss_next]}}
+        fit draws the same dropout masks (and any other random numbers) as an uninterrupted one,
+        and the training loader's position (epoch, batches consumed) for mid-epoch checkpoints."""
+        state = {"rng": capture_rng()}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        import random
-
-        rng = (state or {}).get("rng")
-        if not rng:  # a checkpoint written before random states were saved
-            return
-        torch.set_rng_state(rng["torch"])
-        kind, keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        version, internal, gauss_next = rng["python"]
-        random.setstate((version, tuple(internal), gauss_next))
+        # Lightning restores the datamodule before anything builds the train loader (the
+        # optimizer's schedule builds it early to count steps, before Lightning would hand the
+        # loader its own saved state), so the position is kept here and applied in _loader
+        state = state or {}
+        if state.get("rng"):  # absent in checkpoints written before random states were saved
+            restore_rng(state["rng"])
+        self._pending_loader_state = state.get("train_loader")
 
     # ---------------------------------------------------------------- what models need
     @property
@@ -356,9 +414,15 @@ class BrainDataModule(L.LightningDataModule):
             # worker processes that prefetch before set_epoch still get the right order
             sampler.set_epoch(int(self.trainer.fit_loop.epoch_progress.current.processed))
         nw = self.hparams.num_workers
-        return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
-                          batch_size=None,
-                          sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
+        loader = (ResumableLoader if train else DataLoader)(
+            PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
+            batch_size=None, sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
+        if train:
+            if self._pending_loader_state:
+                loader.load_state_dict(self._pending_loader_state)
+                self._pending_loader_state = None
+            self._train_loader = loader
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

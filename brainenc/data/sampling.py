@@ -52,6 +52,12 @@ class PairBatchSampler(DistributedSampler):
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.pad, self.drop_last = pad, drop_last
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Skip the first ``consumed`` batches the next time epoch ``epoch`` is iterated (a fit
+        resumed from a checkpoint written in the middle of that epoch)."""
+        self._resume = (int(epoch), int(consumed))
 
     def _batches(self, units: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -92,7 +98,13 @@ class PairBatchSampler(DistributedSampler):
         # A generator: the batch list is built on the first ``next``, not when the iterator is
         # created.  Lightning creates the train iterator once before it calls ``set_epoch`` (and,
         # on resume, never again for that epoch), so an eager list would replay epoch 0's order.
-        yield from self._mine()
+        batches = self._mine()
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                batches = batches[consumed:]
+        yield from batches
 
     def __len__(self) -> int:
         return len(self._mine())

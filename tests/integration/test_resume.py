@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
+STEP_EVERY = 7
 
 
 def _config(tmp_path: Path, brain: dict, hang: dict | None) -> Path:
@@ -24,8 +26,14 @@ def _config(tmp_path: Path, brain: dict, hang: dict | None) -> Path:
     cfg["trainer"]["enable_progress_bar"] = False
     cfg["data"]["stores"] = [str(brain["simbrain7t"])]
     cfg["data"]["simulate"] = None
+    # checkpoints in the middle of epochs too (18 steps per epoch): steps/step=7.ckpt, 14, 21, ...
+    cfg["trainer"]["callbacks"].append({
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "${trainer.default_root_dir}/steps", "filename": "{step}",
+                      "every_n_train_steps": STEP_EVERY, "save_top_k": -1}})
     if hang:
-        cfg["trainer"]["callbacks"].append({"class_path": "tests.helpers.HangAtEpoch", "init_args": hang})
+        kind = "HangAtStep" if "step" in hang else "HangAtEpoch"
+        cfg["trainer"]["callbacks"].append({"class_path": f"tests.helpers.{kind}", "init_args": hang})
     path = tmp_path / f"config{'_hang' if hang else ''}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -43,35 +51,52 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_fit(tiny_brain, tmp_path):
-    ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
-    ref = _fit(_config(tmp_path, tiny_brain, None), ref_root)
-    ref_out = ref.communicate(timeout=300)[0]
-    assert ref.returncode == 0, ref_out[-3000:]
+@pytest.fixture(scope="module")
+def reference(tiny_brain, tmp_path_factory) -> Path:
+    """An uninterrupted fit (its final weights are what every resumed fit must reproduce)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    ref = _fit(_config(tmp, tiny_brain, None), tmp / "ref")
+    out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out[-3000:]
+    return tmp / "ref"
 
+
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_sigkill_then_resume_equals_uninterrupted_fit(tiny_brain, reference, tmp_path, where):
+    cut_root = tmp_path / "cut"
     flag = tmp_path / "hung"
-    cut = _fit(_config(tmp_path, tiny_brain, {"epoch": 2, "flag": str(flag)}), cut_root)
+    # epoch_end: killed once epoch 2 started, resumed from last.ckpt (end of epoch 1);
+    # mid_epoch: killed at step 25, resumed from steps/step=21.ckpt (3 batches into epoch 1)
+    hang = {"epoch": 2, "flag": str(flag)} if where == "epoch_end" else {"step": 25, "flag": str(flag)}
+    cut = _fit(_config(tmp_path, tiny_brain, hang), cut_root)
     deadline = time.time() + 300
     while not flag.exists() and cut.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert flag.exists(), cut.communicate()[0][-3000:]
-    cut.send_signal(signal.SIGKILL)  # mid-run: epochs 0 and 1 done, epoch 2 started
+    cut.send_signal(signal.SIGKILL)
     cut.communicate(timeout=60)
-    last = cut_root / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1
+    if where == "epoch_end":
+        ckpt = cut_root / "checkpoints" / "last.ckpt"
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+    else:
+        ckpt = cut_root / "steps" / "step=21.ckpt"
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 21
 
-    resumed = _fit(_config(tmp_path, tiny_brain, None), cut_root, f"--ckpt_path={last}")
+    resumed = _fit(_config(tmp_path, tiny_brain, None), cut_root, f"--ckpt_path={ckpt}")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
+    assert "not resumable" not in out  # Lightning's warning for loaders that cannot resume mid-epoch
 
-    a, b = _weights(ref_root / "checkpoints" / "last.ckpt"), _weights(last)
+    a = _weights(reference / "checkpoints" / "last.ckpt")
+    b = _weights(cut_root / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run in {differ[:5]}"
     # one fit per folder: the resumed run kept writing best.ckpt, never best-v1.ckpt
     assert sorted(p.name for p in (cut_root / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert torch.equal(_weights(ref_root / "checkpoints" / "best.ckpt")["readout.weight.simbrain7t__subj01"],
-                       _weights(cut_root / "checkpoints" / "best.ckpt")["readout.weight.simbrain7t__subj01"])
+    key = "readout.weight.simbrain7t__subj01"
+    assert torch.equal(_weights(reference / "checkpoints" / "best.ckpt")[key],
+                       _weights(cut_root / "checkpoints" / "best.ckpt")[key])
 
 
 def test_sampler_order_follows_the_epoch_set_after_the_iterator_exists():
