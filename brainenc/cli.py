@@ -217,7 +217,14 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run a command.  Called without ``argv`` (the ``brainenc`` console script), input errors are
+    printed as one message (see :func:`console_main`); called with ``argv`` they propagate."""
+    if argv is None:
+        return console_main(sys.argv[1:])
+    return _main(list(argv))
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -238,7 +245,7 @@ def console_main(argv: list[str] | None = None) -> int:
     import os
 
     try:
-        return main(argv)
+        return _main(list(sys.argv[1:] if argv is None else argv))
     except Exception as e:
         # bad input (StoreError and its kin set `input_error`): the message is the whole story
         if not getattr(e, "input_error", False) or os.environ.get("BRAINENC_TRACEBACK"):
