@@ -158,12 +158,13 @@ def restore_rng(state: dict) -> None:
 
 
 class ResumableLoader(DataLoader):
-    """The training loader: Lightning saves its position in checkpoints, so a fit resumed from a
-    checkpoint written mid-epoch continues with the next batch of the same epoch order.
+    """The training loader, with a position that checkpoints save (through
+    :meth:`BrainDataModule.state_dict`), so a fit resumed from a checkpoint written mid-epoch
+    continues with the next batch of the same epoch order and the same random state.
 
     ``state_dict`` is {"epoch": the sampler's epoch, "consumed": batches handed to the training
-    loop this epoch}; counted here, at the loop's side, so batches that worker processes
-    prefetched but the loop never saw are not skipped.
+    loop this epoch, "rng": the global random states}; batches are counted here, on the loop's
+    side, so batches that worker processes prefetched but the loop never saw are not skipped.
     """
 
     def __init__(self, *args, **kwargs):

@@ -4,7 +4,6 @@ names the cache file (issue 11, item 5)."""
 from __future__ import annotations
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
