@@ -55,6 +55,9 @@ class BrainencCLI(LightningCLI):
         ckpt = self.config[self.subcommand].get("ckpt_path")
         check_run_folder(self.trainer, ckpt)
         self._check_matches_model(ckpt)
+        if ckpt:
+            for cb in self.trainer.checkpoint_callbacks:
+                follow_moved_folder(cb)
         self._add_console_feedback()
 
     def _add_console_feedback(self) -> None:
@@ -144,6 +147,36 @@ def check_run_folder(trainer, ckpt_path: str | None) -> None:
         raise RunFolderError(f"{existing[0].parent}: holds the checkpoints of another fit; resuming {p} "
                              "here would mix two fits. Choose another --trainer.default_root_dir")
     _check_checkpoint_file(p)
+
+
+def follow_moved_folder(cb) -> None:
+    """Let ModelCheckpoint ``cb`` resume the run folder it writes to after that folder was moved
+    or copied.
+
+    A checkpoint stores the absolute ``dirpath`` of each ModelCheckpoint.  When it differs from
+    the current one, Lightning forgets the best and last paths and then writes ``best-v1.ckpt``
+    and ``last-v1.ckpt`` beside the files it no longer recognises, while ``test`` and the AFO
+    recipe keep reading ``best.ckpt``.  When only the location changed (same directory name),
+    the stored paths are moved to the current directory before Lightning reads them.
+    """
+    if not getattr(cb, "dirpath", None) or not hasattr(cb, "load_state_dict"):
+        return
+    load = cb.load_state_dict
+    here = Path(cb.dirpath)
+
+    def load_moved(state: dict) -> None:
+        old = state.get("dirpath")
+        if old and Path(old) != here and Path(old).name == here.name:
+            def move(p):
+                return str(here / Path(p).name) if p and Path(p).parent == Path(old) else p
+
+            state = {**state, "dirpath": str(here),
+                     **{k: move(state.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                        "last_model_path") if k in state},
+                     "best_k_models": {move(k): v for k, v in (state.get("best_k_models") or {}).items()}}
+        load(state)
+
+    cb.load_state_dict = load_moved
 
 
 def _check_checkpoint_file(p: Path) -> None:

@@ -52,41 +52,44 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_brain, tmp_path_factory) -> Path:
-    """An uninterrupted fit (its final weights are what every resumed fit must reproduce)."""
+def runs(tiny_brain, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted fit, and one killed with SIGKILL at step 25 (3 batches into epoch 1's
+    18; end-of-epoch-0 last.ckpt and mid-epoch steps/step=21.ckpt exist by then)."""
     tmp = tmp_path_factory.mktemp("resume")
     ref = _fit(_config(tmp, tiny_brain, None), tmp / "ref")
-    out = ref.communicate(timeout=300)[0]
-    assert ref.returncode == 0, out[-3000:]
-    return tmp / "ref"
-
-
-@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
-def test_sigkill_then_resume_equals_uninterrupted_fit(tiny_brain, reference, tmp_path, where):
-    cut_root = tmp_path / "cut"
-    flag = tmp_path / "hung"
-    # epoch_end: killed once epoch 2 started, resumed from last.ckpt (end of epoch 1);
-    # mid_epoch: killed at step 25, resumed from steps/step=21.ckpt (3 batches into epoch 1)
-    hang = {"epoch": 2, "flag": str(flag)} if where == "epoch_end" else {"step": 25, "flag": str(flag)}
-    cut = _fit(_config(tmp_path, tiny_brain, hang), cut_root)
+    flag = tmp / "hung"
+    cut = _fit(_config(tmp, tiny_brain, {"step": 25, "flag": str(flag)}), tmp / "cut")
     deadline = time.time() + 300
     while not flag.exists() and cut.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert flag.exists(), cut.communicate()[0][-3000:]
     cut.send_signal(signal.SIGKILL)
     cut.communicate(timeout=60)
+    out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out[-3000:]
+    return {"ref": tmp / "ref", "cut": tmp / "cut", "tmp": tmp}
+
+
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_sigkill_then_resume_equals_uninterrupted_fit(tiny_brain, runs, tmp_path, where):
+    import shutil
+
+    # each case resumes its own copy of the killed run's folder; a copied (or moved) folder must
+    # resume in place: best.ckpt and last.ckpt, not best-v1.ckpt beside them
+    cut_root = Path(shutil.copytree(runs["cut"], tmp_path / "cut"))
     if where == "epoch_end":
         ckpt = cut_root / "checkpoints" / "last.ckpt"
-        assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 0
     else:
         ckpt = cut_root / "steps" / "step=21.ckpt"
         assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 21
 
-    resumed = _fit(_config(tmp_path, tiny_brain, None), cut_root, f"--ckpt_path={ckpt}")
+    resumed = _fit(_config(runs["tmp"], tiny_brain, None), cut_root, f"--ckpt_path={ckpt}")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert "not resumable" not in out  # Lightning's warning for loaders that cannot resume mid-epoch
 
+    reference = runs["ref"]
     a = _weights(reference / "checkpoints" / "last.ckpt")
     b = _weights(cut_root / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
