@@ -176,7 +176,7 @@ class ResumableLoader(DataLoader):
         # a generator: the underlying iterator (and any worker prefetch) starts on the first
         # next(), after Lightning's set_epoch
         self._consumed = 0
-        pending = self.sampler._resume
+        pending = self.sampler.resume_point
         mid_epoch = pending is not None and pending[0] == self.sampler.epoch and pending[1] > 0
         if mid_epoch:
             self._consumed = pending[1]

@@ -11,6 +11,10 @@ alone under DDP and calls :meth:`set_epoch` each epoch; they shard the batch lis
   (DDP's gradient all-reduce needs that);
 * evaluation shards each pair's units and never pads, so every rank sees every pair (metric
   states stay aligned across ranks) and no image is counted twice.
+
+For exact resumption, an epoch's batch list is built on the iterator's first ``next`` (after
+``set_epoch``), and :meth:`PairBatchSampler.resume` skips the batches a mid-epoch checkpoint had
+already consumed (see ``ResumableLoader`` in :mod:`brainenc.data.datamodule`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class PairBatchSampler(DistributedSampler):
         self.pad, self.drop_last = pad, drop_last
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+
+    @property
+    def resume_point(self) -> tuple[int, int] | None:
+        """(epoch, batches to skip) set by :meth:`resume` and not yet used, else None."""
+        return self._resume
 
     def resume(self, epoch: int, consumed: int) -> None:
         """Skip the first ``consumed`` batches the next time epoch ``epoch`` is iterated (a fit
