@@ -3,8 +3,10 @@
 ``torch.load(..., weights_only=False)`` unpickles arbitrary objects, so a crafted ``.ckpt`` runs
 code.  Everything brainenc reads back (stage checkpoints of the AFO recipe, ``init_from`` of the
 student, readout weights for partitions) needs only the tensors, so it is read with
-``weights_only=True`` here, and every way a file can be wrong becomes a :class:`CheckpointError`
-that names the file.
+``weights_only=True`` here.  A checkpoint that also pickles objects (e.g. hyperparameters of a
+model built in Python) is read again with those objects replaced by inert stand-ins, so its
+tensors load and nothing it names is called.  Every way a file can be wrong becomes a
+:class:`CheckpointError` that names the file.
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ def load_state_dict(path: str | os.PathLike, what: str = "a Lightning checkpoint
     if p.stat().st_size == 0:
         raise CheckpointError(p, "<file>", what, "an empty file (an interrupted save?)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only refuses the whole file when any part (typically hyper_parameters built
+            # in Python, e.g. a FeatureCache) holds an object; the tensors are still wanted, so
+            # read again with every such object replaced by an inert stand-in
+            obj = _load_with_inert_objects(p)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know: say so instead of running it
         first = str(e).strip().splitlines()
-        hint = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise CheckpointError(p, "<pickle>", f"{what} holding only tensors and plain values (brainenc "
-                              "loads checkpoints with weights_only=True and never unpickles objects; "
-                              "re-save it as torch.save(ckpt['state_dict'], path) if you trust it)",
-                              hint[:200]) from None
+        raise CheckpointError(p, "<pickle>", f"{what} holding tensors and plain values (brainenc "
+                              "never unpickles objects from checkpoints)",
+                              (first[0] if first else "")[:200]) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(p, "<file>", f"{what} (a complete torch.save zip file)",
                               f"an unreadable or truncated file ({str(e).splitlines()[0][:160]})") from None
@@ -55,6 +60,50 @@ def load_state_dict(path: str | os.PathLike, what: str = "a Lightning checkpoint
         raise CheckpointError(p, "state_dict", "{name: Tensor} (a Lightning checkpoint or a state dict)",
                               type(obj).__name__ if state is None else "no tensors or non-tensor values")
     return dict(state)
+
+
+class _Inert:
+    """Stands for any object a checkpoint pickles besides tensors and plain containers: built
+    without calling anything from the file, it only records what it was given."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # pickle's SETITEM(S) on dict-like objects
+        pass
+
+    def append(self, value):  # APPEND(S) on list-like objects
+        pass
+
+    def extend(self, values):
+        pass
+
+
+def _load_with_inert_objects(path: Path):
+    """``torch.load`` whose unpickler resolves only the globals ``weights_only`` allows (tensor
+    rebuilding, dtypes, plain containers) and turns every other global into :class:`_Inert`,
+    so no code named by the file runs."""
+    import types
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+    except ImportError:  # a torch without the allow-list: refuse rather than guess
+        raise pickle.UnpicklingError("objects other than tensors (and no safe way to skip them)") from None
+    allowed = _get_allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            return allowed.get(f"{module}.{name}", _Inert)
+
+    module = types.ModuleType("brainenc_inert_pickle")
+    module.Unpickler, module.load, module.__version__ = Unpickler, pickle.load, "1"
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, what: str = "a checkpoint of this model") -> nn.Module:
