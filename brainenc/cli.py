@@ -42,6 +42,61 @@ class BrainencCLI(LightningCLI):
                             help="fit only: then test the best checkpoint in the same process and write "
                                  "results/ as `brainenc test` does (saves a second start-up)")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path before anything else runs: check
+        # the file first, so a truncated last.ckpt is a clear error instead of a zip traceback
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and str(ckpt) not in ("last", "best", "hpc", "registry"):
+            _check_checkpoint_file(Path(ckpt))
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        check_run_folder(self.trainer, ckpt)
+        self._check_matches_model(ckpt)
+        if ckpt:
+            for cb in self.trainer.checkpoint_callbacks:
+                follow_moved_folder(cb)
+        self._add_console_feedback()
+
+    def _add_console_feedback(self) -> None:
+        """One line per epoch when the progress bar is off; a precise eval-mode check instead of
+        Lightning's warning about (intentionally) frozen backbones.  lightning_main scopes the
+        warning filter to this command."""
+        import warnings
+
+        from brainenc.lit.progress import LIGHTNING_EVAL_MODE_WARNING, EpochLine, EvalModeCheck
+
+        if self.trainer.progress_bar_callback is None:
+            self.trainer.callbacks.append(EpochLine())
+        self.trainer.callbacks.append(EvalModeCheck())
+        warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
+
+    def before_validate(self) -> None:
+        self._check_matches_model(self.config[self.subcommand].get("ckpt_path"))
+
+    before_test = before_predict = before_validate
+
+    def _check_matches_model(self, ckpt) -> None:
+        """A checkpoint of another model (other voxel counts, readout or backbone) is a clear
+        error naming the file, not Lightning's strict-loading traceback."""
+        if not ckpt or str(ckpt) in ("last", "best", "hpc", "registry"):
+            return
+        from brainenc.lit.checkpoint import CheckpointError, load_state_dict
+
+        state = load_state_dict(ckpt)
+        own = self.model.state_dict()
+        strict = getattr(self.model, "strict_loading", True)  # Lightning's switch for partial loads
+        unexpected = sorted(k for k in state if k not in own) if strict else []
+        missing = sorted(k for k in own if k not in state) if strict else []
+        shape = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
+        if unexpected or missing or shape:
+            raise CheckpointError(ckpt, "state_dict", "a checkpoint of the configured model (same "
+                                  "backbone, readout and subjects)",
+                                  f"another model's: unexpected {unexpected[:3]}, missing {missing[:3]}, "
+                                  f"mis-shaped {shape[:3]}")
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
@@ -62,6 +117,80 @@ class BrainencCLI(LightningCLI):
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
+
+
+class RunFolderError(ValueError):
+    """A fit would mix with another fit's checkpoints, or cannot resume from the one given."""
+
+    input_error = True
+
+
+def check_run_folder(trainer, ckpt_path: str | None) -> None:
+    """A run folder holds one fit.  Refuse to start a fresh fit where checkpoints already exist
+    (ModelCheckpoint would write ``best-v1.ckpt`` beside the old ``best.ckpt``, which ``test`` and
+    the AFO recipe keep using), and check that a checkpoint to resume from is a complete file."""
+    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    existing = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.ckpt"))
+    if ckpt_path in (None, ""):
+        if existing:
+            names = ", ".join(p.name for p in existing[:4])
+            last = next((p for p in existing if p.name == "last.ckpt"), existing[0])
+            raise RunFolderError(
+                f"{existing[0].parent}: holds the checkpoints of an earlier fit ({names}); a run folder "
+                f"holds one fit. Resume it with --ckpt_path={last}, or start a new fit in another folder "
+                f"with --trainer.default_root_dir=<new folder> (or delete this one)")
+        return
+    if str(ckpt_path) in ("last", "best", "hpc", "registry"):  # Lightning's own shortcuts
+        return
+    p = Path(ckpt_path)
+    if existing and not any(p.resolve().parent == d.resolve() for d in dirs):
+        raise RunFolderError(f"{existing[0].parent}: holds the checkpoints of another fit; resuming {p} "
+                             "here would mix two fits. Choose another --trainer.default_root_dir")
+    _check_checkpoint_file(p)
+
+
+def follow_moved_folder(cb) -> None:
+    """Let ModelCheckpoint ``cb`` resume the run folder it writes to after that folder was moved
+    or copied.
+
+    A checkpoint stores the absolute ``dirpath`` of each ModelCheckpoint.  When it differs from
+    the current one, Lightning forgets the best and last paths and then writes ``best-v1.ckpt``
+    and ``last-v1.ckpt`` beside the files it no longer recognises, while ``test`` and the AFO
+    recipe keep reading ``best.ckpt``.  When only the location changed (same directory name),
+    the stored paths are moved to the current directory before Lightning reads them.
+    """
+    if not getattr(cb, "dirpath", None) or not hasattr(cb, "load_state_dict"):
+        return
+    load = cb.load_state_dict
+    here = Path(cb.dirpath)
+
+    def load_moved(state: dict) -> None:
+        old = state.get("dirpath")
+        if old and Path(old) != here and Path(old).name == here.name:
+            def move(p):
+                return str(here / Path(p).name) if p and Path(p).parent == Path(old) else p
+
+            state = {**state, "dirpath": str(here),
+                     **{k: move(state.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                        "last_model_path") if k in state},
+                     "best_k_models": {move(k): v for k, v in (state.get("best_k_models") or {}).items()}}
+        load(state)
+
+    cb.load_state_dict = load_moved
+
+
+def _check_checkpoint_file(p: Path) -> None:
+    """Cheap completeness check of a torch.save zip (its directory is written last)."""
+    import zipfile
+
+    from brainenc.lit.checkpoint import CheckpointError
+
+    if not p.is_file():
+        raise CheckpointError(p, "--ckpt_path", "a checkpoint file to resume from", "missing")
+    if p.stat().st_size == 0 or not zipfile.is_zipfile(p):
+        raise CheckpointError(p, "--ckpt_path", "a complete checkpoint written by torch.save",
+                              "an empty or truncated file (a save interrupted by a crash? resume from "
+                              "another checkpoint or start the fit in a new folder)")
 
 
 def find_checkpoint(directory: str | Path) -> Path | None:
@@ -92,9 +221,14 @@ def lightning_main(argv: list[str]) -> None:
     # "omegaconf+" resolves ${...} after command-line overrides, so --trainer.default_root_dir
     # moves checkpoints and logs too; configs keep readable absolute paths like ${data.image_size}
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
-                parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
-                seed_everything_default=0, auto_configure_optimizers=False)
+    import warnings
+
+    with warnings.catch_warnings():  # filters set while this command runs are undone after it
+        # we pass argv as `args` on purpose (`brainenc fit ...` is sys.argv too): not a mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
+                    parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
+                    seed_everything_default=0, auto_configure_optimizers=False)
 
 
 def _resolve(target: str) -> Callable[[list[str]], int]:
@@ -116,7 +250,14 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run a command.  Called without ``argv`` (the ``brainenc`` console script), input errors are
+    printed as one message (see :func:`console_main`); called with ``argv`` they propagate."""
+    if argv is None:
+        return console_main(sys.argv[1:])
+    return _main(list(argv))
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -130,5 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def console_main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``brainenc`` command: :func:`main`, with the errors brainenc raises for bad
+    input (they name the file, the field and what was expected) printed as one message instead
+    of a traceback.  ``BRAINENC_TRACEBACK=1`` shows the traceback too."""
+    import os
+
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except Exception as e:
+        # bad input (StoreError and its kin set `input_error`): the message is the whole story
+        if not getattr(e, "input_error", False) or os.environ.get("BRAINENC_TRACEBACK"):
+            raise
+        print(f"brainenc: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

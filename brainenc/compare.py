@@ -42,6 +42,15 @@ def main_compare(argv: list[str]) -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--by", default="roi", help="comma-separated grouping columns (default: roi)")
     a = ap.parse_args(argv)
-    table = roi_table([read_results(r) for r in a.runs], tuple(a.by.split(",")))
+    tables = [read_results(r) for r in a.runs]
+    by = tuple(a.by.split(","))
+    for r, t in zip(a.runs, tables):
+        missing = [c for c in by if c not in t.columns]
+        if missing:
+            from brainenc.reports.tables import ReportInputError
+
+            raise ReportInputError(f"{r / 'results' / 'voxels.csv'}: no column {missing} to group by "
+                                   f"(--by); columns are {list(t.columns)}")
+    table = roi_table(tables, by)
     print(format_table(table))
     return 0

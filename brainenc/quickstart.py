@@ -33,7 +33,10 @@ def main() -> int:
         if (Path(run) / "results" / "voxels.csv").exists():
             print(f"\n{run}: finished earlier, reusing its results")
             continue
-        brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true")  # then tests the best checkpoint
+        # an interrupted earlier attempt resumes (a run folder holds one fit)
+        last = Path(run) / "checkpoints" / "last.ckpt"
+        resume = [f"--ckpt_path={last}"] if last.exists() else []
+        brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true", *resume)  # then tests the best checkpoint
     brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
     runs = [RUNS[0][1], AFO_STUDENT, RUNS[1][1]]
     brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")

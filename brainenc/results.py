@@ -96,8 +96,11 @@ def _plain(d: Mapping) -> dict:
 
 
 def read_results(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Read a run's per-voxel table."""
+    """Read and validate a run's per-voxel table (the same checks as ``brainenc report``:
+    required columns, numbers, no Inf, one row per voxel, no short rows)."""
+    from brainenc.reports.tables import load_run
+
     p = Path(run_dir) / "results" / "voxels.csv"
     if not p.exists():
         raise FileNotFoundError(f"{p}: no per-voxel results table; run `brainenc test` for this run first")
-    return pd.read_csv(p)
+    return load_run(run_dir).voxels

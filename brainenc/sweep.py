@@ -396,8 +396,10 @@ def _run_step(step: str, argv: list[str], cell: Cell) -> tuple[int, Path, Path]:
     with open(out, "w") as fo, open(err, "w") as fe:
         fe.write(f"$ {shell(argv)}\n")
         fe.flush()
+        from brainenc.subprocs import die_with_parent
+
         rc = subprocess.run([sys.executable, "-m", "brainenc.cli", *argv], stdout=fo, stderr=fe,
-                            stdin=subprocess.DEVNULL).returncode
+                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent()).returncode
     return rc, out, err
 
 

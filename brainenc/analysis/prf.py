@@ -122,9 +122,8 @@ def load_tested_run(run: Path):
     The model is rebuilt from ``results/config.yaml`` (the resolved config ``brainenc test`` wrote)
     and the state dict is read without unpickling code (``weights_only=True``).
     """
-    import torch
-
     from brainenc.cli import find_checkpoint
+    from brainenc.lit.checkpoint import load_state_dict
     from brainenc.recipes.afo import instantiate
 
     config = run / "results" / "config.yaml"
@@ -134,7 +133,7 @@ def load_tested_run(run: Path):
     if ckpt is None:
         raise FileNotFoundError(f"{run / 'checkpoints'}: no best.ckpt or last.ckpt")
     model, dm = instantiate(config)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    model.load_state_dict(load_state_dict(ckpt, "the run's checkpoint"))
     return model.eval(), dm
 
 

@@ -35,7 +35,7 @@ def main_validate_store(argv: list[str]) -> int:
     for root in a.stores:
         try:
             store = Store(root)
-            store.validate(deep=not a.shallow)
+            scans = store.validate(deep=not a.shallow)
         except StoreError as e:
             print(f"INVALID {e}")
             bad += 1
@@ -45,4 +45,10 @@ def main_validate_store(argv: list[str]) -> int:
             i = store.subject(s)
             print(f"   {s}: {i.n_trials} trials x {i.n_voxels} voxels, atlases {list(i.rois)}, "
                   f"ncsnr {'yes' if i.ncsnr is not None else 'no'}, truth {'yes' if i.has_truth else 'no'}")
+            scan = scans.get(s)
+            if scan and scan["nonfinite_values"]:
+                # accepted, as fit accepts them: missing values are left out of repeat averages,
+                # losses and metrics
+                print(f"   {s}: note: {scan['nonfinite_values']} NaN/Inf values treated as missing "
+                      f"({scan['dropped_trials']} trials with no finite value are dropped)")
     return 1 if bad else 0

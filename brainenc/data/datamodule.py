@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sampling import PairBatchSampler
 from .splits import StimulusSplit, limit_train, split_stimuli
-from .store import Store, StoreError, SubjectInfo
+from .store import Store, StoreError, SubjectInfo, check_scale, scan_responses
 
 
 @dataclass
@@ -103,6 +103,7 @@ class PairBatchDataset(Dataset):
         resp_ds = self._files.get(pair.info.path)["responses"]
         if self.unit == "trials":
             responses = resp_ds[np.asarray(rows)].astype(np.float32)
+            check_scale(responses, pair.info.path, np.asarray(rows))
             stimuli = pair.info.trial_stimulus[rows]
         else:
             stimuli = np.asarray(rows)
@@ -110,13 +111,19 @@ class PairBatchDataset(Dataset):
             trial_rows = np.concatenate(groups)
             order = np.argsort(trial_rows)
             block = resp_ds[trial_rows[order]].astype(np.float32)
+            check_scale(block, pair.info.path, trial_rows[order])
             unsorted = np.empty_like(block)
             unsorted[order] = block
             sizes = np.array([len(g) for g in groups])
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            # each stimulus' repeats are contiguous in `unsorted`
-            sums = np.add.reduceat(unsorted.astype(np.float64), starts, axis=0)
-            responses = (sums / sizes[:, None]).astype(np.float32)
+            # each stimulus' repeats are contiguous in `unsorted`; average only the finite ones
+            # (a NaN/Inf volume is a missing trial, not a reason to lose the image); a voxel
+            # with no finite repeat stays NaN, which losses and metrics leave out
+            ok = np.isfinite(unsorted)
+            sums = np.add.reduceat(np.where(ok, unsorted, 0).astype(np.float64), starts, axis=0)
+            counts = np.add.reduceat(ok.astype(np.int64), starts, axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                responses = (sums / counts).astype(np.float32)
         # images are read in sorted order; stimuli may repeat within a trial batch
         images = None
         if self.load_images:
@@ -125,6 +132,70 @@ class PairBatchDataset(Dataset):
         return {"images": images, "responses": torch.from_numpy(responses),
                 "stimulus": torch.from_numpy(np.asarray(stimuli, dtype=np.int64)),
                 "pair": pair.key, "pair_index": p_idx}
+
+
+def capture_rng() -> dict:
+    """The global torch, numpy and Python random states, as tensors and lists only (so that
+    checkpoints holding them still load with ``weights_only=True``)."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of :func:`capture_rng`."""
+    import random
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with a position that checkpoints save (through
+    :meth:`BrainDataModule.state_dict`), so a fit resumed from a checkpoint written mid-epoch
+    continues with the next batch of the same epoch order and the same random state.
+
+    ``state_dict`` is {"epoch": the sampler's epoch, "consumed": batches handed to the training
+    loop this epoch, "rng": the global random states}; batches are counted here, on the loop's
+    side, so batches that worker processes prefetched but the loop never saw are not skipped.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+        self._rng_mid_epoch: dict | None = None
+
+    def __iter__(self):
+        # a generator: the underlying iterator (and any worker prefetch) starts on the first
+        # next(), after Lightning's set_epoch
+        self._consumed = 0
+        pending = self.sampler.resume_point
+        mid_epoch = pending is not None and pending[0] == self.sampler.epoch and pending[1] > 0
+        if mid_epoch:
+            self._consumed = pending[1]
+        it = super().__iter__()
+        if mid_epoch and self._rng_mid_epoch is not None:
+            # creating the iterator drew a random seed; an uninterrupted fit, which is past that
+            # point mid-epoch, did not: continue from the random state of the checkpoint
+            restore_rng(self._rng_mid_epoch)
+        self._rng_mid_epoch = None
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.sampler.epoch), "consumed": int(self._consumed), "rng": capture_rng()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume(state["epoch"], state["consumed"])
+        self._rng_mid_epoch = state.get("rng")
 
 
 class BrainDataModule(L.LightningDataModule):
@@ -154,27 +225,81 @@ class BrainDataModule(L.LightningDataModule):
                  simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None,
                  load_images: bool = True):
         super().__init__()
+        from brainenc.errors import ConfigError
+
+        for name, value in (("image_size", image_size), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"data.{name}", "a positive integer", value)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"data.{name}", "a fraction strictly between 0 and 1", value)
+        if val_fraction + test_fraction >= 1:
+            raise ConfigError("data.val_fraction + data.test_fraction", "less than 1 (some images must "
+                              "be left for training)", val_fraction + test_fraction)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError("data.num_workers", "an integer >= 0", num_workers)
+        if train_limit is not None and (not isinstance(train_limit, int) or train_limit < 1):
+            raise ConfigError("data.train_limit", "a positive integer or null", train_limit)
+        if not stores:
+            raise ConfigError("data.stores", "at least one store directory", stores)
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
         self.pairs: list[PairData] = []
+        self._reported: set[str] = set()
+        self._train_loader: Optional[ResumableLoader] = None
+        self._pending_loader_state: Optional[dict] = None
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
-        missing = [d for d in self.store_dirs if not (d / "manifest.yaml").exists()]
-        if missing and self.hparams.simulate:
-            from .simbrain import simulate
+        """Simulate the stores that are missing, when ``simulate`` names a simbrain preset.
 
-            for parent in sorted({d.parent for d in missing}):
-                simulate(preset=self.hparams.simulate, out=parent, seed=self.hparams.seed)
+        Only a store whose directory is absent or empty (or an interrupted simulation) is
+        simulated, and only when its name is a dataset of the preset; anything else is an error
+        (simbrain never writes over or beside files it did not create).
+        """
+        missing = [d for d in self.store_dirs if not (d / "manifest.yaml").exists()]
+        if not missing or not self.hparams.simulate:
+            return
+        from .simbrain import PRESETS, simulate
+        from .simbrain.generate import _foreign_error, existing_status
+
+        preset = self.hparams.simulate
+        if preset not in PRESETS:
+            raise StoreError(missing[0], "data.simulate", f"a simbrain preset among {sorted(PRESETS)}",
+                             repr(preset))
+        names = [spec.name for spec in PRESETS[preset].datasets]
+        by_parent: dict[Path, list[str]] = {}
+        for d in missing:
+            if d.name not in names:
+                raise StoreError(d / "manifest.yaml", "manifest.yaml",
+                                 f"an existing store, or a directory named after a dataset of simbrain "
+                                 f"preset {preset!r} ({', '.join(names)}) for data.simulate to create",
+                                 f"no manifest and the name {d.name!r}")
+            if existing_status(d, preset, int(self.hparams.seed)) == "foreign":
+                raise _foreign_error(d)
+            by_parent.setdefault(d.parent, []).append(d.name)
+        for parent, datasets in sorted(by_parent.items()):
+            simulate(preset=preset, out=parent, seed=self.hparams.seed, datasets=datasets)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.pairs:
             return
         wanted = self.hparams.subjects
+        stores = []
         for d in self.store_dirs:
             if not (d / "manifest.yaml").exists() and self.hparams.simulate:
                 self.prepare_data()  # e.g. called outside a Trainer
-            store = Store(d)
+            stores.append(Store(d))
+        if wanted is not None:
+            # every requested subject must exist: a typo must not silently shrink the experiment
+            known = {f"{st.name}/{s}" for st in stores for s in st.subjects} | {s for st in stores for s in st.subjects}
+            unknown = [w for w in wanted if w not in known]
+            if unknown:
+                raise StoreError(", ".join(map(str, self.store_dirs)), "data.subjects",
+                                 f"subjects among {sorted(k for k in known if '/' in k)} (or bare names)",
+                                 f"unknown {unknown}")
+        for d, store in zip(self.store_dirs, stores):
             for s in store.subjects:
                 key = f"{store.name}/{s}"
                 if wanted is None or key in wanted or s in wanted:
@@ -190,6 +315,25 @@ class BrainDataModule(L.LightningDataModule):
                 raise StoreError(p.info.path, "trial_stimulus",
                                  "stimuli in both the train and the test split",
                                  f"train={len(p.split.train)} test={len(p.split.test)}")
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the global random states at save time, so that a resumed
+        fit draws the same dropout masks (and any other random numbers) as an uninterrupted one,
+        and the training loader's position (epoch, batches consumed) for mid-epoch checkpoints."""
+        state = {"rng": capture_rng()}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores the datamodule before anything builds the train loader (the
+        # optimizer's schedule builds it early to count steps, before Lightning would hand the
+        # loader its own saved state), so the position is kept here and applied in _loader
+        state = state or {}
+        if state.get("rng"):  # absent in checkpoints written before random states were saved
+            restore_rng(state["rng"])
+        self._pending_loader_state = state.get("train_loader")
 
     # ---------------------------------------------------------------- what models need
     @property
@@ -219,16 +363,67 @@ class BrainDataModule(L.LightningDataModule):
             return [np.concatenate(p.trials_of(p.split.train)) for p in self.pairs]
         return [p.split.of(split) for p in self.pairs]
 
+    def missing_data(self, split: str) -> dict[str, tuple[int, int]]:
+        """Scan the trials of ``split``'s stimuli (the check ``validate-store`` applies to all
+        trials): absurd values and voxels with no finite value in the split raise StoreError.
+
+        Returns {pair: (non-finite values, trials with no finite value)} for pairs with missing
+        data; those values are left out of repeat averages, losses and metrics.
+        """
+        out = {}
+        for p in self.pairs:
+            rows = np.sort(np.concatenate([np.zeros(0, np.int64), *p.trials_of(p.split.of(split))]))
+            values = trials = 0
+            seen = np.zeros(p.info.n_voxels, bool)
+            with h5py.File(p.info.path, "r") as f:
+                for a in range(0, len(rows), 1024):
+                    block = f["responses"][rows[a:a + 1024]]
+                    check_scale(block, p.info.path, rows[a:a + 1024])
+                    nv, nt = scan_responses(block)
+                    values, trials = values + nv, trials + nt
+                    seen |= np.isfinite(block).any(axis=0)
+            if len(rows) and not seen.all():
+                bad = np.flatnonzero(~seen)
+                raise StoreError(p.info.path, "responses", f"a finite response of every voxel among the "
+                                 f"{split} trials (drop empty voxels at import)",
+                                 f"{len(bad)} voxels without one, first {bad[:5].tolist()}")
+            if values:
+                out[p.key] = (values, trials)
+        return out
+
+    def _report_missing(self, split: str) -> None:
+        if split in self._reported:
+            return
+        self._reported.add(split)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        for key, (values, trials) in self.missing_data(split).items():
+            rank_zero_warn(f"{key}: {values} NaN/Inf response values in the {split} trials are treated as "
+                           f"missing ({trials} trials with no finite value dropped); repeat averages use "
+                           f"the finite trials (see `brainenc validate-store`)")
+
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
+        if not train:
+            self._report_missing(split)
         unit = self.hparams.train_unit if train else "stimuli"
         sampler = PairBatchSampler(
             self._units(split), self.hparams.batch_size if train else self.hparams.eval_batch_size,
             shuffle=train, seed=self.hparams.seed, weights=self._weights() if train else None, pad=train)
+        if train and self.trainer is not None:
+            # start at the epoch the fit loop is in (restored from a checkpoint on resume), so
+            # worker processes that prefetch before set_epoch still get the right order
+            sampler.set_epoch(int(self.trainer.fit_loop.epoch_progress.current.processed))
         nw = self.hparams.num_workers
-        return DataLoader(PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
-                          batch_size=None,
-                          sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
+        loader = (ResumableLoader if train else DataLoader)(
+            PairBatchDataset(self.pairs, self.hparams.image_size, unit, self.hparams.load_images),
+            batch_size=None, sampler=sampler, num_workers=nw, persistent_workers=nw > 0)
+        if train:
+            if self._pending_loader_state:
+                loader.load_state_dict(self._pending_loader_state)
+                self._pending_loader_state = None
+            self._train_loader = loader
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -11,6 +11,10 @@ alone under DDP and calls :meth:`set_epoch` each epoch; they shard the batch lis
   (DDP's gradient all-reduce needs that);
 * evaluation shards each pair's units and never pads, so every rank sees every pair (metric
   states stay aligned across ranks) and no image is counted twice.
+
+For exact resumption, an epoch's batch list is built on the iterator's first ``next`` (after
+``set_epoch``), and :meth:`PairBatchSampler.resume` skips the batches a mid-epoch checkpoint had
+already consumed (see ``ResumableLoader`` in :mod:`brainenc.data.datamodule`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,17 @@ class PairBatchSampler(DistributedSampler):
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.pad, self.drop_last = pad, drop_last
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+
+    @property
+    def resume_point(self) -> tuple[int, int] | None:
+        """(epoch, batches to skip) set by :meth:`resume` and not yet used, else None."""
+        return self._resume
+
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Skip the first ``consumed`` batches the next time epoch ``epoch`` is iterated (a fit
+        resumed from a checkpoint written in the middle of that epoch)."""
+        self._resume = (int(epoch), int(consumed))
 
     def _batches(self, units: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -89,7 +104,16 @@ class PairBatchSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return iter(self._mine())
+        # A generator: the batch list is built on the first ``next``, not when the iterator is
+        # created.  Lightning creates the train iterator once before it calls ``set_epoch`` (and,
+        # on resume, never again for that epoch), so an eager list would replay epoch 0's order.
+        batches = self._mine()
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                batches = batches[consumed:]
+        yield from batches
 
     def __len__(self) -> int:
         return len(self._mine())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -38,12 +39,61 @@ class StoreError(ValueError):
     The message always names the file, the field and what was expected.
     """
 
+    input_error = True  # the CLI prints the message alone, without a traceback
+
     def __init__(self, path: str | os.PathLike, field: str, expected: str, found: str | None = None):
         self.path, self.field, self.expected, self.found = str(path), field, expected, found
         msg = f"{path}: field '{field}': expected {expected}"
         if found is not None:
             msg += f", found {found}"
         super().__init__(msg)
+
+
+# ----------------------------------------------------------------------------- names
+
+# Dataset and subject names become file names (``<root>/<subject>.h5``, results per pair), so a
+# name read from a manifest must not be able to leave the directory: no separators, no "..".
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value, path: str | os.PathLike, field: str) -> str:
+    """Return ``value`` as a str if it is a safe dataset/subject name, else raise StoreError."""
+    name = str(value)
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise StoreError(path, field, "a plain name (letters, digits, '_', '-', '.'; no path "
+                         "separators or '..', at most 128 characters)", repr(name))
+    return name
+
+
+# ----------------------------------------------------------------------------- response values
+
+#: Larger finite responses are not z-scores, percent signal change or betas: raw scanner
+#: intensities, a wrong scale factor or garbage.  Validation and training both refuse them.
+MAX_ABS_RESPONSE = 1e5
+
+
+def check_scale(block: np.ndarray, path: str | os.PathLike, rows: np.ndarray | None = None) -> None:
+    """Raise StoreError if a finite value of ``block`` (n_rows, n_voxels) exceeds
+    :data:`MAX_ABS_RESPONSE`.  Non-finite values are missing data, not errors (see
+    :func:`scan_responses`).  ``rows`` are the trial rows of ``block``, for the message."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(block) & (np.abs(block) > MAX_ABS_RESPONSE)
+    if big.any():
+        r, v = np.argwhere(big)[0]
+        row = int(rows[r]) if rows is not None else int(r)
+        raise StoreError(path, "responses", f"|values| <= {MAX_ABS_RESPONSE:g} (z-scores, percent signal "
+                         "change or betas; rescale the source or fix the importer)",
+                         f"{float(block[r, v]):.4g} at trial {row}, voxel {int(v)}")
+
+
+def scan_responses(block: np.ndarray) -> tuple[int, int]:
+    """Missing data in ``block`` (n_rows, n_voxels): (non-finite values, rows with no finite value).
+
+    NaN and +-Inf are both missing: repeat averages use the finite trials only, losses and
+    metrics drop the missing pairs.  A row with no finite value is a dropped trial.
+    """
+    ok = np.isfinite(block)
+    return int(ok.size - ok.sum()), int((~ok.any(axis=1)).sum()) if block.shape[1] else 0
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -332,6 +382,26 @@ def _open_h5(path: Path, what: str) -> h5py.File:
         raise StoreError(path, "<file>", "a readable HDF5 file", str(e)) from None
 
 
+def _roi_labels(ds: h5py.Dataset, path: Path, atlas: str) -> dict[int, str]:
+    """The ``labels`` attribute of an ROI atlas: YAML {int value: name}."""
+    field = f"voxels/rois/{atlas}/attrs/labels"
+    raw = ds.attrs.get("labels", "{}")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        labels = yaml.safe_load(raw) if isinstance(raw, str) else None
+    except yaml.YAMLError as e:
+        raise StoreError(path, field, "YAML {value: name}", str(e).splitlines()[0]) from None
+    labels = {} if labels is None else labels
+    if not isinstance(labels, dict):
+        raise StoreError(path, field, "YAML {value: name}", f"{type(labels).__name__} {str(labels)[:60]!r}")
+    try:
+        out = {int(k): str(v) for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise StoreError(path, field, "integer values as keys", str(list(labels)[:5])) from None
+    return out
+
+
 def _need(f: h5py.File | h5py.Group, name: str, path: Path, what: str) -> h5py.Dataset:
     if name not in f:
         raise StoreError(path, name, what, "missing")
@@ -362,7 +432,9 @@ class Store:
             raise StoreError(mpath, "<file>", "valid YAML", str(e).splitlines()[0]) from None
         if not isinstance(self.manifest, dict) or "dataset" not in self.manifest:
             raise StoreError(mpath, "dataset", "a dataset name", "missing")
-        self.name = str(self.manifest["dataset"])
+        self.name = check_name(self.manifest["dataset"], mpath, "dataset")
+        for s in self.subjects:
+            check_name(s, mpath, "subjects")
         self._subjects: dict[str, SubjectInfo] = {}
         self._read_stimuli()
         if validate:
@@ -386,6 +458,11 @@ class Store:
                 raise StoreError(p, "stimulus_id", f"shape ({self.n_stimuli},)", str(ids.shape))
             self.stimulus_ids = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in ids[:]],
                                          dtype=object)
+            uniq, counts = np.unique(self.stimulus_ids.astype(str), return_counts=True)
+            if (counts > 1).any():
+                dup = uniq[counts > 1]
+                raise StoreError(p, "stimulus_id", "one row per stimulus (unique ids; splits and "
+                                 "results are keyed by id)", f"{len(dup)} repeated, e.g. {dup[0]!r}")
             if "visual_angle_deg" not in f.attrs:
                 raise StoreError(p, "attrs/visual_angle_deg", "a float (degrees)", "missing")
             self.visual_angle_deg = float(f.attrs["visual_angle_deg"])
@@ -404,6 +481,8 @@ class Store:
     def subjects(self) -> list[str]:
         listed = self.manifest.get("subjects")
         if listed:
+            if not isinstance(listed, list):
+                raise StoreError(self.root / MANIFEST, "subjects", "a list of subject names", repr(listed))
             return [str(s) for s in listed]
         return sorted(p.stem for p in self.root.glob("subj*.h5"))
 
@@ -425,6 +504,8 @@ class Store:
             if r.ndim != 2 or r.dtype not in (np.float16, np.float32):
                 raise StoreError(p, "responses", "float16/float32 (n_trials, n_voxels)", f"{r.dtype} {r.shape}")
             n_trials, n_voxels = r.shape
+            if n_trials == 0 or n_voxels == 0:
+                raise StoreError(p, "responses", "at least one trial and one voxel", f"shape {r.shape}")
             ts = _need(f, "trial_stimulus", p, f"int ({n_trials},)")
             if ts.shape != (n_trials,) or not np.issubdtype(ts.dtype, np.integer):
                 raise StoreError(p, "trial_stimulus", f"int ({n_trials},)", f"{ts.dtype} {ts.shape}")
@@ -433,7 +514,13 @@ class Store:
                 bad = ts[(ts < 0) | (ts >= self.n_stimuli)][0]
                 raise StoreError(p, "trial_stimulus", f"row indices in [0, {self.n_stimuli}) of stimuli.h5",
                                  f"{bad}")
-            session = f["trial_session"][:] if "trial_session" in f else None
+            session = None
+            if "trial_session" in f:
+                session = f["trial_session"]
+                if session.shape != (n_trials,) or not np.issubdtype(session.dtype, np.integer):
+                    raise StoreError(p, "trial_session", f"int ({n_trials},), one session per trial",
+                                     f"{session.dtype} {session.shape}")
+                session = session[:]
             coords = _need(f, "voxels/coords", p, f"float32 ({n_voxels}, 3)")
             if coords.shape != (n_voxels, 3):
                 raise StoreError(p, "voxels/coords", f"shape ({n_voxels}, 3) matching responses",
@@ -447,13 +534,19 @@ class Store:
                 ncsnr = f["voxels/ncsnr"][:].astype(np.float32)
                 if ncsnr.shape != (n_voxels,):
                     raise StoreError(p, "voxels/ncsnr", f"shape ({n_voxels},)", str(ncsnr.shape))
+                # NaN means unknown (no noise ceiling for that voxel); a negative or infinite
+                # ncsnr would give a plausible-looking but wrong ceiling (it enters squared)
+                wrong = np.isinf(ncsnr) | (ncsnr < 0)
+                if wrong.any():
+                    i = int(np.flatnonzero(wrong)[0])
+                    raise StoreError(p, "voxels/ncsnr", "finite values >= 0 (NaN = unknown)",
+                                     f"{int(wrong.sum())} others, e.g. {ncsnr[i]} at voxel {i}")
             rois = {}
             if "voxels/rois" in f:
                 for atlas, ds in f["voxels/rois"].items():
                     if ds.shape != (n_voxels,):
                         raise StoreError(p, f"voxels/rois/{atlas}", f"shape ({n_voxels},)", str(ds.shape))
-                    labels = yaml.safe_load(ds.attrs.get("labels", "{}")) or {}
-                    rois[atlas] = RoiAtlas(ds[:].astype(np.int16), {int(k): str(v) for k, v in labels.items()})
+                    rois[atlas] = RoiAtlas(ds[:].astype(np.int16), _roi_labels(ds, p, atlas))
             for key in ("dataset", "subject"):
                 if key not in f.attrs:
                     raise StoreError(p, f"attrs/{key}", "a string", "missing")
@@ -463,25 +556,52 @@ class Store:
                 units=str(f.attrs.get("units", "")), trial_stimulus=ts, trial_session=session,
                 ncsnr=ncsnr, rois=rois, has_truth="truth" in f)
 
-    def check_responses(self, subject: str, rows_per_read: int = 2048) -> None:
-        """Deep check: scan responses in row chunks; raise on voxels that are NaN in every trial."""
+    def check_responses(self, subject: str, rows_per_read: int = 2048) -> dict:
+        """Deep check: scan responses in row chunks.
+
+        Raises StoreError on voxels that are non-finite in every trial and on absurd values
+        (:func:`check_scale`, the same check training applies to each batch).  Returns
+        ``{"nonfinite_values": int, "dropped_trials": int}``: missing data that fit tolerates
+        (left out of repeat averages, losses and metrics).
+        """
         info = self.subject(subject)
         seen = np.zeros(info.n_voxels, dtype=bool)
+        bad_values = dead_rows = 0
         with h5py.File(info.path, "r") as f:
             r = f["responses"]
             for start in range(0, info.n_trials, rows_per_read):
-                seen |= np.isfinite(r[start:start + rows_per_read]).any(axis=0)
+                block = r[start:start + rows_per_read]
+                check_scale(block, info.path, np.arange(start, start + len(block)))
+                seen |= np.isfinite(block).any(axis=0)
+                nv, nr = scan_responses(block)
+                bad_values, dead_rows = bad_values + nv, dead_rows + nr
         if info.n_trials and not seen.all():
             bad = np.flatnonzero(~seen)
             raise StoreError(info.path, "responses",
                              "at least one finite value per voxel column",
                              f"{len(bad)} all-NaN columns, first {bad[:5].tolist()}")
+        if self.split is not None:  # fit needs every voxel scored on the test images, too
+            test = np.flatnonzero(self.split[info.trial_stimulus] == SPLIT_TEST)
+            seen = np.zeros(info.n_voxels, dtype=bool)
+            with h5py.File(info.path, "r") as f:
+                for a in range(0, len(test), rows_per_read):
+                    seen |= np.isfinite(f["responses"][test[a:a + rows_per_read]]).any(axis=0)
+            if len(test) and not seen.all():
+                bad = np.flatnonzero(~seen)
+                raise StoreError(info.path, "responses", "a finite response of every voxel among the "
+                                 "test trials (drop empty voxels at import)",
+                                 f"{len(bad)} voxels without one, first {bad[:5].tolist()}")
+        return {"nonfinite_values": bad_values, "dropped_trials": dead_rows}
 
-    def validate(self, deep: bool = True) -> None:
+    def validate(self, deep: bool = True) -> dict[str, dict]:
+        """Check every subject; with ``deep``, also scan the responses.  Returns
+        {subject: :meth:`check_responses` summary} (empty when not deep)."""
+        out = {}
         for s in self.subjects:
             self.subject(s)
             if deep:
-                self.check_responses(s)
+                out[s] = self.check_responses(s)
+        return out
 
     @staticmethod
     def open_subject(info: SubjectInfo) -> h5py.File:

@@ -10,6 +10,9 @@ store's ``stimuli.h5`` and the storage dtype, so changing any of them selects an
     map_<l>   float16 (n_stimuli, C_l, H_l, W_l)   one row per row of stimuli.h5
     cls_<l>   float16 (n_stimuli, C_l)             ViTs with a class token only
     filled    bool    (n_stimuli,)                 a row is trusted only when its flag is set
+    row_crc32 uint32  (n_stimuli,)                 CRC-32 of a filled row's bytes (all levels, in
+                                                   name order), checked on every read: a row
+                                                   overwritten after filling is an error, not data
     attrs     backbone_key, image_size, stimuli_checksum, n_stimuli, format_version, ...
 
 Concurrency and crash safety (several runs, sweep cells or DDP ranks on one cache)
@@ -51,6 +54,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -61,12 +65,42 @@ from torch import Tensor
 
 from brainenc.models.backbones import Backbone, Features
 
-__all__ = ["FeatureCache", "default_root", "main_cache"]
+__all__ = ["CacheError", "FeatureCache", "default_root", "main_cache"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row_crc32
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class CacheError(ValueError):
+    """A feature cache file is unreadable, belongs to another key, or was changed after filling.
+    The message names the file."""
+
+    input_error = True
+
+
+def _row_crc(arrays: dict[str, np.ndarray], rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """CRC-32 of each row's stored bytes over every level in name order: uint32 (R,)."""
+    names = sorted(arrays)
+    n = len(next(iter(arrays.values()))) if arrays else 0
+    idx = range(n) if rows is None else rows
+    out = np.empty(len(idx), dtype=np.uint32)
+    for j, i in enumerate(idx):
+        crc = 0
+        for k in names:
+            crc = zlib.crc32(np.ascontiguousarray(arrays[k][i]).view(np.uint8), crc)
+        out[j] = crc
+    return out
+
+
+def _h5(path: Path, mode: str) -> h5py.File:
+    """Open a cache file; an unreadable one is a CacheError naming it."""
+    try:
+        return h5py.File(path, mode, locking=False)
+    except OSError as e:
+        raise CacheError(f"feature cache {path}: expected a readable HDF5 cache file ({e}); delete it "
+                         "to rebuild the cache") from None
 
 
 def default_root() -> Path:
@@ -113,16 +147,30 @@ class _CacheFile:
     def _check(self, f: h5py.File) -> None:
         for k in ("backbone_key", "image_size", "stimuli_checksum", "n_stimuli"):
             if str(f.attrs.get(k)) != str(self.attrs[k]):
-                raise ValueError(f"feature cache {self.path}: attribute '{k}' is {f.attrs.get(k)!r}, expected "
+                raise CacheError(f"feature cache {self.path}: attribute '{k}' is {f.attrs.get(k)!r}, expected "
                                  f"{self.attrs[k]!r}; delete the file (it does not belong to this key)")
-        if "filled" not in f or f["filled"].shape != (self.n,):
-            raise ValueError(f"feature cache {self.path}: field 'filled': expected bool ({self.n},); "
-                             "delete the file")
+        for name, what in (("filled", "bool"), ("row_crc32", "uint32")):
+            if name not in f or f[name].shape != (self.n,):
+                raise CacheError(f"feature cache {self.path}: field '{name}': expected {what} ({self.n},); "
+                                 "delete the file")
+
+    def _verify(self, f: h5py.File, rows: np.ndarray, hit: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Raise CacheError if a trusted row's bytes no longer match the CRC written with them."""
+        if not hit.any():
+            return
+        stored = _take(f["row_crc32"], rows)[hit]
+        got = _row_crc(data, np.flatnonzero(hit))
+        bad = rows[hit][got != stored]
+        if len(bad):
+            raise CacheError(f"feature cache {self.path}: field 'row_crc32': rows {bad[:5].tolist()} "
+                             f"({len(bad)} in this batch) changed after they were filled (checksum "
+                             "mismatch); delete the file to rebuild the cache")
 
     def _open_complete(self) -> h5py.File:
         # an immutable file: one handle per process, reopened after a fork (DataLoader, DDP spawn)
         if self._reader is None or self._reader_pid != os.getpid():
-            self._reader, self._reader_pid = h5py.File(self.path, "r", locking=False), os.getpid()
+            self._reader, self._reader_pid = _h5(self.path, "r"), os.getpid()
+            self._check(self._reader)
         return self._reader
 
     def filled(self) -> np.ndarray:
@@ -131,7 +179,7 @@ class _CacheFile:
             return np.ones(self.n, dtype=bool)
         if not self.path.exists():
             return np.zeros(self.n, dtype=bool)
-        with _flock(self.lock, exclusive=False), h5py.File(self.path, "r", locking=False) as f:
+        with _flock(self.lock, exclusive=False), _h5(self.path, "r") as f:
             self._check(f)
             mask = f["filled"][:]
         self.complete = bool(mask.all())
@@ -143,14 +191,18 @@ class _CacheFile:
         Entries of rows that are not hits hold whatever bytes are on disk and must not be used."""
         if self.complete:
             f = self._open_complete()
-            return np.ones(len(rows), dtype=bool), {k: _take(f[k], rows) for k in _levels(f)}
+            hit, data = np.ones(len(rows), dtype=bool), {k: _take(f[k], rows) for k in _levels(f)}
+            self._verify(f, rows, hit, data)
+            return hit, data
         if not self.path.exists():
             return np.zeros(len(rows), dtype=bool), None
-        with _flock(self.lock, exclusive=False), h5py.File(self.path, "r", locking=False) as f:
+        with _flock(self.lock, exclusive=False), _h5(self.path, "r") as f:
             self._check(f)
             mask = f["filled"][:]
             hit = mask[rows]
             data = {k: _take(f[k], rows) for k in _levels(f)} if hit.any() else None
+            if data is not None:
+                self._verify(f, rows, hit, data)
         self.complete = bool(mask.all())
         return hit, data
 
@@ -162,18 +214,20 @@ class _CacheFile:
         with _flock(self.lock, exclusive=True):
             if not self.path.exists():
                 self._create(arrays)
-            with h5py.File(self.path, "r+", locking=False) as f:
+            with _h5(self.path, "r+") as f:
                 self._check(f)
                 if set(_levels(f)) != set(arrays) or any(f[k].shape[1:] != v.shape[1:] for k, v in arrays.items()):
-                    raise ValueError(f"feature cache {self.path}: stored levels "
+                    raise CacheError(f"feature cache {self.path}: stored levels "
                                      f"{ {k: f[k].shape[1:] for k in _levels(f)} } differ from the backbone's "
                                      f"{ {k: v.shape[1:] for k, v in arrays.items()} }; delete the file")
                 mask = f["filled"][:]
                 new = ~mask[rows]
                 if new.any():
                     sel = rows[new]
-                    for k, v in arrays.items():
-                        _put(f[k], sel, v[new])
+                    stored = {k: np.asarray(v[new], dtype=self.dtype) for k, v in arrays.items()}
+                    for k, v in stored.items():
+                        _put(f[k], sel, v)
+                    _put(f["row_crc32"], sel, _row_crc(stored))
                     # data first, flags after: a crash in between leaves untrusted rows, never
                     # trusted garbage
                     f.flush()
@@ -195,6 +249,7 @@ class _CacheFile:
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                     f.create_dataset(k, shape=(self.n, *v.shape[1:]), dtype=self.dtype, dcpl=dcpl)
                 f.create_dataset("filled", data=np.zeros(self.n, dtype=bool))
+                f.create_dataset("row_crc32", data=np.zeros(self.n, dtype=np.uint32))
                 for k, v in self.attrs.items():
                     f.attrs[k] = v
             os.replace(tmp, self.path)
@@ -323,7 +378,7 @@ class FeatureCache:
         return cf
 
     # -- computing ----------------------------------------------------------------------------------
-    def _compute(self, backbone: Backbone, images: Tensor) -> dict[str, np.ndarray]:
+    def _compute(self, backbone: Backbone, images: Tensor, path: Optional[Path] = None) -> dict[str, np.ndarray]:
         """Backbone features of ``images`` (B, 3, S, S) as {name: (B, ...)} in the storage dtype."""
         with torch.no_grad():
             feats = backbone(images)
@@ -331,7 +386,7 @@ class FeatureCache:
         for k, t in feats.as_tensors().items():
             a = t.detach().float().cpu().numpy()
             if self.dtype == "float16" and np.abs(a).max(initial=0.0) > np.finfo(np.float16).max:
-                raise ValueError(f"FeatureCache: backbone {backbone.name!r} level {k} has values beyond "
+                raise CacheError(f"feature cache {path}: backbone {backbone.name!r} level {k} has values beyond "
                                  f"float16's range (max |x| = {np.abs(a).max():.3g}); use dtype='float32'")
             out[k] = a.astype(_DTYPES[self.dtype])
         return out
@@ -375,7 +430,7 @@ class FeatureCache:
             self.fill(backbone, store, size)
         stim = stimulus.detach().cpu().numpy().astype(np.int64)
         if len(stim) and (stim.min() < 0 or stim.max() >= cf.n):
-            raise ValueError(f"FeatureCache.lookup: stimulus rows must be in [0, {cf.n}) for {store.stimuli_path}, "
+            raise CacheError(f"feature cache {cf.path}: stimulus rows must be in [0, {cf.n}) for {store.stimuli_path}, "
                              f"got {stim.min()}..{stim.max()}")
         rows, first, inv = np.unique(stim, return_index=True, return_inverse=True)
         hit, data = cf.read(rows)
@@ -388,7 +443,7 @@ class FeatureCache:
                     batch = read_images(f, rows[miss], size).to(next(backbone.parameters()).device)
             else:
                 batch = images[torch.as_tensor(first[miss], device=images.device)]
-            computed = self._compute(backbone, batch)
+            computed = self._compute(backbone, batch, cf.path)
             cf.write(rows[miss], computed)
             if data is None:
                 data = {k: np.empty((len(rows), *v.shape[1:]), dtype=v.dtype) for k, v in computed.items()}
@@ -428,7 +483,7 @@ class FeatureCache:
                 if not len(chunk):
                     continue
                 imgs = read_images(f, chunk, image_size).to(device)
-                cf.write(chunk, self._compute(backbone, imgs))
+                cf.write(chunk, self._compute(backbone, imgs, cf.path))
         return cf.path
 
     def close(self) -> None:

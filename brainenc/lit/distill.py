@@ -78,10 +78,9 @@ class DistillModule(EncoderModule):
 
     def load_weights(self, path: str) -> None:
         """Copy the backbone and readout weights of checkpoint ``path`` (shapes must match)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"DistillModule: init_from checkpoint not found: {path}")
-        # weights only: a checkpoint is data, never code to unpickle
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        from .checkpoint import load_state_dict
+
+        state = load_state_dict(path, "the init_from checkpoint of the student")
         own = self.state_dict()
         keep = {k: v for k, v in state.items() if k.startswith(("backbone.", "readout."))}
         bad = sorted(k for k, v in keep.items() if k not in own or own[k].shape != v.shape)

@@ -31,7 +31,10 @@ def pattern_correlations(measured, predicted) -> np.ndarray:
             "measured and predicted must both be (n_images, n_voxels) with the same shape, "
             f"got {m.shape} and {p.shape}"
         )
-    keep = np.isfinite(m).all(axis=0) & np.isfinite(p).all(axis=0)
+    # an image whose measured pattern is missing entirely (every repeat a NaN volume) says
+    # nothing about any voxel: let it not veto every voxel; its own row stays NaN (a miss)
+    rows = np.isfinite(m).any(axis=1)
+    keep = np.isfinite(m[rows]).all(axis=0) & np.isfinite(p[rows]).all(axis=0)
     if keep.sum() < 2:
         raise ValueError(
             f"identification needs >= 2 voxels finite in every image; {int(keep.sum())} of "

@@ -413,6 +413,16 @@ class Backbone(nn.Module):
         # A randomly initialised full model tells us what the architecture is (ViT or not), its
         # feature levels, its normalisation and its full state-dict layout (for checking weight
         # files) before we build the real, possibly pruned, network.
+        if not timm.is_model(name):
+            import difflib
+
+            from brainenc.errors import ConfigError
+
+            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+            raise ConfigError("model.init_args.backbone.init_args.name",
+                              "a timm model name (list them with: python -c \"import timm; "
+                              "print(timm.list_models('*resnet*'))\")"
+                              + (f"; close matches: {', '.join(close)}" if close else ""), name)
         probe = timm.create_model(name, pretrained=False, **self.model_kwargs)
         data_cfg = timm.data.resolve_data_config({}, model=probe)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1),

@@ -106,7 +106,9 @@ def stage_done(root: Path) -> bool:
 def _cli(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "brainenc.cli", *args]
     _log("$ brainenc " + " ".join(args))
-    subprocess.run(cmd, check=True)
+    from brainenc.subprocs import die_with_parent
+
+    subprocess.run(cmd, check=True, preexec_fn=die_with_parent())  # the stage dies with the recipe
 
 
 def best_checkpoint(root: Path) -> Path:
@@ -164,11 +166,10 @@ def instantiate(config: Path, cli_args: list[str] = ()):
 
 def load_trained(root: Path, cli_args: list[str] = ()):
     """The stage's model with its best weights (eval mode), and its datamodule."""
-    import torch
+    from brainenc.lit.checkpoint import load_into
 
     model, dm = instantiate(root / STAGE_CONFIG, cli_args)
-    sd = torch.load(best_checkpoint(root), map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(sd)
+    load_into(model, best_checkpoint(root), f"the best checkpoint of stage {root.name}")
     return model.eval(), dm
 
 

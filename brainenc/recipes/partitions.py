@@ -115,9 +115,9 @@ def random_partition(coords: Mapping[str, np.ndarray], k: int, seed: int) -> Par
 
 def readout_weights_from_checkpoint(ckpt: str | Path, pairs: list[str]) -> dict[str, np.ndarray]:
     """Per-voxel readout weights ``readout.weight.<pair slot>`` (n_voxels, D) from a Lightning checkpoint."""
-    import torch
+    from brainenc.lit.checkpoint import load_state_dict
 
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    sd = load_state_dict(ckpt, "the whole-brain model's checkpoint")
     out = {}
     for key in pairs:
         name = f"readout.weight.{pair_slot(key)}"

@@ -199,6 +199,95 @@ def _robust_vmax(values: np.ndarray) -> float:
     return float(np.percentile(v, 99)) if v.size and np.percentile(v, 99) > 0 else 1.0
 
 
+def flat_differences(df: pd.DataFrame, labels: list[str], value: str = "pearson",
+                     max_pairs: int = 3) -> list[tuple[str, str, pd.DataFrame]]:
+    """Per-voxel ``value`` of model a minus model b for each pair of labels (first ``max_pairs``).
+
+    Returns [(a, b, frame)]: rows of ``a`` aligned with ``b`` on (dataset, subject, voxel), with
+    ``value`` replaced by the difference (NaN where either is NaN).
+    """
+    key = [c for c in ("dataset", "subject", "voxel") if c in df.columns]
+    out = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            if len(out) >= max_pairs:
+                return out
+            da = df[df["label"] == a]
+            db = df[df["label"] == b][key + [value]].rename(columns={value: "_b"})
+            m = da.merge(db, on=key, how="inner")
+            m[value] = m[value].to_numpy(dtype=np.float64) - m["_b"].to_numpy(dtype=np.float64)
+            out.append((a, b, m.drop(columns="_b")))
+    return out
+
+
+def _flat_panel(ax, dh: pd.DataFrame, xcol: str, ycol: str, value: str, cmap: str, vmin: float,
+                vmax: float, title: str):
+    """One hemisphere sheet: voxels as large dots coloured by ``value``, ROI names on top."""
+    xs, ys = dh[xcol], dh[ycol]
+    v = dh[value].to_numpy(dtype=np.float64)
+    nan = ~np.isfinite(v)
+    # dots big enough to tile the sheet: the area per voxel shrinks with the voxel count
+    size = float(np.clip(24000.0 / max(1, len(dh)), 6.0, 90.0))
+    ax.set_facecolor("0.93")
+    ax.scatter(xs[nan], ys[nan], s=size * 0.4, c="0.6", marker="x", linewidths=0.5)
+    sc = ax.scatter(xs[~nan], ys[~nan], c=v[~nan], s=size, cmap=cmap, vmin=vmin, vmax=vmax,
+                    linewidths=0, marker="s")
+    # ROI names at a real voxel near the ROI's median orient the reader (split ROIs such as
+    # dorsal/ventral V2 would otherwise all be labelled inside V1); without a hemi column both
+    # hemispheres share the panel, so each side is labelled separately
+    side = np.sign(xs) if "hemi" not in dh.columns else np.zeros(len(dh))
+    for (roi, _), g in dh.groupby([dh["roi"], side]):
+        if roi != "none":
+            gx, gy = xs.loc[g.index].to_numpy(), ys.loc[g.index].to_numpy()
+            j = np.argmin((gx - np.median(gx)) ** 2 + (gy - np.median(gy)) ** 2)
+            ax.annotate(str(roi), (gx[j], gy[j]), fontsize=8, ha="center", va="center", color="k",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "w", "alpha": 0.75, "lw": 0})
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("flat x (mm)", fontsize=8)
+    ax.set_ylabel("flat y (mm)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    return sc
+
+
+def _flat_figure(df: pd.DataFrame, labels: list[str], value: str, vmax: float, notes: list[str]):
+    """simbrain sheets: one row per model on a sequential scale (0 .. vmax), then one row per
+    pair of models showing a - b on a diverging scale centred on 0."""
+    from .plots import new_figure
+
+    has_flat = {"flat_x", "flat_y"} <= set(df.columns) and df[["flat_x", "flat_y"]].notna().all().all()
+    if not has_flat:
+        notes.append("no flat_x/flat_y columns: drew the (x, y) coordinates instead")
+    xcol, ycol = ("flat_x", "flat_y") if has_flat else ("x", "y")
+    hemis = sorted(df["hemi"].dropna().astype(str).unique()) if "hemi" in df.columns else []
+    hemis = hemis or [None]
+    diffs = flat_differences(df, labels, value)
+    dmax = _robust_vmax(np.concatenate([d[value].to_numpy(dtype=np.float64) for _, _, d in diffs])) \
+        if diffs else 1.0
+    rows = [(lab, df[df["label"] == lab], "viridis", 0.0, vmax) for lab in labels]
+    rows += [(f"{a} − {b}", d, "RdBu_r", -dmax, dmax) for a, b, d in diffs]
+    fig, axes = new_figure(len(rows), len(hemis), figsize=(5.2 * len(hemis) + 1.2, 4.4 * len(rows)))
+    seq = div = None
+    for i, (title, d, cmap, lo, hi) in enumerate(rows):
+        for j, h in enumerate(hemis):
+            dh = d if h is None else d[d["hemi"].astype(str) == h]
+            sc = _flat_panel(axes[i, j], dh, xcol, ycol, value, cmap, lo, hi,
+                             title + (f" — {h}" if h is not None else ""))
+            if cmap == "viridis":
+                seq = sc
+            else:
+                div = sc
+    if seq is not None:
+        fig.colorbar(seq, ax=axes[:len(labels)].ravel().tolist(), shrink=0.7,
+                     label=f"{value} (negative shown as 0)")
+    if div is not None:
+        fig.colorbar(div, ax=axes[len(labels):].ravel().tolist(), shrink=0.7,
+                     label=f"difference in {value} (red: first model better)")
+    if diffs:
+        notes.append("bottom rows: per-voxel difference for each pair of models")
+    return fig, notes
+
+
 def brainmap_figure(df: pd.DataFrame, labels: list[str], value: str = "pearson",
                     vmax: float | None = None):
     """One figure for one (dataset, subject): one row per model label.
@@ -228,48 +317,7 @@ def brainmap_figure(df: pd.DataFrame, labels: list[str], value: str = "pearson",
     cmap = "cold_hot"
 
     if kind == "flat":
-        has_flat = {"flat_x", "flat_y"} <= set(df.columns) and df[["flat_x", "flat_y"]].notna().all().all()
-        if not has_flat:
-            notes.append("no flat_x/flat_y columns: drew the (x, y) coordinates instead")
-        hemis = sorted(df["hemi"].dropna().astype(str).unique()) if "hemi" in df.columns else [None]
-        hemis = hemis or [None]
-        fig, axes = new_figure(n, len(hemis), figsize=(4.2 * len(hemis) + 0.8, 3.4 * n))
-        sc = None
-        for i, lab in enumerate(labels):
-            d = df[df["label"] == lab]
-            for j, h in enumerate(hemis):
-                dh = d if h is None else d[d["hemi"].astype(str) == h]
-                ax = axes[i, j]
-                xs = dh["flat_x" if has_flat else "x"]
-                ys = dh["flat_y" if has_flat else "y"]
-                v = dh[value].to_numpy(dtype=np.float64)
-                nan = ~np.isfinite(v)
-                ax.scatter(xs[nan], ys[nan], s=4, c="0.8", marker="x", linewidths=0.5)
-                # Dense sheets need small dots, sparse ones bigger dots to be visible.
-                size = float(np.clip(3000.0 / max(1, len(dh)), 1.0, 25.0))
-                sc = ax.scatter(xs[~nan], ys[~nan], c=v[~nan], s=size, cmap="RdBu_r",
-                                vmin=-vmax, vmax=vmax, linewidths=0)
-                # ROI names at their median position orient the reader on the sheet.  Without
-                # a hemi column both hemispheres share the panel (left at x < 0), so label
-                # each side separately or the medians fall on the midline.
-                side = np.sign(xs) if h is None else np.zeros(len(dh))
-                for (roi, _), g in dh.groupby([dh["roi"], side]):
-                    if roi != "none":
-                        # Anchor on a real voxel of the ROI (nearest its median): split ROIs
-                        # (dorsal/ventral V2, V3) otherwise all get labelled inside V1.
-                        gx, gy = xs.loc[g.index].to_numpy(), ys.loc[g.index].to_numpy()
-                        j = np.argmin((gx - np.median(gx)) ** 2 + (gy - np.median(gy)) ** 2)
-                        ax.annotate(str(roi), (gx[j], gy[j]),
-                                    fontsize=7, ha="center", va="center", color="k",
-                                    bbox={"boxstyle": "round,pad=0.1", "fc": "w", "alpha": 0.6, "lw": 0})
-                ax.set_aspect("equal")
-                ax.set_title(f"{lab}" + (f" — {h}" if h is not None else ""), fontsize=9)
-                ax.set_xlabel("flat x (mm)", fontsize=8)
-                ax.set_ylabel("flat y (mm)", fontsize=8)
-                ax.tick_params(labelsize=7)
-        if sc is not None:
-            fig.colorbar(sc, ax=axes, shrink=0.6, label=value)
-        return fig, notes
+        return _flat_figure(df, labels, value, vmax, notes)
 
     from nilearn import plotting
 

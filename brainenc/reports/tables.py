@@ -53,6 +53,8 @@ ALL = "all"
 class ReportInputError(ValueError):
     """Bad report input: the message names the file, the field and what was expected."""
 
+    input_error = True  # the CLI prints it without a traceback
+
 
 @dataclass
 class Run:
@@ -116,6 +118,28 @@ def load_run(run_dir: str | Path) -> Run:
             raise ReportInputError(
                 f"{path}: column '{col}' must be numeric; row {int(bad.idxmax()) + 2} holds {example!r}"
             )
+    # A row with fewer fields than the header (a truncated write, a hand edit) would otherwise
+    # be padded with NaN by pandas and silently drop out of medians.
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        width = len(next(reader))
+        for lineno, row in enumerate(reader, start=2):
+            if row and len(row) != width:
+                raise ReportInputError(f"{path}: line {lineno} has {len(row)} fields; expected {width} "
+                                       "(one per column of the header)")
+    for col in ("pearson", "noise_ceiling", "normalised", "oracle", "x", "y", "z"):
+        vals = df[col].to_numpy(dtype=np.float64)
+        if np.isinf(vals).any():
+            raise ReportInputError(f"{path}: column '{col}' holds Inf in row "
+                                   f"{int(np.flatnonzero(np.isinf(vals))[0]) + 2}; expected finite numbers or NaN")
+    for col in ("pearson", "oracle"):
+        vals = df[col].to_numpy(dtype=np.float64)
+        out = np.abs(vals) > 1 + 1e-6
+        if out.any():
+            raise ReportInputError(f"{path}: column '{col}' holds {vals[out][0]} in row "
+                                   f"{int(np.flatnonzero(out)[0]) + 2}; expected a correlation in [-1, 1] or NaN")
     # A missing ROI label is the same thing as an unlabelled voxel.
     df["roi"] = df["roi"].fillna("none")
     df["subject"] = df["subject"].astype(str)

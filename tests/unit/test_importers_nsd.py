@@ -248,3 +248,10 @@ def test_malformed_files(nsd_source, tmp_path):
     (root / "nsddata/experiments/nsd/nsd_expdesign.mat").unlink()
     with pytest.raises(SourceError, match="nsd_expdesign.mat"):
         prepare("nsd", root, tmp_path / "o4", subjects=["subj01"], sessions=2, checksum="none")
+
+
+def test_fewer_sessions_than_the_design_hints_the_option(nsd_source, tmp_path):
+    """A partial download (2 of the manifest's sessions) says how to import what is there."""
+    with pytest.raises(SourceError, match=r"session 3 .*sessions 1..2 are present: import them with -o sessions=2"):
+        prepare("nsd", nsd_source.root, tmp_path / "o", image_size=12, checksum="none")
+    assert not (tmp_path / "o").exists()

@@ -325,3 +325,32 @@ def test_native_volume_grid():
     assert n_out == 0 and np.asarray(cov.dataobj).sum() == 50
     img, cov, n_out = volume_image(np.array([[0.0, 0.0, 0.0], [500.0, 0, 0]]), np.array([1.0, 2.0]), "MNI152")
     assert n_out == 1 and np.asarray(img.dataobj).max() == 1.0
+
+
+def test_flat_brain_maps_show_each_model_on_a_sequential_scale_and_each_pair_difference():
+    from brainenc.reports.brainmaps import brainmap_figure, flat_differences
+
+    rng = np.random.default_rng(0)
+    n = 400
+    base = pd.DataFrame({"dataset": "simbrain7t", "subject": "subj01", "voxel": np.arange(n),
+                         "roi": np.where(np.arange(n) < 100, "V1", "none"), "space": "simbrain",
+                         "x": rng.normal(size=n), "y": rng.normal(size=n), "z": 0.0,
+                         "flat_x": rng.uniform(-40, 40, n), "flat_y": rng.uniform(-30, 30, n)})
+    models = {lab: base.assign(label=lab, pearson=rng.uniform(-0.1, 0.8, n)) for lab in ("a", "b", "c")}
+    models["b"].loc[5, "pearson"] = np.nan
+    df = pd.concat(models.values(), ignore_index=True).sample(frac=1, random_state=0)  # rows unordered
+    diffs = flat_differences(df, ["a", "b", "c"])
+    assert [(a, b) for a, b, _ in diffs] == [("a", "b"), ("a", "c"), ("b", "c")]
+    ab = diffs[0][2].set_index("voxel")["pearson"].sort_index()
+    expected = models["a"]["pearson"].to_numpy() - models["b"]["pearson"].to_numpy()
+    np.testing.assert_allclose(ab.to_numpy(), expected)  # aligned by voxel, NaN kept
+    fig, notes = brainmap_figure(df, ["a", "b", "c"], "pearson", vmax=0.7)
+    panels = [ax for ax in fig.axes if ax.get_title()]  # not the colour bars
+    assert [ax.get_title() for ax in panels] == ["a", "b", "c", "a − b", "a − c", "b − c"]
+    cmaps = [ax.collections[-1].get_cmap().name for ax in panels]
+    assert cmaps == ["viridis"] * 3 + ["RdBu_r"] * 3
+    assert panels[0].collections[-1].get_clim() == (0.0, 0.7)
+    lo, hi = panels[3].collections[-1].get_clim()
+    assert -lo == hi > 0
+    assert min(panels[0].collections[-1].get_sizes()) >= 6  # readable dots, not specks
+    assert any("difference" in n for n in notes)

@@ -6,7 +6,8 @@ Source layout (per subject, see ``data_manifests/algonauts2023.yaml``)::
     subjXX/training_split/training_images/train-NNNN_nsd-XXXXX.png
     subjXX/test_split/test_images/test-NNNN_nsd-XXXXX.png           (no responses are released)
     subjXX/roi_masks/{lh,rh}.<atlas>_challenge_space.npy            int (n_hemi_vertices,)
-    subjXX/roi_masks/mapping_<atlas>.npy                            pickled {value: name}
+    subjXX/roi_masks/mapping_<atlas>.npy                            pickled {value: name} (read without
+                                                                    unpickling; a .json/.yaml beside it wins)
     subjXX/roi_masks/{lh,rh}.all-vertices_fsaverage_space.npy       (163842,) 0/1: challenge vertices
 
 Training responses are already averaged over an image's repeats, so each image is one "trial".
@@ -49,6 +50,105 @@ def ncsnr_to_nc(ncsnr: np.ndarray, n: int) -> np.ndarray:
     """NSD noise ceiling in percent: ``100 * ncsnr^2 / (ncsnr^2 + 1/n)`` for n averaged repeats."""
     s2 = np.asarray(ncsnr, np.float64) ** 2
     return 100.0 * s2 / (s2 + 1.0 / n)
+
+
+# The only globals a np.save'd object array needs.  They are replaced by _Inert, so nothing from
+# the file is ever called; anything else in the pickle is refused.
+_NUMPY_RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                      ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _Inert:
+    """Stand-in for numpy's array-rebuilding callables: records its arguments and state only."""
+
+    def __init__(self, *args):
+        self.args, self.state = args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _numeric_scalar(dtype, data):
+    """numpy's ``scalar(dtype, bytes)`` for plain numbers and strings only (np.int64 keys, np.str_ names)."""
+    try:
+        dt = np.dtype(str(dtype.args[0]))
+        order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "="
+        if dt.kind not in "iufbU" or not isinstance(data, bytes) or len(data) != dt.itemsize:
+            raise ValueError
+        return np.frombuffer(data, dt.newbyteorder(order))[0].item()
+    except (AttributeError, TypeError, ValueError, IndexError):
+        import pickle
+
+        raise pickle.UnpicklingError("a numpy scalar that is not a plain number") from None
+
+
+def _refusing_unpickler(fh, path: Path):
+    import pickle
+
+    class Refusing(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _NUMPY_RECONSTRUCT:
+                return _Inert
+            if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+                return _numeric_scalar
+            raise SourceError(path, "<pickle>", "a pickled {value: name} dict (brainenc does not "
+                              "unpickle code or objects; provide mapping_<atlas>.json instead)",
+                              f"a reference to {module}.{name}")
+
+        def persistent_load(self, pid):
+            raise SourceError(path, "<pickle>", "a self-contained {value: name} dict", "a persistent id")
+
+    return Refusing(fh)
+
+
+def read_label_mapping(path: Path) -> dict[int, str]:
+    """ROI label table ``{value: name}`` from ``mapping_<atlas>.{npy,json,yaml}``.
+
+    The challenge ships ``np.save`` of a Python dict, i.e. a pickle inside an ``.npy``.  It is
+    read here without executing anything: the pickle may only rebuild a numpy object array (with
+    inert stand-ins) around plain dicts, ints and strings.  JSON/YAML maps are read as data.
+    """
+    import yaml
+
+    path = Path(path)
+    if path.suffix in (".json", ".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise SourceError(path, "<file>", "a JSON/YAML {value: name} map", str(e).splitlines()[0]) from None
+    else:
+        raw = _read_npy_mapping(path)
+    if not isinstance(raw, dict):
+        raise SourceError(path, "<mapping>", "a {value: name} dict", type(raw).__name__)
+    bad = [v for v in raw.values() if not isinstance(v, str)]
+    if bad:
+        raise SourceError(path, "<mapping>", "ROI names (strings) as values", type(bad[0]).__name__)
+    try:
+        return {int(k): v for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise SourceError(path, "<mapping>", "integer label values as keys", str(list(raw)[:5])) from None
+
+
+def _read_npy_mapping(path: Path):
+    fmt = np.lib.format
+    with open(path, "rb") as fh:
+        try:
+            version = fmt.read_magic(fh)
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+        except ValueError as e:
+            raise SourceError(path, "<file>", "a .npy file", str(e)) from None
+        if dtype != np.dtype(object):
+            raise SourceError(path, "<array>", "a saved {value: name} dict (object array)", f"dtype {dtype}")
+        import pickle
+
+        try:
+            arr = _refusing_unpickler(fh, path).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError) as e:
+            raise SourceError(path, "<pickle>", "a pickled {value: name} dict", f"unreadable ({e})") from None
+    items = arr.state[4] if isinstance(arr, _Inert) and isinstance(arr.state, tuple) and len(arr.state) == 5 else None
+    if not isinstance(items, list) or len(items) != 1 or tuple(shape) != ():
+        raise SourceError(path, "<array>", "a 0-d object array holding one dict", f"shape {shape}")
+    return items[0]
 
 
 class Algonauts2023Importer(Importer):
@@ -164,11 +264,12 @@ class Algonauts2023Importer(Importer):
                 continue
             mp = self.path("roi_mapping", subject=subject, atlas=atlas)
             labels = {int(k): str(v) for k, v in self.manifest["roi_atlases"][atlas]["labels"].items()}
-            if mp.exists():
-                # The challenge distributes label tables as pickled dicts (np.save of a dict).
-                mapping = np.load(mp, allow_pickle=True).item()
-                labels = {int(k): str(v) for k, v in mapping.items() if int(k) != 0}
-                files.append(mp)
+            # a plain-text label map beside the .npy wins (no pickle involved at all)
+            for cand in (mp.with_suffix(".json"), mp.with_suffix(".yaml"), mp):
+                if cand.exists():
+                    labels = {k: v for k, v in read_label_mapping(cand).items() if k != 0}
+                    files.append(cand)
+                    break
             full[atlas] = RoiAtlas(np.concatenate(parts), labels)
         n_all = sum(len(v) for v in vertex)
         where = self.path("roi", subject=subject, hemi="lh", atlas=str(self.roi).partition(":")[0])

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from brainenc.data.store import (MANIFEST, STIMULI, SPLIT_TEST, SPLIT_TRAIN, RoiAtlas, StimuliWriter,
-                                 StoreError, SubjectWriter, file_checksum, write_manifest)
+                                 StoreError, SubjectWriter, check_name, file_checksum, write_manifest)
 
 ENV_DATA = "BRAINENC_DATA"
 ENV_MANIFESTS = "BRAINENC_MANIFESTS"
@@ -332,6 +332,7 @@ class Importer:
         """{store name: manifest entry}; entries carry at least ``source`` (the source's name)."""
         table = {}
         for key, entry in self.manifest["subjects"].items():
+            key = check_name(key, self.manifest["_path"], "subjects")  # becomes <out>/<key>.h5
             table[str(key)] = dict(entry or {})
             table[str(key)].setdefault("source", str(key))
         return table
@@ -458,34 +459,38 @@ class Importer:
         self.check_root()
         subjects = self.resolve_subjects()
         self.check(subjects)
+        opts = self._options_record(subjects)
+        # Plan everything (this is where options such as --roi labels are checked against the
+        # source) before touching the output: a refused re-run must leave a valid store valid.
+        stim = self.plan_stimuli(subjects)
+        fp_stim = fingerprint({**opts, "stimulus_ids": stim.ids, "split": stim.split.tolist()})
+        spath = self.out / STIMULI
+        stim_done = None if self.restart else self._complete(spath, fp_stim)
+        todo: dict[str, tuple[str, dict | None, SubjectPlan | None]] = {}
+        for subject in subjects:
+            fp = fingerprint({**opts, "subject": subject, "stimuli": fp_stim})
+            done = None if self.restart else self._complete(self.out / f"{subject}.h5", fp)
+            todo[subject] = (fp, done, None if done is not None else self.plan_subject(subject, stim))
         self.out.mkdir(parents=True, exist_ok=True)
         self._clean()
-        opts = self._options_record(subjects)
-        stim = self.plan_stimuli(subjects)
         sources: dict[str, dict] = {}
 
         # Stimuli: the fingerprint covers the exact id list, so adding subjects rewrites it.
-        fp_stim = fingerprint({**opts, "stimulus_ids": stim.ids, "split": stim.split.tolist()})
-        spath = self.out / STIMULI
-        done = self._complete(spath, fp_stim)
-        if done is not None:
+        if stim_done is not None:
             log(f"[{self.name}] stimuli.h5 complete, kept ({len(stim.ids)} images)")
-            sources.update(done)
+            sources.update(stim_done)
         else:
             log(f"[{self.name}] writing stimuli.h5 ({len(stim.ids)} images at {self.image_size} px)")
             rec = self._source_record(stim.sources, {})
             self._write_stimuli(spath, stim, fp_stim, rec)
             sources.update(rec)
 
-        for subject in subjects:
+        for subject, (fp, done, plan) in todo.items():
             path = self.out / f"{subject}.h5"
-            fp = fingerprint({**opts, "subject": subject, "stimuli": fp_stim})
-            done = self._complete(path, fp)
             if done is not None:
                 log(f"[{self.name}] {subject}: complete, kept")
                 sources.update(done)
                 continue
-            plan = self.plan_subject(subject, stim)
             log(f"[{self.name}] {subject}: {plan.n_trials} trials x {plan.n_voxels} voxels")
             rec = self._source_record(plan.sources, {})
             attrs = {"source_subject": plan.source_subject, "import_fingerprint": fp,

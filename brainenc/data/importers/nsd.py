@@ -126,11 +126,19 @@ class NSDImporter(Importer):
                               str(self.roi))
         for s in subjects:
             for sess in range(1, self.n_sessions(s) + 1):
-                if self.surface:
-                    for p in self.surface_files(s, sess):
-                        self.need(p, f"fsaverage betas of {s} session {sess}")
-                else:
-                    self.need(self.session_file(s, sess)[0], f"betas of {s} session {sess}")
+                # a partial download is common: say how to import the sessions that are here
+                hint = (f"; sessions 1..{sess - 1} are present: import them with -o sessions={sess - 1}"
+                        if sess > 1 and self.options["sessions"] is None else "")
+                try:
+                    if self.surface:
+                        for p in self.surface_files(s, sess):
+                            self.need(p, f"fsaverage betas of {s} session {sess}")
+                    else:
+                        self.need(self.session_file(s, sess)[0], f"betas of {s} session {sess}")
+                except SourceError as e:
+                    if not hint:
+                        raise
+                    raise SourceError(e.path, e.field, e.expected + hint, e.found) from None
             self.need(self.roi_file(s, atlas), f"ROI atlas '{atlas}' of {s}")
 
     def roi_file(self, subject: str, atlas: str, hemi: str = "lh") -> Path:

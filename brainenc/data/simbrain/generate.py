@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..store import MANIFEST, STIMULI, RoiAtlas, StimuliWriter, SubjectWriter, write_manifest
+from ..store import MANIFEST, STIMULI, RoiAtlas, StimuliWriter, StoreError, SubjectWriter, write_manifest
 from . import cortex
 from .cortex import ROI_LABELS, VOXEL_TYPE_LABELS, build_cortex, sample_map
 from .presets import GENERATOR_VERSION, DatasetSpec, Preset, get_preset, stimulus_plan
@@ -70,22 +70,57 @@ def trial_plan(rng: np.random.Generator, split: np.ndarray, spec: DatasetSpec) -
     return trials[rng.permutation(len(trials))]
 
 
+IN_PROGRESS = ".simbrain-in-progress"  # written first, removed once the manifest exists
+
+
 def existing_status(root: Path, preset: str, seed: int) -> str:
-    """'missing', 'complete' (manifest matches preset, seed and generator) or 'different'."""
+    """What is at ``root`` as far as simbrain is concerned.
+
+    'missing' (absent or empty directory), 'interrupted' (a simulation started here and did not
+    finish: only simbrain's marker says so), 'complete' (manifest matches preset, seed and
+    generator), 'different' (a simbrain manifest with other parameters) or 'foreign' (anything
+    simbrain did not write: other files without a manifest, or a manifest of another source).
+    """
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return "missing"
+    if not root.is_dir():
+        return "foreign"
     m = root / MANIFEST
     if not m.exists():
-        return "missing"
+        return "interrupted" if (root / IN_PROGRESS).exists() else "foreign"
     try:
         man = yaml.safe_load(m.read_text()) or {}
     except yaml.YAMLError:
-        return "different"
-    same = (man.get("source") == "simbrain" and man.get("preset") == preset
-            and man.get("seed") == seed and man.get("generator_version") == GENERATOR_VERSION)
+        return "foreign"
+    if not isinstance(man, dict) or man.get("source") != "simbrain":
+        return "foreign"
+    same = (man.get("preset") == preset and man.get("seed") == seed
+            and man.get("generator_version") == GENERATOR_VERSION)
     return "complete" if same else "different"
 
 
+def _foreign_error(root: Path) -> StoreError:
+    """The error for a directory simbrain must not write into (it never created it)."""
+    m = root / MANIFEST
+    if not root.is_dir():
+        return StoreError(root, "<directory>", "a store directory (or nothing) for simbrain to write",
+                          "a file")
+    if m.exists():
+        return StoreError(m, "source", "'simbrain' (simbrain only replaces stores it wrote itself)",
+                          "another source or an unreadable manifest")
+    found = sorted(p.name for p in root.iterdir())
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    return StoreError(m, "manifest.yaml",
+                      "a store manifest, or an absent/empty directory for simbrain to simulate into "
+                      "(a store without its manifest is incomplete or damaged: re-run the import "
+                      "that wrote it, or point data.stores elsewhere; simbrain will not write over "
+                      "files it did not create)",
+                      f"no manifest but {len(found)} other entries ({shown})")
+
+
 def _clear(root: Path) -> None:
-    """Remove a previous store's files (manifest first, so a crash leaves it 'incomplete')."""
+    """Remove what an interrupted or replaced *simbrain* run left (manifest first, so a crash
+    leaves it 'interrupted').  Callers have checked that simbrain wrote this directory."""
     (root / MANIFEST).unlink(missing_ok=True)
     for p in [root / STIMULI, *root.glob("subj*.h5")]:
         p.unlink(missing_ok=True)
@@ -101,6 +136,10 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
                   seed: int) -> None:
     """Simulate one dataset into the store directory ``root`` (see module docstring)."""
     root.mkdir(parents=True, exist_ok=True)
+    # the marker goes first: from here on the directory is simbrain's, and an interrupted run
+    # can be resumed (cleared and rewritten) without mistaking it for a user's store
+    (root / IN_PROGRESS).write_text("simbrain is writing this store; it is incomplete until "
+                                    "manifest.yaml exists\n")
     _clear(root)
     code, n, size = _code(spec.name), len(ids), preset.image_size
     ref = calibration_ref(seed, size)
@@ -181,6 +220,7 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
             "subjects": {s["name"]: s["map"].as_dict() for s in subjects},
         },
     })
+    (root / IN_PROGRESS).unlink(missing_ok=True)
 
 
 def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, code: int, si: int) -> None:
@@ -233,7 +273,7 @@ def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, cod
 
 
 def simulate(preset: str = "tiny", out: str | Path = "data/simbrain", seed: int = 0,
-             overwrite: bool = False) -> dict[str, Path]:
+             overwrite: bool = False, datasets: list[str] | None = None) -> dict[str, Path]:
     """Simulate the preset's datasets into ``out/<dataset>`` (canonical stores).
 
     Parameters
@@ -241,30 +281,48 @@ def simulate(preset: str = "tiny", out: str | Path = "data/simbrain", seed: int 
     preset : a key of :data:`PRESETS` ("tiny", "quickstart", "nsd-scale")
     out : parent directory of the stores
     seed : every random draw derives from it; same seed, same arrays (bit for bit)
-    overwrite : replace stores written with other parameters (else raise)
+    overwrite : replace simbrain stores written with other parameters (else raise)
+    datasets : write only these datasets of the preset (None = all of them)
 
     Returns
     -------
     {dataset name: store directory}, e.g. ``{"simbrain7t": out/"simbrain7t",
     "simbrain3t": out/"simbrain3t"}`` (nsd-scale has only simbrain7t).  A store that is already
     complete with the same preset and seed is left alone.
+
+    Simulation writes only into a directory that is absent, empty, or was started by simbrain
+    (an interrupted run is resumed); anything else, in particular a store whose manifest is
+    missing or names another source, raises :class:`StoreError` and is left untouched, even
+    with ``overwrite``.
     """
     p = get_preset(preset)
     seed = int(seed)
     if seed < 0:
         raise ValueError(f"simbrain seed must be a non-negative integer, got {seed}")
     out = Path(out)
-    plan = stimulus_plan(p)
-    paths = {}
-    for spec in p.datasets:
+    names = [d.name for d in p.datasets]
+    if datasets is not None:
+        unknown = [d for d in datasets if d not in names]
+        if unknown:
+            raise ValueError(f"simbrain preset {p.name!r} has datasets {names}, not {unknown}")
+    specs = [d for d in p.datasets if datasets is None or d.name in datasets]
+    # check every target before writing any, so a refusal leaves nothing half-done
+    status = {}
+    for spec in specs:
         root = out / spec.name
-        status = existing_status(root, p.name, seed)
-        if status == "different" and not overwrite:
+        status[spec.name] = existing_status(root, p.name, seed)
+        if status[spec.name] == "foreign":
+            raise _foreign_error(root)
+        if status[spec.name] == "different" and not overwrite:
             raise FileExistsError(
                 f"{root / MANIFEST}: field 'preset/seed': expected preset={p.name!r} seed={seed} "
                 f"generator_version={GENERATOR_VERSION}; a store with other parameters exists "
                 f"(pass overwrite=True to replace it)")
-        if status != "complete":
+    plan = stimulus_plan(p)
+    paths = {}
+    for spec in specs:
+        root = out / spec.name
+        if status[spec.name] != "complete":
             write_dataset(root, p, spec, plan[spec.name]["ids"], plan[spec.name]["split"], seed)
         paths[spec.name] = root
     return paths

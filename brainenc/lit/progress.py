@@ -1,0 +1,65 @@
+"""Console feedback for runs without a progress bar, and a precise eval-mode check.
+
+:class:`EpochLine` prints one line per epoch (run, epoch, validation median r, time per epoch,
+time left), so a long ``make quickstart`` with progress bars off still says what it is doing.
+:class:`EvalModeCheck` replaces Lightning's blanket "Found N module(s) in eval mode" warning:
+modules of a *frozen* backbone are in eval mode on purpose; any other module in eval mode at the
+start of training is still reported.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+# Lightning's own message, silenced only while EvalModeCheck is installed (it checks instead)
+LIGHTNING_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class EpochLine(L.Callback):
+    """Print ``[run] epoch e/E  val median r 0.213  12s/epoch  ~3m36s left`` after each epoch."""
+
+    def __init__(self, name: str | None = None, metric: str = "val/pearson_median"):
+        self.name, self.metric = name, metric
+        self._t0: float | None = None
+        self._epochs_timed = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._epochs_timed = time.monotonic(), 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self._t0 is None or trainer.sanity_checking:
+            return
+        self._epochs_timed += 1
+        per_epoch = (time.monotonic() - self._t0) / self._epochs_timed
+        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        parts = [f"[{self.name or Path(trainer.default_root_dir).name}] epoch {done}/{total}"]
+        value = trainer.callback_metrics.get(self.metric)
+        if value is not None:
+            parts.append(f"val median r {float(value):.3f}")
+        parts.append(f"{per_epoch:.1f}s/epoch")
+        if total and total > 0:
+            parts.append(f"~{_fmt_seconds(per_epoch * (total - done))} left")
+        print("  ".join(parts), flush=True)
+
+
+class EvalModeCheck(L.Callback):
+    """Warn about modules in eval mode at the start of training, except inside frozen backbones."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        frozen = [name for name, m in pl_module.named_modules()
+                  if name and getattr(m, "frozen", False) is True]
+        unexpected = [name for name, m in pl_module.named_modules()
+                      if not m.training and not any(name == f or name.startswith(f + ".") for f in frozen)]
+        if unexpected and trainer.is_global_zero:
+            warnings.warn(f"{len(unexpected)} module(s) outside a frozen backbone are in eval mode at the start "
+                          f"of training (e.g. {unexpected[:3]}); call .train() on them if they should learn",
+                          stacklevel=2)

@@ -1,0 +1,38 @@
+"""Test instruments that run inside `brainenc` subprocesses (importable as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class HangAtEpoch(L.Callback):
+    """Write this process' id to ``flag`` and sleep when epoch ``epoch`` starts: a stand-in for a
+    long run that the test then kills at a known point (after the previous epoch's checkpoint).
+    Draws no random numbers and changes nothing about training."""
+
+    def __init__(self, epoch: int, flag: str):
+        self.epoch, self.flag = int(epoch), flag
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            tmp = Path(self.flag + ".tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, self.flag)  # the test reads a complete pid
+            time.sleep(600)
+
+
+class HangAtStep(HangAtEpoch):
+    """Like :class:`HangAtEpoch`, at the start of optimizer step ``step`` (mid-epoch)."""
+
+    def __init__(self, step: int, flag: str):
+        super().__init__(-1, flag)
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.epoch = trainer.current_epoch
+            self.on_train_epoch_start(trainer, pl_module)
