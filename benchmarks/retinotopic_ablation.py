@@ -8,7 +8,7 @@ validation median, as ``ModelCheckpoint`` would pick) and the recovery of the tr
 V1-V3 voxels (r per axis, median distance in degrees).
 
     python benchmarks/retinotopic_ablation.py --image-size 224 --epochs 12 \\
-        --variant base: --variant w128:width=128 --variant zero:selector_init=zero
+        --variant base: --variant w128:width=128 --variant multi:grid=[8,4]
 
 A variant is ``name:key=value,key=value`` over RetinotopicReadout's arguments, plus the
 training keys ``lr``, ``weight_decay``, ``beta`` (SmoothL1) and ``epochs``.  Results are appended
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import sys
 import time
@@ -45,7 +46,7 @@ ROIS = ["V1", "V2", "V3", "hV4", "FFA", "PPA"]
 def parse_variant(text: str) -> tuple[str, dict, dict]:
     name, _, rest = text.partition(":")
     model, train = {}, {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list
         k, _, v = item.partition("=")
         (train if k in TRAIN_KEYS else model)[k] = yaml.safe_load(v)
     return name, model, train

@@ -33,7 +33,7 @@ visual field, i.e. the top rows of the image; see ``simbrain.responses._edges``)
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -197,17 +197,29 @@ def level_norms(spec: FeatureSpec) -> nn.ModuleList:
     return nn.ModuleList([nn.BatchNorm2d(c, affine=False) for c, _, _ in spec.shapes])
 
 
-def normalise_levels(features: Features, norms: nn.ModuleList, grid: Optional[int] = None) -> list[Tensor]:
+def grid_sizes(grid) -> tuple[Optional[int], ...]:
+    """``grid`` option -> tuple of pooling sizes (None = the backbone's own maps).
+
+    ``None`` -> ``(None,)``; ``8`` -> ``(8,)``; ``[8, 4]`` -> ``(8, 4)``.
+    """
+    sizes = (None,) if grid is None else tuple(int(g) for g in (grid if isinstance(grid, (list, tuple)) else [grid]))
+    if not sizes or any(g is not None and g < 1 for g in sizes):
+        raise ValueError(f"RetinotopicReadout: grid must be null, a positive integer or a list of them, got {grid!r}")
+    return sizes
+
+
+def normalise_levels(features: Features, norms: nn.ModuleList, grid=None) -> list[Tensor]:
     """The maps standardised by ``norms`` (from :func:`level_norms`), one (B, C_l, H_l, W_l) per level.
 
     With ``grid``, maps larger than ``grid x grid`` are average-pooled to it (area averaging, so
     no aliasing): a coarse map gives every position a gradient from a wide neighbourhood, where
-    on a fine map a position only feels its 2 x 2 nearest cells (see docs/afo.md).
+    on a fine map a position only feels its 2 x 2 nearest cells (see docs/afo.md).  A list of
+    sizes gives every level at every size, size-major (``[8, 4]``: all levels at 8 x 8, then all
+    at 4 x 4), so the level weights choose a scale as well as a level.
     """
     maps = [norm(m) for m, norm in zip(features.maps, norms)]
-    if grid is None:
-        return maps
-    return [F.adaptive_avg_pool2d(m, (min(grid, m.shape[-2]), min(grid, m.shape[-1]))) for m in maps]
+    return [m if g is None else F.adaptive_avg_pool2d(m, (min(g, m.shape[-2]), min(g, m.shape[-1])))
+            for g in grid_sizes(grid) for m in maps]
 
 
 def selector_prior_term(levels: Tensor, mix: Optional[Tensor]) -> Tensor:
@@ -251,7 +263,8 @@ class RetinotopicReadout(Readout):
     normalise : standardise each level with its own parameter-free BatchNorm; False when the
         caller passes already normalised maps (the experts of :class:`ExpertsReadout` share one)
     grid : average-pool every level map larger than ``grid x grid`` down to it before sampling
-        (None = sample the backbone's maps as they are); see :func:`normalise_levels`
+        (None = sample the backbone's maps as they are); a list (e.g. ``[8, 4]``) offers every
+        level at every size and the level weights choose among them; see :func:`normalise_levels`
     selector_init : "zero" starts the last layer of every selector MLP at zero, so every voxel
         starts at the image centre with uniform level weights and an even local/global mix and
         moves by gradient; "small" (earlier default) only shrinks the position layer
@@ -267,7 +280,7 @@ class RetinotopicReadout(Readout):
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, width: int = 32, hidden: int = 64,
                  n_freq: int = 6, positions: Literal["mlp", "free"] = "mlp", jitter: float = 0.0,
                  layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0,
-                 normalise: bool = True, grid: Optional[int] = None,
+                 normalise: bool = True, grid: Union[int, list[int], None] = None,
                  selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
                  selector_prior: float = 0.0, selector_prior_steps: int = 2000,
                  padding: Literal["border", "zeros"] = "border"):
@@ -278,18 +291,19 @@ class RetinotopicReadout(Readout):
             raise ValueError(f"RetinotopicReadout: selector_init must be 'zero' or 'small', got {selector_init!r}")
         if padding not in ("border", "zeros"):
             raise ValueError(f"RetinotopicReadout: padding must be 'border' or 'zeros', got {padding!r}")
-        if grid is not None and int(grid) < 1:
-            raise ValueError(f"RetinotopicReadout: grid must be a positive integer or null, got {grid!r}")
+        self.grids = grid_sizes(grid)
         if selector_prior < 0 or int(selector_prior_steps) < 1:
             raise ValueError("RetinotopicReadout: selector_prior must be >= 0 and selector_prior_steps >= 1, got "
                              f"{selector_prior!r} and {selector_prior_steps!r}")
         self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
-        self.grid, self.padding, self.shared_readout = None if grid is None else int(grid), padding, bool(shared_readout)
+        self.grid = None if grid is None else (list(self.grids) if isinstance(grid, (list, tuple)) else self.grids[0])
+        self.padding, self.shared_readout = padding, bool(shared_readout)
         self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
         # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
         self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
-        self.n_levels = len(spec.shapes)
+        # one selector weight per (size, level); the bottleneck of a level is shared by its sizes
+        self.n_levels = len(spec.shapes) * len(self.grids)
         self.norm = level_norms(spec) if normalise else nn.ModuleList([nn.Identity() for _ in spec.shapes])
         self.bottleneck = nn.ModuleList([nn.Conv2d(c, self.width, 1) for c, _, _ in spec.shapes])
         self.dropout = nn.Dropout(dropout)
@@ -374,7 +388,7 @@ class RetinotopicReadout(Readout):
 
     # ------------------------------------------------------------------ per-voxel parameters
     def voxel_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Positions (V, 2) in grid units, level weights (V, L) summing to 1, local weight (V,)."""
+        """Positions (V, 2) in grid units, level weights (V, L * number of grid sizes) summing to 1, local weight (V,)."""
         s = pair_slot(pair)
         enc = fourier_encode(self._coords(s, voxels), self.n_freq)
         if self.positions_mode == "mlp":
@@ -400,8 +414,8 @@ class RetinotopicReadout(Readout):
 
     # ------------------------------------------------------------------ forward
     def bottleneck_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """Per level the 1x1 bottleneck as (weight (width, C_l), bias (width,))."""
-        return [(conv.weight.flatten(1), conv.bias) for conv in self.bottleneck]
+        """Per map of :func:`normalise_levels` the 1x1 bottleneck as (weight (width, C_l), bias (width,))."""
+        return [(conv.weight.flatten(1), conv.bias) for _ in self.grids for conv in self.bottleneck]
 
     def point_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, ...]:
         """Everything :func:`predict_points` needs per voxel, as used for training or evaluation.

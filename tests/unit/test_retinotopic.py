@@ -474,3 +474,27 @@ def test_shared_readout_uses_one_vector_for_local_and_global_terms():
         glob += proj.mean(dim=(2, 3))[:, :, None] * levels[:, l]
     want = ((mix * local + (1 - mix) * glob) * w.t()).sum(1) + b
     torch.testing.assert_close(r(feats, PAIR), want, atol=1e-5, rtol=1e-5)
+
+
+def test_several_grid_sizes_let_the_level_weights_choose_a_scale():
+    n = 9
+    multi = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, grid=[4, 2], selector_init="zero").eval()
+    single = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, grid=2, selector_init="zero").eval()
+    assert multi.n_levels == 4 and single.n_levels == 2
+    maps = normalise_levels(_feats(), torch.nn.ModuleList([torch.nn.Identity()] * 2), grid=[4, 2])
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 4), (4, 4), (2, 2), (2, 2)]  # size-major
+    slot = PAIR.replace("/", "__")
+    with torch.no_grad():
+        # everything else equal; all level weight on level 0 at 2 x 2 (map 2 of the multi readout)
+        single.load_state_dict({k: v for k, v in multi.state_dict().items() if "layer_mlp" not in k}, strict=False)
+        multi.layer_mlp[slot][-1].bias.copy_(torch.tensor([-30.0, -30.0, 30.0, -30.0]))
+        single.layer_mlp[slot][-1].bias.copy_(torch.tensor([30.0, -30.0]))
+        multi.weight[slot].normal_()
+        single.weight[slot].copy_(multi.weight[slot])
+    coords = _coords(n)
+    multi.set_voxel_info(PAIR, coords)
+    single.set_voxel_info(PAIR, coords)
+    feats = _feats()
+    torch.testing.assert_close(multi(feats, PAIR), single(feats, PAIR), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grid must be"):
+        RetinotopicReadout({PAIR: n}, _spec(), grid=[8, 0])
