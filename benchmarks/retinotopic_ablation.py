@@ -137,7 +137,8 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
             "val_curve": curve, "seconds": round(time.perf_counter() - t0, 1),
             "frac_oracle": {r: round(float(np.mean(v)), 4) for r, v in roi.items() if v},
             "prf": {k: round(float(np.nanmean([s[k] for s in prf.values()])), 4)
-                    for k in ("r_x", "r_y", "median_dist_deg")}}
+                    for k in ("r_x", "r_y", "median_dist_deg", "r_x_on_screen", "r_y_on_screen",
+                              "median_dist_deg_on_screen")}}
 
 
 def main(argv=None) -> int:

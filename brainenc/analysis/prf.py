@@ -62,6 +62,9 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
     readout : a readout with ``positions_deg(pair, visual_angle_deg)`` (n_voxels, 2)
     pairs : :class:`~brainenc.data.datamodule.PairData` (store, subject, ...)
     rois : true voxel types to include, by name (simbrain's ``truth/voxel_type`` labels)
+
+    Returns {pair: :func:`recovery_stats` of those voxels, plus the same keys suffixed
+    ``_on_screen`` for the voxels whose true centre lies inside the image}
     """
     out = {}
     for p in pairs:
@@ -72,6 +75,10 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
         sel = np.isin(vt, codes)
         est = readout.positions_deg(p.key, p.store.visual_angle_deg).cpu().numpy()
         out[p.key] = recovery_stats(est[sel], true[sel])
+        # a readout can only look inside the image: centres off the screen (simbrain places some
+        # peripheral pRFs there) cap r, so the stats are also given for centres on the screen
+        on = sel & (np.abs(true) <= p.store.visual_angle_deg / 2).all(axis=1)
+        out[p.key].update({f"{k}_on_screen": v for k, v in recovery_stats(est[on], true[on]).items()})
     return out
 
 
@@ -112,7 +119,7 @@ def prf_figure(readout, pair, rois: Sequence[str] = EARLY_VISUAL):
 
 def summarise(stats: dict[str, dict]) -> dict:
     """Mean over pairs of each statistic (for one line per run)."""
-    keys = ("r_x", "r_y", "median_dist_deg")
+    keys = ("r_x", "r_y", "median_dist_deg", "r_x_on_screen", "r_y_on_screen", "median_dist_deg_on_screen")
     return {k: float(np.nanmean([s[k] for s in stats.values()])) if stats else float("nan") for k in keys}
 
 
