@@ -1,7 +1,9 @@
 """``make quickstart``: the flagship comparison on the quickstart simbrain.
 
-Ridge vs the All-for-One distilled retinotopic encoder vs the universal encoder, all on the same
-frozen ImageNet EfficientNet-Lite0 (offline weights), the same 64-px images, subjects and splits.
+Ridge vs the All-for-One retinotopic encoder (its whole-brain model and its distilled student)
+vs the universal encoder, all on the same frozen ImageNet EfficientNet-Lite0 (offline weights),
+the same 224-px images (features from the on-disk cache), subject (subj01 of the 7T-like
+dataset: 2,600 voxels) and splits.
 Each step is the ``brainenc`` command a user would type, run in a subprocess, so the quickstart
 doubles as a tour of the CLI; finished runs are reused (delete ``runs/quickstart`` to start over).
 """
@@ -18,7 +20,8 @@ RUNS = [  # (config, run directory) of the single-run encoders
     ("experiments/quickstart/ridge.yaml", "runs/quickstart/ridge"),
     ("experiments/quickstart/universal.yaml", "runs/quickstart/universal"),
 ]
-AFO_CONFIG, AFO_STUDENT = "experiments/afo/quickstart.yaml", "runs/afo/quickstart/student"
+AFO_CONFIG = "experiments/afo/quickstart.yaml"
+AFO_RUNS = ["runs/afo/quickstart/whole", "runs/afo/quickstart/student"]
 
 
 def brainenc(*args: str) -> None:
@@ -38,7 +41,7 @@ def main() -> int:
         resume = [f"--ckpt_path={last}"] if last.exists() else []
         brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true", *resume)  # then tests the best checkpoint
     brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
-    runs = [RUNS[0][1], AFO_STUDENT, RUNS[1][1]]
+    runs = [RUNS[0][1], *AFO_RUNS, RUNS[1][1]]
     brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")
     print("\nPer-ROI comparison on the held-out test images "
           "(medians over voxels; frac_oracle = r / oracle r, the best any model can do):")
