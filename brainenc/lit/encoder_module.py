@@ -115,12 +115,17 @@ class EncoderModule(L.LightningModule):
         return self.readout(self.backbone(images), pair, voxels)
 
     def predict_all(self, feats: Features, pair: str) -> Tensor:
-        """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels)."""
+        """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels).
+
+        The readout's voxel-independent work (e.g. the universal readout's keys and values) is
+        done once for the batch (``Readout.prepare``), not once per chunk.
+        """
         n, chunk = self.voxel_counts[pair], self.eval_voxel_chunk
         if not chunk or chunk >= n:
             return self.readout(feats, pair)
+        prepared = self.readout.prepare(feats)
         idx = torch.arange(n, device=self.device)
-        return torch.cat([self.readout(feats, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
+        return torch.cat([self.readout(prepared, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
 
     # ---------------------------------------------------------------- training
     def sample_voxels(self, target: Tensor) -> tuple[Optional[Tensor], Tensor]:

@@ -25,6 +25,14 @@ from .backbones import Features
 from .readout import FeatureSpec, Readout, pair_slot
 
 
+class LevelKeysValues(list):
+    """Keys and values (B, T, d) of every used level: the voxel-independent part of a forward.
+
+    Returned by :meth:`UniversalReadout.prepare`; a distinct type so :meth:`UniversalReadout.forward`
+    can tell it from raw :class:`~brainenc.models.backbones.Features`.
+    """
+
+
 class VoxelCrossAttention(nn.Module):
     """Single-head cross-attention with voxels as queries and one level's tokens as keys/values.
 
@@ -207,18 +215,27 @@ class UniversalReadout(Readout):
         return p
 
     # ---------------------------------------------------------------- forward
-    def level_features(self, features: Features) -> list[tuple[Tensor, Tensor]]:
-        """Per used level, keys and values (B, T, d); computed once and shared by every voxel chunk."""
-        out = []
+    def level_features(self, features: Features) -> LevelKeysValues:
+        """Per used level, keys and values (B, T, d). They do not depend on the voxels: evaluate
+        them once per image batch (:meth:`prepare`) and pass the result to every voxel chunk."""
+        out = LevelKeysValues()
         for l, mod in zip(self.levels, self.attn):
             cls = features.cls[l] if features.cls is not None else None
             out.append(mod.tokens(level_tokens(features.maps[l], cls, self.max_grid)))
         return out
 
-    def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
-        """Predict responses (B, V) of ``pair``'s ``voxels`` (int64 (V,) local indices; None = all)."""
+    def prepare(self, features: Features) -> LevelKeysValues:
+        """Keys and values of every level for a batch of images (see :meth:`Readout.prepare`)."""
+        return features if isinstance(features, LevelKeysValues) else self.level_features(features)
+
+    def forward(self, features: Features | LevelKeysValues, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
+        """Predict responses (B, V) of ``pair``'s ``voxels`` (int64 (V,) local indices; None = all).
+
+        ``features`` is the backbone's pyramid, or the output of :meth:`prepare` for the same
+        images (then the keys and values are not recomputed).
+        """
         e = self.embeddings(pair, voxels)                               # (V, E)
-        kv = self.level_features(features)
+        kv = self.prepare(features)
         h = torch.cat([mod(e, k, v) for mod, (k, v) in zip(self.attn, kv)], dim=-1)  # (B, V, L*d)
         w = e @ self.feat_embed                                         # (V, L*d)
         b = e @ self.bias_embed + self.bias                             # (V,)

@@ -200,3 +200,30 @@ def test_coords_and_neighbour_init_copy_neighbours():
     # neighbours in embedding space: a scaled copy of a base row finds that row (cosine)
     e = r.embedding.detach()
     torch.testing.assert_close(neighbour_init(r, e[[5, 20]] * 3.0, k=1), e[[5, 20]])
+
+
+# ----------------------------------------------------------------------------- keys/values once per batch
+def test_prepared_keys_values_give_the_uncached_predictions():
+    r = _readout()
+    f = _features()
+    kv = r.prepare(f)
+    assert len(kv) == len(SPEC.shapes) and kv[0][0].shape == (3, 17, 8)
+    assert r.prepare(kv) is kv  # already prepared: nothing recomputed
+    for pair in r.pairs:
+        sub = torch.tensor([0, COUNTS[pair] - 1])
+        assert torch.equal(r(kv, pair, sub), r(f, pair, sub))
+        assert torch.equal(r(kv, pair), r(f, pair))
+
+
+def test_predict_all_computes_keys_values_once_per_batch(monkeypatch):
+    torch.manual_seed(0)
+    bb = Backbone("test_efficientnet", image_size=32)
+    m = EncoderModule(backbone=bb, voxel_counts={"dsA/subj01": 23}, eval_voxel_chunk=4,
+                      readout=lambda c, s: UniversalReadout(c, s, embed_dim=16, width=8, max_grid=2)).eval()
+    calls = []
+    original = m.readout.level_features
+    monkeypatch.setattr(m.readout, "level_features", lambda f: calls.append(1) or original(f))
+    with torch.no_grad():
+        feats = m.backbone(torch.rand(2, 3, 32, 32))
+        pred = m.predict_all(feats, "dsA/subj01")  # 6 chunks of <= 4 voxels
+    assert pred.shape == (2, 23) and len(calls) == 1
