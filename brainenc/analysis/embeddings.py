@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import yaml
+from lightning.pytorch import Callback
 
 
 def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmeans", seed: int = 0,
@@ -43,6 +44,73 @@ def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmea
         # a full covariance in 256-d is ill-posed for a few thousand voxels; diagonal is enough
         return GaussianMixture(n_clusters, covariance_type="diag", random_state=seed).fit_predict(x)
     raise ValueError(f"cluster_embeddings: method must be 'kmeans' or 'gmm', got {method!r}")
+
+
+def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, standardise: bool = True) -> float:
+    """Fraction of the ``k`` nearest neighbours (Euclidean, self excluded) of each labelled row
+    that carry the same label.
+
+    Parameters
+    ----------
+    emb : (n_voxels, E) embeddings (pooled over subjects: a neighbour may be another subject's)
+    labels : int (n_voxels,), e.g. ROI; rows labelled 0 (no ROI) are neighbours but not queries
+    Returns
+    -------
+    float in [0, 1]; chance is about sum_r (n_r / n)^2 over the labels
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(emb, dtype=np.float64)
+    if standardise:
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
+    labels = np.asarray(labels)
+    query = np.flatnonzero(labels != 0)
+    if len(query) == 0 or len(x) <= k:
+        return float("nan")
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x[query])
+    nb = idx[:, 1:]  # drop self (distance 0 is always the nearest)
+    return float((labels[nb] == labels[query][:, None]).mean())
+
+
+def embedding_structure(emb: Mapping[str, np.ndarray], types: Mapping[str, np.ndarray],
+                        rois: Optional[Mapping[str, np.ndarray]] = None,
+                        initial: Optional[Mapping[str, np.ndarray]] = None, n_clusters: int = 7,
+                        k: int = 10, seed: int = 0) -> dict:
+    """How much function the embeddings encode, pooled over pairs.
+
+    Parameters
+    ----------
+    emb : {pair: (n_voxels, E)} learned embeddings
+    types : {pair: int (n_voxels,)} true voxel types (simbrain ``truth/voxel_type``; 0 = noise)
+    rois : {pair: int (n_voxels,)} ROI labels for the nearest-neighbour score (default ``types``)
+    initial : {pair: (n_voxels, E)} the embeddings at initialisation; adds the displacement
+        diagnostics below
+    Returns
+    -------
+    dict with ``ari`` (k-means of the embeddings vs ``types``, all voxels), ``ari_signal`` (type != 0
+    only), ``nn_same_roi`` (see :func:`nn_same_label`), ``nn_chance``; with ``initial`` also
+    ``rel_displacement`` = rms(e - e0) / rms(e0) and ``ari_learned``, the ARI of the
+    displacement e - e0 alone: high ``ari_learned`` with low ``ari`` means that training found the
+    structure but the random start hides it
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    keys = [k_ for k_ in emb if k_ in types]
+    x = np.concatenate([emb[k_] for k_ in keys])
+    t = np.concatenate([types[k_] for k_ in keys])
+    r = np.concatenate([(rois or types)[k_] for k_ in keys])
+    lab = cluster_embeddings(x, n_clusters, seed=seed)
+    sig = t != 0
+    frac = np.bincount(r[r != 0]) / max(1, int((r != 0).sum()))
+    out = {"ari": float(adjusted_rand_score(t, lab)),
+           "ari_signal": float(adjusted_rand_score(t[sig], lab[sig])),
+           "nn_same_roi": nn_same_label(x, r, k), "nn_chance": float((frac ** 2).sum())}
+    if initial is not None:
+        x0 = np.concatenate([initial[k_] for k_ in keys])
+        d = x - x0
+        out["rel_displacement"] = float(np.sqrt((d ** 2).mean() / max((x0 ** 2).mean(), 1e-30)))
+        out["ari_learned"] = float(adjusted_rand_score(t, cluster_embeddings(d, n_clusters, seed=seed)))
+    return out
 
 
 def true_voxel_types(subject_file: str | Path) -> tuple[np.ndarray, dict]:
@@ -159,6 +227,71 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
+
+
+class EmbeddingProbe(Callback):
+    """Lightning callback: after each validation, score the universal readout's embeddings.
+
+    Logs ``embed/ari``, ``embed/ari_signal``, ``embed/nn_same_roi``, ``embed/rel_displacement``
+    and ``embed/ari_learned`` (see :func:`embedding_structure`) for the pairs whose store has
+    simbrain's ``truth/voxel_type``; ROI labels for the neighbour score come from the first ROI
+    atlas of each subject. Does nothing for other readouts or stores without truth.
+
+    Parameters
+    ----------
+    n_clusters : k-means clusters (simbrain: 7 voxel types)
+    k : neighbours for ``nn_same_roi``
+    every_n_epochs : score after every n-th validation (k-means of a few thousand voxels takes
+        seconds)
+    """
+
+    def __init__(self, n_clusters: int = 7, k: int = 10, every_n_epochs: int = 1):
+        self.n_clusters, self.k, self.every_n_epochs = n_clusters, k, every_n_epochs
+        self._initial: Optional[dict] = None
+        self._truth: Optional[dict] = None
+        self._seen = 0
+
+    def _readout(self, pl_module):
+        from brainenc.models.universal import UniversalReadout
+
+        r = getattr(pl_module, "readout", None)
+        return r if isinstance(r, UniversalReadout) else None
+
+    def _load_truth(self, trainer, readout) -> dict:
+        dm = getattr(trainer, "datamodule", None)
+        types, rois = {}, {}
+        for p in getattr(dm, "pairs", []):
+            if p.key not in readout.offsets or not p.info.has_truth:
+                continue
+            with h5py.File(p.info.path, "r") as f:
+                if "truth/voxel_type" not in f:
+                    continue
+                types[p.key] = f["truth/voxel_type"][()].astype(np.int64)
+            atlas = next(iter(p.info.rois.values()), None)
+            rois[p.key] = atlas.values.astype(np.int64) if atlas is not None else types[p.key]
+        return {"types": types, "rois": rois}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        r = self._readout(pl_module)
+        if r is not None:
+            self._initial = {p: r.voxel_weights(p).cpu().numpy().copy() for p in r.pairs}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        r = self._readout(pl_module)
+        if r is None or trainer.sanity_checking:
+            return
+        self._seen += 1
+        if self._seen % self.every_n_epochs:
+            return
+        if self._truth is None:
+            self._truth = self._load_truth(trainer, r)
+        if not self._truth["types"]:
+            return
+        emb = {p: r.voxel_weights(p).cpu().numpy() for p in self._truth["types"]}
+        res = embedding_structure(emb, self._truth["types"], self._truth["rois"], self._initial,
+                                  self.n_clusters, self.k)
+        for name, v in res.items():
+            pl_module.log(f"embed/{name}", v, sync_dist=False)
 
 
 def torch_load(path):

@@ -169,10 +169,17 @@ class EncoderModule(L.LightningModule):
             m.reset()
         return out
 
+    def on_fit_start(self) -> None:
+        self._fit_t0 = time.time()
+
     def on_validation_epoch_end(self) -> None:
         r = self._pearson_all(self.val_pearson)
         if not r:
             return
+        if getattr(self, "_fit_t0", None) is not None and not self.trainer.sanity_checking:
+            # wall clock since fit start (training and validation so far): the x axis of
+            # time-to-quality curves (validation median vs time)
+            self.log("time/fit_s", time.time() - self._fit_t0, sync_dist=False)
         allr = np.concatenate(list(r.values()))
         self.log("val/pearson_median", float(np.nanmedian(allr)) if np.isfinite(allr).any() else 0.0,
                  prog_bar=True, sync_dist=False)
