@@ -25,19 +25,34 @@ import yaml
 from lightning.pytorch import Callback
 
 
+def embedding_features(emb: np.ndarray, directions: bool = True, standardise: bool = True) -> np.ndarray:
+    """The space voxels are compared in: rows of ``emb`` (n_voxels, E) -> float64 (n_voxels, E).
+
+    ``directions`` divides each row by its norm first. The universal readout's weights are linear
+    in the embedding (``W_v = e_v @ feat_embed``), so a row's norm acts as the voxel's response
+    gain, which tracks its reliability (on the quickstart simbrain the norm correlates 0.64 with
+    the true signal-to-noise ratio) rather than its tuning; the direction is what the voxel
+    responds to. ``standardise`` then z-scores each dimension, so no single dimension with a
+    large spread decides the partition (the embedding's scale carries no meaning of its own).
+    """
+    x = np.asarray(emb, dtype=np.float64)
+    if directions:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if standardise:
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
+    return x
+
+
 def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmeans", seed: int = 0,
-                       standardise: bool = True) -> np.ndarray:
+                       standardise: bool = True, directions: bool = True) -> np.ndarray:
     """Cluster rows of ``emb`` (n_voxels, E); returns int labels (n_voxels,).
 
-    ``standardise`` z-scores each embedding dimension first, so no single dimension with a large
-    spread decides the partition (the embedding's scale carries no meaning of its own).
+    Rows are compared by :func:`embedding_features` (their directions, standardised).
     """
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
-    x = np.asarray(emb, dtype=np.float64)
-    if standardise:
-        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
+    x = embedding_features(emb, directions, standardise)
     if method == "kmeans":
         return KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(x)
     if method == "gmm":
@@ -46,9 +61,10 @@ def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmea
     raise ValueError(f"cluster_embeddings: method must be 'kmeans' or 'gmm', got {method!r}")
 
 
-def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, standardise: bool = True) -> float:
-    """Fraction of the ``k`` nearest neighbours (Euclidean, self excluded) of each labelled row
-    that carry the same label.
+def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, directions: bool = True,
+                  standardise: bool = True) -> float:
+    """Fraction of the ``k`` nearest neighbours (Euclidean in :func:`embedding_features` space,
+    self excluded) of each labelled row that carry the same label.
 
     Parameters
     ----------
@@ -60,9 +76,7 @@ def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, standardise:
     """
     from sklearn.neighbors import NearestNeighbors
 
-    x = np.asarray(emb, dtype=np.float64)
-    if standardise:
-        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
+    x = embedding_features(emb, directions, standardise)
     labels = np.asarray(labels)
     query = np.flatnonzero(labels != 0)
     if len(query) == 0 or len(x) <= k:
@@ -183,7 +197,9 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
         together with the base embeddings so its labels share their meaning
     Returns
     -------
-    dict: ARI per pair and pooled (all voxels, and signal voxels only), cluster sizes
+    dict: ARI per pair and pooled (all voxels, and signal voxels only), cluster sizes, the
+    fraction of embedding-space nearest neighbours in the same ROI (first ROI atlas; also
+    written with ``results/embeddings_2d.png``, PCA and t-SNE coloured by ROI)
     """
     from brainenc.data.store import Store, atomic_path
     from brainenc.recipes.transfer import load_base
@@ -205,17 +221,28 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     df = pd.read_csv(table, usecols=["dataset", "subject"]).drop_duplicates()
     in_table = {f"{d}/{s}" for d, s in zip(df["dataset"], df["subject"])}
     stores = _stores_of(base, run_dir)
-    truth, signal, names = {}, {}, {}
+    truth, signal, names, rois, roi_names = {}, {}, {}, {}, {}
     for k in keys:
         ds, s = k.split("/")
         if ds in stores:
-            t, names = true_voxel_types(Store(stores[ds]).subject(s).path)
-            truth[k] = t
-            signal[k] = t != 0  # 0 = "noise" voxels, no stimulus-driven signal
+            info = Store(stores[ds]).subject(s)
+            if info.rois:  # the first atlas: the neighbour score and the figure's colours
+                atlas = next(iter(info.rois.values()))
+                rois[k], roi_names = atlas.values.astype(np.int64), atlas.labels
+            if info.has_truth:
+                t, names = true_voxel_types(info.path)
+                truth[k] = t
+                signal[k] = t != 0  # 0 = "noise" voxels, no stimulus-driven signal
     scored = {k: labels[k] for k in keys if k in truth}
     result = {"method": method, "n_clusters": n_clusters, "voxel_types": names,
               "ari": ari_table(scored, truth, signal) if scored else {},
               "sizes": np.bincount(labels_all, minlength=n_clusters).tolist()}
+    if rois:
+        rk = [k for k in keys if k in rois]
+        result["nn_same_roi"] = {"k": 10, "fraction": nn_same_label(
+            np.concatenate([emb[k] for k in rk]), np.concatenate([rois[k] for k in rk]), k=10)}
+        plot_embeddings_2d({k: emb[k] for k in rk}, {k: rois[k] for k in rk}, roi_names,
+                           run_dir / "results" / "embeddings_2d.png", seed=seed)
     if scored:
         # which true type dominates each cluster (for reading the map)
         t_all = np.concatenate([truth[k] for k in scored])
@@ -227,6 +254,56 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
+
+
+def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray],
+                       roi_names: Mapping[int, str], path: str | Path, max_points: int = 4000,
+                       seed: int = 0) -> Path:
+    """PCA and t-SNE of the pooled embeddings in 2-D, coloured by ROI; written atomically as PNG.
+
+    Parameters
+    ----------
+    emb : {pair: (n_voxels, E)}; compared as in :func:`embedding_features`
+    rois : {pair: int (n_voxels,)}, 0 = no ROI (grey)
+    max_points : random subset for t-SNE and plotting (t-SNE is quadratic in the points)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    from brainenc.data.store import atomic_path
+
+    keys = list(emb)
+    x = embedding_features(np.concatenate([emb[k] for k in keys]))
+    r = np.concatenate([rois[k] for k in keys])
+    rng = np.random.default_rng(seed)
+    sel = rng.permutation(len(x))[:max_points]
+    x, r = x[sel], r[sel]
+    pcs = PCA(n_components=min(50, x.shape[1]), random_state=seed).fit_transform(x)
+    views = {"PCA (first 2 components)": pcs[:, :2],
+             "t-SNE (of the first 50 PCs)": TSNE(2, init="pca", random_state=seed,
+                                                  perplexity=30).fit_transform(pcs)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    cmap = plt.get_cmap("tab10")
+    for ax, (title, xy) in zip(axes, views.items()):
+        for i, v in enumerate(sorted(set(r.tolist()))):
+            m = r == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=roi_names.get(v, "none" if v == 0 else str(v)),
+                       color="0.6" if v == 0 else cmap(i % 10))
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1].legend(markerscale=4, fontsize=8, loc="best")
+    fig.suptitle(f"voxel embeddings of {len(keys)} subjects ({len(x)} voxels), coloured by ROI")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 class EmbeddingProbe(Callback):
