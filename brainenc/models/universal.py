@@ -44,10 +44,14 @@ class VoxelCrossAttention(nn.Module):
     embed_dim : E, the voxel embedding width
     mlp_ratio : hidden width of the residual MLP is ``mlp_ratio * d`` (0 disables the MLP)
     dropout : dropout after the post-attention LayerNorm
+    shared_mask : draw one dropout mask (V, d) per step, shared by the batch's images, instead of
+        one per element (B, V, d). Drawing B x V x d Bernoulli numbers was a large share of a CPU
+        training step (docs/performance.md); a per-voxel mask drops the same feature of a voxel
+        for every image of the step, i.e. it thins that voxel's readout for the step.
     """
 
     def __init__(self, in_dim: int, n_tokens: int, width: int = 128, embed_dim: int = 256,
-                 mlp_ratio: float = 2.0, dropout: float = 0.1):
+                 mlp_ratio: float = 2.0, dropout: float = 0.1, shared_mask: bool = False):
         super().__init__()
         self.width = width
         self.token_norm = nn.LayerNorm(in_dim)
@@ -60,6 +64,7 @@ class VoxelCrossAttention(nn.Module):
         self.v = nn.Linear(width, width)
         self.out_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(dropout)
+        self.shared_mask = bool(shared_mask)
         hidden = int(round(mlp_ratio * width))
         self.mlp = (nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
                     if hidden > 0 else None)
@@ -99,10 +104,18 @@ class VoxelCrossAttention(nn.Module):
             q = self.q(query)[None, None].expand(keys.shape[0], 1, -1, -1)  # (B, 1, V, d)
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             h = F.scaled_dot_product_attention(q, keys[:, None], values[:, None], attn_mask=mask)[:, 0]
-        h = self.dropout(self.out_norm(h))
+        h = self._dropout(self.out_norm(h))
         if self.mlp is not None:
             h = h + self.mlp(h)
         return (h, attn) if return_attention else h
+
+    def _dropout(self, h: Tensor) -> Tensor:
+        """Dropout of h (B, V, d): element-wise, or one (V, d) mask for every image (``shared_mask``)."""
+        p = self.dropout.p
+        if not (self.training and p > 0 and self.shared_mask):
+            return self.dropout(h)
+        keep = torch.empty(h.shape[1:], device=h.device, dtype=h.dtype).bernoulli_(1 - p)
+        return h * (keep / (1 - p))
 
 
 def level_tokens(fmap: Tensor, cls: Optional[Tensor], max_grid: Optional[int] = None) -> Tensor:
@@ -132,6 +145,8 @@ class UniversalReadout(Readout):
     width : d, per-level token width (128 in the paper)
     mlp_ratio : residual MLP hidden width as a multiple of d
     dropout : dropout after each level's attention
+    shared_dropout_mask : one dropout mask per step for all images of the batch (see
+        :class:`VoxelCrossAttention`)
     max_grid : pool each level's map to at most this many positions per side (None = no pooling)
     levels : indices of the backbone levels to use (None = all)
     embed_init_std : standard deviation of the initial embeddings; None (default) = balanced,
@@ -142,7 +157,7 @@ class UniversalReadout(Readout):
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, embed_dim: int = 256,
                  width: int = 128, mlp_ratio: float = 2.0, dropout: float = 0.1,
                  max_grid: Optional[int] = None, levels: Optional[list[int]] = None,
-                 embed_init_std: Optional[float] = None):
+                 embed_init_std: Optional[float] = None, shared_dropout_mask: bool = False):
         super().__init__(voxel_counts, spec)
         self.embed_dim, self.width, self.max_grid = embed_dim, width, max_grid
         self.levels = list(range(len(spec.shapes))) if levels is None else [int(l) for l in levels]
@@ -172,7 +187,8 @@ class UniversalReadout(Readout):
             c, h, w = spec.shapes[l]
             if max_grid is not None:
                 h, w = min(h, max_grid), min(w, max_grid)
-            self.attn.append(VoxelCrossAttention(c, 1 + h * w, width, embed_dim, mlp_ratio, dropout))
+            self.attn.append(VoxelCrossAttention(c, 1 + h * w, width, embed_dim, mlp_ratio, dropout,
+                                                 shared_dropout_mask))
         # initial predictions ~0.1 sd for LayerNormed features: a large random start would make the
         # first steps undo noise instead of learn
         self.feat_embed = nn.Parameter(torch.randn(embed_dim, self.feat_dim)

@@ -263,3 +263,15 @@ def test_trained_embeddings_separate_voxel_types_better_than_their_start(tiny_br
     after = nn_same_label(trained[both], labels, k=5)
     assert before < chance + 0.05                      # the random start carries no type
     assert after > chance + 0.12, (before, after, chance)
+
+
+def test_shared_dropout_mask_is_one_mask_per_voxel_for_every_image():
+    torch.manual_seed(0)
+    ones = torch.ones(4, 50, 8)
+    shared = VoxelCrossAttention(6, 5, width=8, embed_dim=12, dropout=0.5, shared_mask=True).train()
+    out = shared._dropout(ones)
+    assert set(out.unique().tolist()) == {0.0, 2.0}                # inverted dropout scaling
+    assert torch.equal(out, out[:1].expand_as(out))                # the same mask for every image
+    per_element = VoxelCrossAttention(6, 5, width=8, embed_dim=12, dropout=0.5).train()._dropout(ones)
+    assert not torch.equal(per_element, per_element[:1].expand_as(per_element))
+    assert torch.equal(shared.eval()._dropout(ones), ones)          # identity in evaluation
