@@ -186,7 +186,8 @@ def add_column_atomic(csv_path: str | Path, column: str, values: Mapping[str, np
 
 
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,
-                method: str = "kmeans", seed: int = 0, extra_embeddings: Optional[str | Path] = None) -> dict:
+                method: str = "kmeans", seed: int = 0, extra_embeddings: Optional[str | Path] = None,
+                merge_types: Optional[list[str]] = None) -> dict:
     """Cluster a universal run's embeddings (all pairs pooled), write ``cluster`` and the ARI.
 
     Parameters
@@ -195,6 +196,9 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     ckpt : checkpoint (default ``<run_dir>/checkpoints/last.ckpt``)
     extra_embeddings : a transfer run's ``transfer/embeddings.pt`` ({pair: (n_voxels, E)}), clustered
         together with the base embeddings so its labels share their meaning
+    merge_types : names of true voxel types to count as one type in an extra score, ``ari_merged``
+        (e.g. V1, V2, V3: areas that on simbrain differ only subtly in tuning at equal
+        eccentricity, so that clusters following eccentricity across them are not penalised twice)
     Returns
     -------
     dict: ARI per pair and pooled (all voxels, and signal voxels only), cluster sizes, the
@@ -250,6 +254,13 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
         ct = pd.crosstab(l_all, t_all)
         result["contingency"] = {int(c): {names.get(int(t), str(t)): int(n) for t, n in row.items()}
                                  for c, row in ct.iterrows()}
+        if merge_types:
+            ids = [v for v, name in names.items() if name in set(merge_types)]
+            if len(ids) != len(set(merge_types)):
+                raise ValueError(f"merge_types {merge_types}: unknown type names; have {list(names.values())}")
+            merged = {k: np.where(np.isin(truth[k], ids), min(ids), truth[k]) for k in scored}
+            result["ari_merged"] = {"types": list(merge_types),
+                                    **ari_table(scored, merged, signal)["pooled"]}
     add_column_atomic(table, "cluster", {k: v for k, v in labels.items() if k in in_table})
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
@@ -403,9 +414,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--n-clusters", type=int, default=7)
     ap.add_argument("--method", choices=("kmeans", "gmm"), default="kmeans")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge-types", nargs="*", default=None,
+                    help="true type names to count as one in the extra score ari_merged (e.g. V1 V2 V3)")
     a = ap.parse_args(argv)
-    res = cluster_run(a.run_dir, a.ckpt, a.n_clusters, a.method, a.seed)
-    print(json.dumps({"ari": res["ari"], "sizes": res["sizes"]}, indent=2))
+    res = cluster_run(a.run_dir, a.ckpt, a.n_clusters, a.method, a.seed, merge_types=a.merge_types)
+    print(json.dumps({k: res[k] for k in ("ari", "ari_merged", "nn_same_roi", "sizes") if k in res}, indent=2))
     return 0
 
 
