@@ -275,3 +275,33 @@ def test_shared_dropout_mask_is_one_mask_per_voxel_for_every_image():
     per_element = VoxelCrossAttention(6, 5, width=8, embed_dim=12, dropout=0.5).train()._dropout(ones)
     assert not torch.equal(per_element, per_element[:1].expand_as(per_element))
     assert torch.equal(shared.eval()._dropout(ones), ones)          # identity in evaluation
+
+
+def test_balanced_initial_scale_of_the_two_readout_factors():
+    """The table and feat_embed start at the same scale (so Adam moves both at the same relative
+    rate) and the initial readout weights keep their ~0.1 output scale."""
+    torch.manual_seed(0)
+    r = UniversalReadout({"a/s": 4000}, SPEC, embed_dim=64, width=16)
+    e, f = r.embedding.detach(), r.feat_embed.detach()
+    assert e.std().item() == pytest.approx(f.std().item(), rel=0.05)
+    assert e.std().item() == pytest.approx((0.1 / (64 * 32) ** 0.5) ** 0.5, rel=0.05)
+    # W_v entries have sd 0.1 / sqrt(L d), so <h_v, W_v> over L d unit-variance features has sd ~0.1
+    assert (e @ f).std().item() == pytest.approx(0.1 / 32 ** 0.5, rel=0.1)
+    old = UniversalReadout({"a/s": 10}, SPEC, embed_dim=64, width=16, embed_init_std=1.0)
+    assert old.embedding.std().item() > 0.9  # an explicit value is still honoured
+
+
+def test_nn_same_label_and_embedding_structure():
+    from brainenc.analysis.embeddings import embedding_structure, nn_same_label
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 2, 3], 50)
+    grouped = rng.normal(size=(150, 8)) * 0.1 + np.eye(8)[labels] * 2
+    assert nn_same_label(grouped, labels, k=5) == pytest.approx(1.0)
+    assert abs(nn_same_label(rng.normal(size=(150, 8)), labels, k=5) - 1 / 3) < 0.1   # chance
+    # label 0 (no ROI) rows are never queries
+    assert nn_same_label(grouped, np.where(labels == 3, 0, labels), k=5) == pytest.approx(1.0)
+    start = rng.normal(size=(150, 8))
+    res = embedding_structure({"d/s": start + grouped * 10}, {"d/s": labels}, initial={"d/s": start}, n_clusters=3)
+    assert res["ari"] > 0.9 and res["ari_learned"] == pytest.approx(1.0) and res["nn_same_roi"] > 0.9
+    assert res["rel_displacement"] > 5
