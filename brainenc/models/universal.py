@@ -169,8 +169,9 @@ class UniversalReadout(Readout):
         # feat_embed started at ~5e-4 and moved ~5x its size per step while the embeddings moved
         # 0.3 %: the table stayed its random start (rms displacement 6 % after 6 epochs at 224 px)
         # and clustering it found nothing (ARI 0.000). Equal scales give both factors the same
-        # relative rate; measured on the quickstart crowd (std 0.02 and 0.005 alike) this lifts the ARI from 0.00 to 0.20
-        # and the validation median from 0.34 to 0.46 after 6 epochs (docs/universal.md).
+        # relative rate; on the quickstart crowd (std 0.02 and 0.005 alike) this lifted the ARI
+        # from 0.00 to 0.20 and the validation median from 0.34 to 0.46 after 6 epochs
+        # (docs/universal.md).
         if embed_init_std is None:
             embed_init_std = math.sqrt(0.1 / math.sqrt(embed_dim * self.feat_dim))
         self.embed_init_std = float(embed_init_std)
