@@ -135,12 +135,17 @@ class EncoderModule(L.LightningModule):
         return self.readout(self.backbone(images), pair, voxels)
 
     def predict_all(self, feats: Features, pair: str) -> Tensor:
-        """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels)."""
+        """Predict every voxel of ``pair``, in chunks of ``eval_voxel_chunk``. Returns (B, n_voxels).
+
+        The readout's voxel-independent work (e.g. the universal readout's keys and values) is
+        done once for the batch (``Readout.prepare``), not once per chunk.
+        """
         n, chunk = self.voxel_counts[pair], self.eval_voxel_chunk
         if not chunk or chunk >= n:
             return self.readout(feats, pair)
+        prepared = self.readout.prepare(feats)
         idx = torch.arange(n, device=self.device)
-        return torch.cat([self.readout(feats, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
+        return torch.cat([self.readout(prepared, pair, idx[i:i + chunk]) for i in range(0, n, chunk)], dim=1)
 
     # ---------------------------------------------------------------- training
     def sample_voxels(self, target: Tensor) -> tuple[Optional[Tensor], Tensor]:
@@ -184,10 +189,17 @@ class EncoderModule(L.LightningModule):
             m.reset()
         return out
 
+    def on_fit_start(self) -> None:
+        self._fit_t0 = time.time()
+
     def on_validation_epoch_end(self) -> None:
         r = self._pearson_all(self.val_pearson)
         if not r:
             return
+        if getattr(self, "_fit_t0", None) is not None and not self.trainer.sanity_checking:
+            # wall clock since fit start (training and validation so far): the x axis of
+            # time-to-quality curves (validation median vs time)
+            self.log("time/fit_s", time.time() - self._fit_t0, sync_dist=False)
         allr = np.concatenate(list(r.values()))
         self.log("val/pearson_median", float(np.nanmedian(allr)) if np.isfinite(allr).any() else 0.0,
                  prog_bar=True, sync_dist=False)

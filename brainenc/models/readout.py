@@ -71,6 +71,15 @@ class Readout(nn.Module):
         """
         raise NotImplementedError
 
+    def prepare(self, features: Features):
+        """Work that depends on the images but not on the voxels, done once per image batch.
+
+        :meth:`forward` accepts the result in place of ``features``, so evaluation in voxel
+        chunks does this work once instead of once per chunk. The default has nothing to share
+        and returns ``features`` unchanged.
+        """
+        return features
+
     def set_voxel_info(self, pair: str, coords: np.ndarray) -> None:
         """Receive the pair's voxel coordinates float32 (n_voxels, 3) in mm (used by some families)."""
 

@@ -13,6 +13,7 @@ Output layout (``OUT``)::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import traceback
@@ -192,6 +193,8 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
                    ("table", retrieval_pivot(retrieval),
                     "Image retrieval from predicted responses (fraction correct; tables/retrieval.csv)")]
 
+    blocks += embedding_blocks(runs, out, figures)
+
     map_budget = max_brainmaps
     for dataset in sorted(df["dataset"].unique()):
         dnotes: list[str] = []
@@ -265,6 +268,36 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     html_path = out / "report.html"
     _atomic_write(html_path, render.render_html(title, blocks, out))
     return html_path
+
+
+def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
+    """An "Embeddings" section for runs clustered by ``python -m brainenc.analysis.embeddings``.
+
+    Per run with ``results/clusters.json``: the pooled ARI against the true voxel types, the
+    fraction of embedding-space nearest neighbours in the same ROI, and the run's
+    ``results/embeddings_2d.png`` (copied into figures/). Runs without them add nothing.
+    """
+    rows, figs = [], []
+    for r in runs:
+        res = r.path / "results"
+        if not (res / "clusters.json").exists():
+            continue
+        c = json.loads((res / "clusters.json").read_text())
+        pooled = (c.get("ari") or {}).get("pooled", {})
+        rows.append({"run": r.name, "clusters": c.get("n_clusters"), "method": c.get("method"),
+                     "ARI (all voxels)": pooled.get("ari"), "ARI (signal voxels)": pooled.get("ari_signal"),
+                     "NN same ROI": (c.get("nn_same_roi") or {}).get("fraction")})
+        png = res / "embeddings_2d.png"
+        if figures and png.exists():
+            rel = f"figures/{_slug('embeddings', r.name)}.png"
+            _atomic_write(out / rel, png.read_bytes())
+            figs.append(("figure", rel, f"{r.name}: voxel embeddings in 2-D (PCA, t-SNE), coloured by ROI"))
+    if not rows:
+        return []
+    return [("h", 2, "Embeddings"),
+            ("table", pd.DataFrame(rows), "Clusters of the voxel embeddings vs the true voxel types "
+             "(adjusted Rand index) and the fraction of each voxel's 10 nearest embedding-space "
+             "neighbours in its ROI (results/clusters.json)"), *figs]
 
 
 def _shared_vmax(values: np.ndarray) -> float:

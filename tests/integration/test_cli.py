@@ -134,8 +134,9 @@ def test_predict_writes_one_file_per_pair(runs, tiny_brain):
 
 FIT_CONFIGS = sorted(str(p.relative_to(REPO)) for d in ("smoke", "quickstart", "universal")
                      for p in (REPO / "experiments" / d).glob("*.yaml")
-                     if p.name not in ("afo.yaml", "holdout.yaml"))
-OVERLAYS = [("experiments/universal/quickstart_crowd.yaml", "experiments/universal/holdout.yaml")] + [
+                     if p.name not in ("afo.yaml", "holdout.yaml", "probe.yaml", "real.yaml"))
+OVERLAYS = [("experiments/universal/quickstart_crowd.yaml", f"experiments/universal/{o}.yaml")
+            for o in ("holdout", "probe", "real")] + [
     ("experiments/smoke/linear.yaml", str(p.relative_to(REPO))) for p in sorted((REPO / "experiments/ddp").glob("*.yaml"))]
 
 

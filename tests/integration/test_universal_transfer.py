@@ -83,6 +83,8 @@ def test_transfer_trains_only_new_embeddings(stores, crowd, tmp_path):
     saved = torch.load(tmp_path / "transfer" / "embeddings.pt", weights_only=True)[HELD_OUT]
     assert torch.equal(saved, new.detach())
     assert summary["n_train_images"] == 40 and summary["base_unchanged"]
+    # the new rows live at the base table's scale: by default they train at the base's rate
+    assert summary["lr"] == pytest.approx(load_base(ckpt).lr) and model.lr == summary["lr"]
     df = pd.read_csv(tmp_path / "results" / "voxels.csv")
     assert set(df["dataset"] + "/" + df["subject"]) == {HELD_OUT} and len(df) == 400
 

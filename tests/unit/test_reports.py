@@ -354,3 +354,31 @@ def test_flat_brain_maps_show_each_model_on_a_sequential_scale_and_each_pair_dif
     assert -lo == hi > 0
     assert min(panels[0].collections[-1].get_sizes()) >= 6  # readable dots, not specks
     assert any("difference" in n for n in notes)
+
+
+def test_embedding_section_from_clustered_runs_only(tmp_path):
+    """A run clustered by brainenc.analysis.embeddings gets its ARI, NN-same-ROI fraction and
+    2-D embedding figure in the report; a run without clusters.json adds nothing."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = write_demo_runs(tmp_path / "runs", models=("universal", "ridge"), n_voxels=30)
+    res = runs[0] / "results"
+    (res / "clusters.json").write_text(json.dumps(
+        {"method": "kmeans", "n_clusters": 7, "ari": {"pooled": {"ari": 0.271, "ari_signal": 0.254}},
+         "nn_same_roi": {"k": 10, "fraction": 0.763}}))
+    fig = plt.figure(figsize=(2, 2))
+    fig.savefig(res / "embeddings_2d.png")
+    plt.close(fig)
+    html = build_report(runs, tmp_path / "out", n_boot=0, brainmaps=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Embeddings" in md and "0.763" in md and "0.271" in md
+    emb = list((tmp_path / "out" / "figures").glob("embeddings_*.png"))
+    assert len(emb) == 1 and emb[0].read_bytes() == (res / "embeddings_2d.png").read_bytes()
+    assert html.read_text().count("<img") == len(list((tmp_path / "out" / "figures").glob("*.png")))
+    build_report(runs[1:], tmp_path / "out2", n_boot=0, figures=False)
+    assert "## Embeddings" not in (tmp_path / "out2" / "report.md").read_text()

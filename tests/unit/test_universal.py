@@ -200,3 +200,108 @@ def test_coords_and_neighbour_init_copy_neighbours():
     # neighbours in embedding space: a scaled copy of a base row finds that row (cosine)
     e = r.embedding.detach()
     torch.testing.assert_close(neighbour_init(r, e[[5, 20]] * 3.0, k=1), e[[5, 20]])
+
+
+# ----------------------------------------------------------------------------- keys/values once per batch
+def test_prepared_keys_values_give_the_uncached_predictions():
+    r = _readout()
+    f = _features()
+    kv = r.prepare(f)
+    assert len(kv) == len(SPEC.shapes) and kv[0][0].shape == (3, 17, 8)
+    assert r.prepare(kv) is kv  # already prepared: nothing recomputed
+    for pair in r.pairs:
+        sub = torch.tensor([0, COUNTS[pair] - 1])
+        assert torch.equal(r(kv, pair, sub), r(f, pair, sub))
+        assert torch.equal(r(kv, pair), r(f, pair))
+
+
+def test_predict_all_computes_keys_values_once_per_batch(monkeypatch):
+    torch.manual_seed(0)
+    bb = Backbone("test_efficientnet", image_size=32)
+    m = EncoderModule(backbone=bb, voxel_counts={"dsA/subj01": 23}, eval_voxel_chunk=4,
+                      readout=lambda c, s: UniversalReadout(c, s, embed_dim=16, width=8, max_grid=2)).eval()
+    calls = []
+    original = m.readout.level_features
+    monkeypatch.setattr(m.readout, "level_features", lambda f: calls.append(1) or original(f))
+    with torch.no_grad():
+        feats = m.backbone(torch.rand(2, 3, 32, 32))
+        pred = m.predict_all(feats, "dsA/subj01")  # 6 chunks of <= 4 voxels
+    assert pred.shape == (2, 23) and len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- embeddings learn function
+def test_trained_embeddings_separate_voxel_types_better_than_their_start(tiny_brain):
+    """Tiny simbrain, one 7T-like subject: after a short fit, a voxel's nearest neighbours in
+    embedding space share its true type (V1 vs hV4: pRF size and summation differ) far more often
+    than chance, while the initial table sits at chance. With the old N(0, 1) start the trained
+    table stayed at chance too (0.53 for V1 vs hV4, chance 0.525), so this bound can fail."""
+    import h5py
+    import lightning as L
+
+    from brainenc.analysis.embeddings import nn_same_label
+    from brainenc.data.datamodule import BrainDataModule
+
+    L.seed_everything(0, verbose=False)
+    dm = BrainDataModule(stores=[str(tiny_brain["simbrain7t"])], subjects=["simbrain7t/subj01"],
+                         image_size=32, batch_size=16, eval_batch_size=64)
+    dm.setup()
+    n = dm.pair("simbrain7t/subj01").info.n_voxels
+    m = EncoderModule(backbone=Backbone("test_efficientnet", image_size=32), voxel_counts={"simbrain7t/subj01": n},
+                      readout=lambda c, s: UniversalReadout(c, s, embed_dim=16, width=8, mlp_ratio=1.0,
+                                                            dropout=0.0, max_grid=4))
+    start = m.readout.embedding.detach().clone().numpy()
+    L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              limit_val_batches=0).fit(m, datamodule=dm)
+    trained = m.readout.embedding.detach().numpy()
+    with h5py.File(dm.pair("simbrain7t/subj01").info.path, "r") as f:
+        types = f["truth/voxel_type"][()]
+    both = np.isin(types, [1, 4])                      # V1, hV4
+    labels = np.where(types[both] == 1, 1, 2)
+    chance = float(((np.bincount(labels)[1:] / len(labels)) ** 2).sum())
+    before = nn_same_label(start[both], labels, k=5)
+    after = nn_same_label(trained[both], labels, k=5)
+    assert before < chance + 0.05                      # the random start carries no type
+    assert after > chance + 0.12, (before, after, chance)
+
+
+def test_shared_dropout_mask_is_one_mask_per_voxel_for_every_image():
+    torch.manual_seed(0)
+    ones = torch.ones(4, 50, 8)
+    shared = VoxelCrossAttention(6, 5, width=8, embed_dim=12, dropout=0.5, shared_mask=True).train()
+    out = shared._dropout(ones)
+    assert set(out.unique().tolist()) == {0.0, 2.0}                # inverted dropout scaling
+    assert torch.equal(out, out[:1].expand_as(out))                # the same mask for every image
+    per_element = VoxelCrossAttention(6, 5, width=8, embed_dim=12, dropout=0.5).train()._dropout(ones)
+    assert not torch.equal(per_element, per_element[:1].expand_as(per_element))
+    assert torch.equal(shared.eval()._dropout(ones), ones)          # identity in evaluation
+
+
+def test_balanced_initial_scale_of_the_two_readout_factors():
+    """The table and feat_embed start at the same scale (so Adam moves both at the same relative
+    rate) and the initial readout weights keep their ~0.1 output scale."""
+    torch.manual_seed(0)
+    r = UniversalReadout({"a/s": 4000}, SPEC, embed_dim=64, width=16)
+    e, f = r.embedding.detach(), r.feat_embed.detach()
+    assert e.std().item() == pytest.approx(f.std().item(), rel=0.05)
+    assert e.std().item() == pytest.approx((0.1 / (64 * 32) ** 0.5) ** 0.5, rel=0.05)
+    # W_v entries have sd 0.1 / sqrt(L d), so <h_v, W_v> over L d unit-variance features has sd ~0.1
+    assert (e @ f).std().item() == pytest.approx(0.1 / 32 ** 0.5, rel=0.1)
+    old = UniversalReadout({"a/s": 10}, SPEC, embed_dim=64, width=16, embed_init_std=1.0)
+    assert old.embedding.std().item() > 0.9  # an explicit value is still honoured
+
+
+def test_nn_same_label_and_embedding_structure():
+    from brainenc.analysis.embeddings import embedding_structure, nn_same_label
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 2, 3], 50)
+    grouped = rng.normal(size=(150, 8)) * 0.1 + np.eye(8)[labels] * 2
+    assert nn_same_label(grouped, labels, k=5) == pytest.approx(1.0)
+    assert abs(nn_same_label(rng.normal(size=(150, 8)), labels, k=5) - 1 / 3) < 0.1   # chance
+    # label 0 (no ROI) rows are never queries
+    assert nn_same_label(grouped, np.where(labels == 3, 0, labels), k=5) == pytest.approx(1.0)
+    start = rng.normal(size=(150, 8))
+    res = embedding_structure({"d/s": start + grouped * 10}, {"d/s": labels}, initial={"d/s": start}, n_clusters=3)
+    assert res["ari"] > 0.9 and res["ari_learned"] == pytest.approx(1.0) and res["nn_same_roi"] > 0.9
+    assert res["rel_displacement"] > 5
