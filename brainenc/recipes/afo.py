@@ -342,15 +342,15 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                 v_pred = predict_rows(model, p.key, p.store, val, size, bs, partitions=True)
                 v_whole = whole_pred(p.key, p.store, val, "val")
                 target = _responses(dm, p, val)
-                w_train = whole_pred(p.key, p.store, rows, "train")
-                w_extra = [whole_pred(p.key, s, np.arange(s.n_stimuli), f"extra{j}") for j, s in enumerate(extras)]
                 for i, part in enumerate(names):
                     lab = model.readout.labels(part, p.key)
                     keep, table = expert_check(v_pred[:, i], v_whole, target, lab, model.readout.roi_names[part])
                     report += [{"partition": part, "pair": p.key, **row} for row in table]
-                    pred[:, i] = np.where(keep, pred[:, i], w_train)
-                    for xp, wx in zip(x_preds, w_extra):
-                        xp[:, i] = np.where(keep, xp[:, i], wx)
+                    if keep.all():
+                        continue  # the whole-brain predictions are needed only where an expert lost
+                    pred[:, i] = np.where(keep, pred[:, i], whole_pred(p.key, p.store, rows, "train"))
+                    for j, (xp, s) in enumerate(zip(x_preds, extras)):
+                        xp[:, i] = np.where(keep, xp[:, i], whole_pred(p.key, s, np.arange(s.n_stimuli), f"extra{j}"))
             acc[p.key] = acc.get(p.key, 0) + pred.sum(axis=1)
             x_sum = [xp.sum(axis=1) for xp in x_preds]
             extra_acc[p.key] = x_sum if p.key not in extra_acc else [a + b for a, b in zip(extra_acc[p.key], x_sum)]
