@@ -175,3 +175,26 @@ def test_banded_ridge_gives_the_noise_band_a_much_larger_alpha():
     pred = (z @ module.readout.weight[pair_slot(PAIR)].detach().t() + module.readout.bias[pair_slot(PAIR)]).detach().numpy()
     r = [np.corrcoef(pred[:, v], yt[:, v])[0, 1] for v in range(20)]
     assert np.median(r) > 0.9
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_dual_solve_of_wide_problems_equals_the_primal_ridge(banded):
+    """More regressors than rows switches to himalaya's kernel solvers; the primal coefficients
+    they give back must be those of the primal solvers (same folds, alphas and search seed)."""
+    from himalaya.ridge import BandedRidgeCV, RidgeCV
+
+    torch.manual_seed(0)
+    module = RidgeModule(Backbone("test_efficientnet", image_size=32), voxel_counts={PAIR: 3}, banded=banded,
+                         banded_iter=5, alphas=np.logspace(-1, 4, 6).tolist())
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 168))  # 168 = 24 + 32 + 48 + 64 regressors > 60 rows
+    y = x[:, :24] @ rng.standard_normal((24, 3)) + rng.standard_normal((60, 3))
+    groups = np.repeat(np.arange(4), module.readout.band_dims)
+    coef, intercept, _ = module._fit(x, y, groups, np.float64, {})
+    if banded:
+        ref = BandedRidgeCV(groups=groups, cv=5, fit_intercept=True, random_state=0,
+                            solver_params=dict(alphas=np.logspace(-1, 4, 6), n_iter=5, progress_bar=False)).fit(x, y)
+    else:
+        ref = RidgeCV(alphas=np.logspace(-1, 4, 6), cv=5, fit_intercept=True).fit(x, y)
+    np.testing.assert_allclose(coef, ref.coef_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-6, atol=1e-8)
