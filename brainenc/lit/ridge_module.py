@@ -58,7 +58,7 @@ class RidgeModule(EncoderModule):
     Memory: a training step stores only the pooled (and randomly projected) regressors of its
     images, (n_rows, sum band width) in float32, and their responses (n_rows, n_voxels); full maps
     are never kept: they stream from the feature cache batch by batch. PCA needs the unreduced
-    pooled rows of the training images until it is fitted. Figures in docs/performance.md.
+    pooled rows of the training images until it is fitted. Figures in docs/performance.md, section 5.
     """
 
     def __init__(self, backbone: Backbone, voxel_counts: Optional[dict[str, int]] = None,
