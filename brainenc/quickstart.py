@@ -1,6 +1,6 @@
 """``make quickstart``: the flagship comparison on the quickstart simbrain.
 
-Ridge vs the All-for-One retinotopic encoder (its whole-brain model and its distilled student)
+Spatial ridge vs the All-for-One retinotopic encoder (its whole-brain model and its distilled student)
 vs the universal encoder, all on the same frozen ImageNet EfficientNet-Lite0 (offline weights),
 the same 224-px images (features from the on-disk cache), subject (subj01 of the 7T-like
 dataset: 2,600 voxels) and splits.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 QUIET = ["--trainer.enable_progress_bar=false"]
 RUNS = [  # (config, run directory) of the single-run encoders
-    ("experiments/quickstart/ridge.yaml", "runs/quickstart/ridge"),
+    ("experiments/quickstart/ridge_spatial.yaml", "runs/quickstart/ridge_spatial"),  # 4 x 4 grid per level
     ("experiments/quickstart/universal.yaml", "runs/quickstart/universal"),
 ]
 AFO_CONFIG = "experiments/afo/quickstart.yaml"
