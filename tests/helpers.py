@@ -36,3 +36,15 @@ class HangAtStep(HangAtEpoch):
         if trainer.global_step == self.step:
             self.epoch = trainer.current_epoch
             self.on_train_epoch_start(trainer, pl_module)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_LINEAR = REPO / "experiments" / "smoke" / "linear.yaml"
+
+
+def smoke_fit_args(brain, run, *extra) -> list[str]:
+    """``brainenc fit``/``test`` arguments: the smoke linear config on ``brain``'s 7T store, one
+    epoch into ``run``, no logger or progress bar, then ``extra``."""
+    return ["-c", str(SMOKE_LINEAR), f"--data.stores=[{brain['simbrain7t']}]", "--data.simulate=null",
+            f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false", *extra]

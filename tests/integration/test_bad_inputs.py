@@ -16,14 +16,7 @@ from brainenc.data.datamodule import BrainDataModule
 from brainenc.data.store import Store, StoreError
 from brainenc.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "experiments" / "smoke" / "linear.yaml"
-
-
-def _args(brain, run, *extra):
-    return ["-c", str(SMOKE), f"--data.stores=[{brain['simbrain7t']}]", "--data.simulate=null",
-            f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", *extra]
+from tests.helpers import smoke_fit_args as _args
 
 
 @pytest.fixture(scope="module")

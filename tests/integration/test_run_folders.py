@@ -15,14 +15,8 @@ import yaml
 
 from brainenc.cli import RunFolderError, main
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "experiments" / "smoke" / "linear.yaml"
-
-
-def _args(brain, run, *extra):
-    return ["-c", str(SMOKE), f"--data.stores=[{brain['simbrain7t']}]", "--data.simulate=null",
-            f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", *extra]
+from tests.helpers import REPO, smoke_fit_args as _args
+from tests.helpers import SMOKE_LINEAR as SMOKE
 
 
 @pytest.fixture(scope="module")
