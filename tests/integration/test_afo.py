@@ -194,6 +194,9 @@ def test_experts_with_their_own_lora_adapters_run_and_feed_the_dark_stage(afo, t
     rec = copy.deepcopy(recipe)
     rec["out"] = str(tmp_path / "run")
     rec["stages"]["dark"]["extra_images"] = []
+    # another backbone than the whole-brain model's, so the experts cannot copy it: cold start
+    rec["stages"]["experts"]["init"] = "scratch"
+    rec["stages"]["experts"]["expert"] = {"width": 4, "hidden": 16, "n_freq": 3}
     rec["stages"]["experts"]["init_args"] = {
         "expert_adapters": True,
         "backbone": {"class_path": "brainenc.models.backbones.Backbone",
