@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Features
-from .readout import FeatureSpec, Readout, pair_slot
+from .readout import FeatureSpec, Readout, pair_slot, per_voxel_linear
 
 
 class LinearReadout(Readout):
@@ -38,11 +38,7 @@ class LinearReadout(Readout):
         return self.norm(features.pooled())
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
-        z = self.dropout(self.embed(features))
-        w, b = self.weight[pair_slot(pair)], self.bias[pair_slot(pair)]
-        if voxels is not None:
-            w, b = w[voxels], b[voxels]
-        return torch.addmm(b, z, w.t())
+        return per_voxel_linear(self.dropout(self.embed(features)), self.weight, self.bias, pair, voxels)
 
     def voxel_weights(self, pair: str) -> Tensor:
         return self.weight[pair_slot(pair)].detach()

@@ -93,3 +93,15 @@ class Readout(nn.Module):
 
 
 ReadoutFactory = Callable[[dict, FeatureSpec], Readout]
+
+
+def per_voxel_linear(z: Tensor, weight: nn.ParameterDict, bias: nn.ParameterDict, pair: str,
+                     voxels: Optional[Tensor] = None) -> Tensor:
+    """``z @ W.T + b`` with the pair's per-voxel weights W (n_voxels, D) and biases b (n_voxels,).
+
+    z : Tensor (B, D); voxels : int64 (V,) subset, or None for every voxel.  Returns (B, V).
+    """
+    w, b = weight[pair_slot(pair)], bias[pair_slot(pair)]
+    if voxels is not None:
+        w, b = w[voxels], b[voxels]
+    return torch.addmm(b, z, w.t())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Features
-from .readout import FeatureSpec, Readout, pair_slot
+from .readout import FeatureSpec, Readout, pair_slot, per_voxel_linear
 
 REDUCTIONS = (None, "pca", "random")
 
@@ -140,11 +140,7 @@ class RidgeReadout(Readout):
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predicted responses (B, V) of ``pair`` (V = len(voxels), or every voxel)."""
-        z = self.embed(features)
-        w, b = self.weight[pair_slot(pair)], self.bias[pair_slot(pair)]
-        if voxels is not None:
-            w, b = w[voxels], b[voxels]
-        return torch.addmm(b, z, w.t())
+        return per_voxel_linear(self.embed(features), self.weight, self.bias, pair, voxels)
 
     def voxel_weights(self, pair: str) -> Tensor:
         return self.weight[pair_slot(pair)].detach()
