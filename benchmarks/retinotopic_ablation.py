@@ -33,6 +33,7 @@ from brainenc.analysis.prf import prf_recovery
 from brainenc.data.datamodule import BrainDataModule, PairBatchDataset
 from brainenc.data.simbrain import oracle_ceiling
 from brainenc.features.cache import FeatureCache
+from brainenc.lit.encoder_module import warmup_cosine
 from brainenc.metrics.correlation import pearson_np
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.losses import SmoothL1Loss
@@ -101,8 +102,7 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
     steps_per_epoch = sum(math.ceil(len(p.split.train) / bs) for p in data.pairs)
     total = steps_per_epoch * epochs
     warm = max(1, int(0.05 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
     best, best_state, curve, t0 = -np.inf, None, [], time.perf_counter()
     for epoch in range(epochs):
         batches = []

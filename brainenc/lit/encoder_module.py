@@ -38,6 +38,13 @@ def _object_args() -> list[str]:
     return [] if _given_hyperparameters.get() is not None else ["backbone", "readout", "loss"]
 
 
+def warmup_cosine(step: int, warm: int, total: int) -> float:
+    """Learning-rate factor at ``step``: linear warm-up over ``warm`` steps, then cosine decay to 0 at ``total``."""
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
 class EncoderModule(L.LightningModule):
     """Backbone + readout, trained per (dataset, subject) batch.
 
@@ -271,10 +278,5 @@ class EncoderModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = max(1, int(self.warmup_fraction * total))
 
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

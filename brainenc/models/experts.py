@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .backbones import Features
 from .readout import FeatureSpec, Readout, pair_slot
-from .retinotopic import RetinotopicReadout, level_norms, normalise_levels, predict_points
+from .retinotopic import RetinotopicReadout, grid_sizes, level_norms, normalise_levels, predict_points
 
 
 def _key(name: str) -> str:
@@ -106,7 +106,7 @@ class ExpertsReadout(Readout):
                         counts, spec, **{**(expert or {}), "normalise": False})
         # every expert standardises (and pools) the same features the same way: one shared set of norms
         self.norm = level_norms(spec)
-        self.grid = (expert or {}).get("grid")
+        self.grids = grid_sizes((expert or {}).get("grid"))
         self._index = {name: i for i, name in enumerate(self.experts)}
         self.subject_frame = init_from is not None
         if init_from is not None:
@@ -184,12 +184,12 @@ class ExpertsReadout(Readout):
         """
         per_expert = isinstance(features, ExpertFeatures)
         groups, n = self._points(pair, voxels, self.label_device())
-        shared = None if per_expert else normalise_levels(features, self.norm, self.grid)
+        shared = None if per_expert else normalise_levels(features, self.norm, self.grids)
         preds = []
         for e, expert, _, local in groups:
-            maps = normalise_levels(features.of(e), self.norm, self.grid) if per_expert else shared
+            maps = normalise_levels(features.of(e), self.norm, self.grids) if per_expert else shared
             preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
-                                        dropout=expert.dropout, padding=expert.padding))
+                                        dropout=expert.dropout))
         # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
         out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
         out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)

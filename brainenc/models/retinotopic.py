@@ -84,7 +84,7 @@ def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def sample_at(fmap: Tensor, pos: Tensor, padding: str = "border") -> Tensor:
+def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
     """Bilinearly sample ``fmap`` at voxel positions.
 
     Parameters
@@ -99,9 +99,9 @@ def sample_at(fmap: Tensor, pos: Tensor, padding: str = "border") -> Tensor:
     if pos.ndim == 2:
         pos = pos.unsqueeze(0).expand(fmap.shape[0], -1, -1)
     grid = pos.unsqueeze(1).to(fmap.dtype)  # (B, 1, V, 2)
-    # "border": a position on the image's edge reads the edge pixels rather than blending them
-    # with zeros outside the image ("zeros", FactorTopy's choice, fades them out)
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    # border padding: a position on the image's edge reads the edge pixels rather than
+    # blending them with zeros outside the image
+    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(2)
 
 
@@ -116,7 +116,7 @@ def _active(dropout: nn.Module) -> bool:
 
 
 def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
-               dropout: nn.Module, padding: str = "border") -> tuple[Tensor, Tensor]:
+               dropout: nn.Module) -> tuple[Tensor, Tensor]:
     """One level's local contribution to every voxel's prediction, and the level's pooled features.
 
     Parameters
@@ -126,7 +126,6 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     pos : Tensor (N, 2) positions in grid units
     readout : Tensor (N, width), each voxel's readout weights of its local features
     dropout : applied to the voxel's bottlenecked features while training
-    padding : ``grid_sample`` padding mode ("border" or "zeros")
 
     Returns
     -------
@@ -141,19 +140,18 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     # voxels x input channels, projecting first width x pixels plus the gradient of grid_sample
     # with respect to the projected map; pick the cheaper order.
     if n * c <= SAMPLE_FIRST_ADVANTAGE * width * h * w:
-        s = sample_at(fmap, pos, padding)  # (B, C, N)
+        s = sample_at(fmap, pos)  # (B, C, N)
         if _active(dropout):
             feat = torch.einsum("bcn,wc->bwn", s, weight) + bias[:, None]
             return (dropout(feat) * readout.t()).sum(dim=1), pooled
         # fold the readout into the bottleneck: no (B, width, N) features at all
         return (s * (readout @ weight).t()).sum(dim=1) + readout @ bias, pooled
-    feat = sample_at(F.conv2d(fmap, weight[:, :, None, None], bias), pos, padding)  # (B, width, N)
+    feat = sample_at(F.conv2d(fmap, weight[:, :, None, None], bias), pos)  # (B, width, N)
     return (dropout(feat) * readout.t()).sum(dim=1), pooled
 
 
 def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
-                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module,
-                   padding: str = "border") -> Tensor:
+                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module) -> Tensor:
     """The retinotopic prediction of N voxels.
 
     ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
@@ -170,7 +168,6 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     weight : (N, D) per-voxel readout weights (D = 2 * width or width, see above)
     bias : (N,)
     dropout : applied to each level's local features, and the global features, while training
-    padding : ``grid_sample`` padding mode
 
     Returns
     -------
@@ -182,7 +179,7 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     w_local = weight if mix is None else weight[:, :width] * mix[:, None]
     pred, pooled = bias, []
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout, padding)
+        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout)
         pred = pred + local * levels[:, l]
         pooled.append(pl)
     if mix is None:
@@ -200,9 +197,10 @@ def level_norms(spec: FeatureSpec) -> nn.ModuleList:
 def grid_sizes(grid) -> tuple[Optional[int], ...]:
     """``grid`` option -> tuple of pooling sizes (None = the backbone's own maps).
 
-    ``None`` -> ``(None,)``; ``8`` -> ``(8,)``; ``[8, 4]`` -> ``(8, 4)``.
+    ``None`` -> ``(None,)``; ``8`` -> ``(8,)``; ``[8, 4]`` -> ``(8, 4)``; a tuple it returned -> itself.
     """
-    sizes = (None,) if grid is None else tuple(int(g) for g in (grid if isinstance(grid, (list, tuple)) else [grid]))
+    listed = grid if isinstance(grid, (list, tuple)) else [grid]
+    sizes = tuple(None if g is None else int(g) for g in listed)
     if not sizes or any(g is not None and g < 1 for g in sizes):
         raise ValueError(f"RetinotopicReadout: grid must be null, a positive integer or a list of them, got {grid!r}")
     return sizes
@@ -274,7 +272,6 @@ class RetinotopicReadout(Readout):
         (normalised negative entropy of the level weights, minimal when uniform, plus
         ``(mix - 0.5)^2``) and fades linearly to 0 over ``selector_prior_steps`` training steps,
         so early noisy gradients cannot lock a voxel onto one level before its position is found
-    padding : ``grid_sample`` padding mode, "border" or "zeros"
     """
 
     def __init__(self, voxel_counts: dict[str, int], spec: FeatureSpec, width: int = 32, hidden: int = 64,
@@ -282,23 +279,19 @@ class RetinotopicReadout(Readout):
                  layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0,
                  normalise: bool = True, grid: Union[int, list[int], None] = None,
                  selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
-                 selector_prior: float = 0.0, selector_prior_steps: int = 2000,
-                 padding: Literal["border", "zeros"] = "border"):
+                 selector_prior: float = 0.0, selector_prior_steps: int = 2000):
         super().__init__(voxel_counts, spec)
         if positions not in ("mlp", "free"):
             raise ValueError(f"RetinotopicReadout: positions must be 'mlp' or 'free', got {positions!r}")
         if selector_init not in ("zero", "small"):
             raise ValueError(f"RetinotopicReadout: selector_init must be 'zero' or 'small', got {selector_init!r}")
-        if padding not in ("border", "zeros"):
-            raise ValueError(f"RetinotopicReadout: padding must be 'border' or 'zeros', got {padding!r}")
         self.grids = grid_sizes(grid)
         if selector_prior < 0 or int(selector_prior_steps) < 1:
             raise ValueError("RetinotopicReadout: selector_prior must be >= 0 and selector_prior_steps >= 1, got "
                              f"{selector_prior!r} and {selector_prior_steps!r}")
         self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
-        self.grid = None if grid is None else (list(self.grids) if isinstance(grid, (list, tuple)) else self.grids[0])
-        self.padding, self.shared_readout = padding, bool(shared_readout)
+        self.shared_readout = bool(shared_readout)
         self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
         # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
         self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
@@ -441,8 +434,8 @@ class RetinotopicReadout(Readout):
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""
-        return predict_points(normalise_levels(features, self.norm, self.grid), self.bottleneck_weights(),
-                              *self.point_params(pair, voxels), dropout=self.dropout, padding=self.padding)
+        return predict_points(normalise_levels(features, self.norm, self.grids), self.bottleneck_weights(),
+                              *self.point_params(pair, voxels), dropout=self.dropout)
 
     def prior_weight(self) -> float:
         """The selector prior's weight at the current step: ``selector_prior * max(0, 1 - step / steps)``."""

@@ -238,22 +238,33 @@ def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
     return stores
 
 
-def predict_rows(model, pair: str, store, rows: np.ndarray, image_size: int, batch_size: int,
-                 partitions: bool = False) -> np.ndarray:
-    """Predictions of ``pair``'s voxels for sorted stimulus rows of ``store``.
+def predict_rows(model, pairs: list[str], store, rows: np.ndarray, image_size: int, batch_size: int,
+                 partitions: bool = False) -> dict[str, np.ndarray]:
+    """Predictions of every pair's voxels for sorted stimulus rows of ``store``; each batch's
+    features are read once for all ``pairs``.
 
-    Returns float32 (n, n_voxels), or (n, P, n_voxels) per partition of an experts model with
-    ``partitions=True``.
+    Returns {pair: float32 (n, n_voxels)}, or (n, P, n_voxels) per partition of an experts model
+    with ``partitions=True``.
     """
     import torch
 
-    outs = []
+    outs: dict[str, list] = {k: [] for k in pairs}
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             feats = model.features_of_rows(store, rows[i:i + batch_size], image_size)
-            pred = model.readout.forward_partitions(feats, pair) if partitions else model.predict_all(feats, pair)
-            outs.append(pred.float().cpu())
-    return torch.cat(outs).numpy()
+            for k in pairs:
+                pred = model.readout.forward_partitions(feats, k) if partitions else model.predict_all(feats, k)
+                outs[k].append(pred.float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+
+
+def predict_extras(model, pairs: list[str], extras: list, image_size: int, batch_size: int,
+                   partitions: bool = False) -> dict[str, np.ndarray]:
+    """:func:`predict_rows` over every stimulus of every extra store, concatenated in store order
+    ({} without extras)."""
+    per = [predict_rows(model, pairs, s, np.arange(s.n_stimuli), image_size, batch_size, partitions)
+           for s in extras]
+    return {k: np.concatenate([d[k] for d in per]) for k in pairs} if per else {}
 
 
 def expert_check(val_pred: np.ndarray, whole_pred: np.ndarray, target: np.ndarray, labels: np.ndarray,
@@ -312,16 +323,17 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
     check = bool(settings.get("check_experts", True)) and whole is not None
     whole_model = load_trained(whole, cli_args)[0] if check else None
     acc: dict[str, np.ndarray] = {}
-    extra_acc: dict[str, list[np.ndarray]] = {}
+    extra_acc: dict[str, np.ndarray] = {}
     rows_of: dict[str, np.ndarray] = {}
     report: list[dict] = []
     extras: Optional[list] = None
-    whole_cache: dict = {}
+    whole_memo: dict = {}
 
-    def whole_pred(key, store, rows, tag):
-        if (key, tag) not in whole_cache:
-            whole_cache[(key, tag)] = predict_rows(whole_model, key, store, rows, size, bs)
-        return whole_cache[(key, tag)]
+    def whole_pred(tag: str, key: str, compute):
+        """The whole-brain model's predictions, computed once per (what, pair) over all runs."""
+        if (tag, key) not in whole_memo:
+            whole_memo[(tag, key)] = compute(whole_model)
+        return whole_memo[(tag, key)]
 
     total = 0
     for run, _ in expert_runs:
@@ -331,16 +343,16 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
             extras = extra_stores(list(settings.get("extra_images") or []), root, size)
         names = model.readout.partition_names
         total += len(names)
+        x_pred = predict_extras(model, [p.key for p in dm.pairs], extras, size, bs, partitions=True)
         for p in dm.pairs:
             rows = np.sort(p.split.train)
             rows_of[p.key] = rows
-            pred = predict_rows(model, p.key, p.store, rows, size, bs, partitions=True)  # (n, P, V)
-            x_preds = [predict_rows(model, p.key, s, np.arange(s.n_stimuli), size, bs, partitions=True)
-                       for s in extras]
+            pred = predict_rows(model, [p.key], p.store, rows, size, bs, partitions=True)[p.key]  # (n, P, V)
+            xp = x_pred.get(p.key)  # (M, P, V) or None
             if check:
                 val = np.sort(p.split.val)
-                v_pred = predict_rows(model, p.key, p.store, val, size, bs, partitions=True)
-                v_whole = whole_pred(p.key, p.store, val, "val")
+                v_pred = predict_rows(model, [p.key], p.store, val, size, bs, partitions=True)[p.key]
+                v_whole = whole_pred("val", p.key, lambda m: predict_rows(m, [p.key], p.store, val, size, bs)[p.key])
                 target = _responses(dm, p, val)
                 for i, part in enumerate(names):
                     lab = model.readout.labels(part, p.key)
@@ -348,12 +360,14 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                     report += [{"partition": part, "pair": p.key, **row} for row in table]
                     if keep.all():
                         continue  # the whole-brain predictions are needed only where an expert lost
-                    pred[:, i] = np.where(keep, pred[:, i], whole_pred(p.key, p.store, rows, "train"))
-                    for j, (xp, s) in enumerate(zip(x_preds, extras)):
-                        xp[:, i] = np.where(keep, xp[:, i], whole_pred(p.key, s, np.arange(s.n_stimuli), f"extra{j}"))
+                    pred[:, i] = np.where(keep, pred[:, i], whole_pred(
+                        "train", p.key, lambda m: predict_rows(m, [p.key], p.store, rows, size, bs)[p.key]))
+                    if xp is not None:
+                        xp[:, i] = np.where(keep, xp[:, i], whole_pred(
+                            "extra", p.key, lambda m: predict_extras(m, [p.key], extras, size, bs)[p.key]))
             acc[p.key] = acc.get(p.key, 0) + pred.sum(axis=1)
-            x_sum = [xp.sum(axis=1) for xp in x_preds]
-            extra_acc[p.key] = x_sum if p.key not in extra_acc else [a + b for a, b in zip(extra_acc[p.key], x_sum)]
+            if xp is not None:
+                extra_acc[p.key] = extra_acc.get(p.key, 0) + xp.sum(axis=1)
         _log(f"dark: predicted with {run}")
     if report:
         (root / "experts_vs_whole.json").write_text(json.dumps(report, indent=1))
@@ -374,8 +388,8 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                 g.attrs["stores"] = json.dumps([str(Path(s.root).resolve()) for s in extras])
                 g.create_dataset("source", data=np.concatenate([np.full(s.n_stimuli, j) for j, s in enumerate(extras)]))
                 g.create_dataset("row", data=np.concatenate([np.arange(s.n_stimuli) for s in extras]))
-                for key, preds in extra_acc.items():
-                    g.create_dataset(f"pred/{pair_slot(key)}", data=(np.concatenate(preds) / total).astype(np.float32))
+                for key, pred in extra_acc.items():
+                    g.create_dataset(f"pred/{pair_slot(key)}", data=(pred / total).astype(np.float32))
     (root / "DONE").write_text("ok\n")
     n_extra = sum(s.n_stimuli for s in extras or [])
     _log(f"dark: targets for {sum(len(v) for v in rows_of.values())} (pair, image) rows"
