@@ -8,6 +8,8 @@ Output layout (``OUT``)::
     tables/roi_summary.csv   per label x dataset x subject x ROI (see tables.roi_summary)
     tables/paired.csv        per model pair x dataset x subject x ROI (see tables.paired_comparisons)
     tables/retrieval.csv     retrieval top-1/top-5 from summary.json (header only if none)
+    tables/grid_<dataset>.csv  runs x (model, ROI) median r / oracle, when the runs form a grid
+                             (a sweep: several backbone runs of the same encoders); with a heat map
     figures/*.png        the figures of the report
 """
 
@@ -232,6 +234,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
                    f"{dataset}: median noise-normalised score (%) per ROI with bootstrap CI")
         figure(lambda: plots.score_histograms(dd, dataset, colours), _slug("hist", dataset),
                f"{dataset}: distributions of per-voxel scores")
+        grid_blocks(blocks, ds[ds["subject"] == top], out, dataset, top, figure)
         pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
                  if (dd["label"] == a).any() and (dd["label"] == b).any()]
         if len(pairs) > max_pairs:
@@ -268,6 +271,28 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     html_path = out / "report.html"
     _atomic_write(html_path, render.render_html(title, blocks, out))
     return html_path
+
+
+def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, subject: str, figure) -> None:
+    """A run x model table and heat map when the runs form a grid (a sweep: one run name per
+    backbone, the same encoders in several runs); written to ``tables/grid_<dataset>.csv``.
+
+    The score is the median r / oracle where the dataset has an oracle (simulated), else the
+    median Pearson r.
+    """
+    if summary["run"].nunique() < 2 or not summary.groupby("model")["run"].nunique().gt(1).any():
+        return
+    metric, name = (("median_frac_oracle", "median r / oracle")
+                    if np.isfinite(summary["median_frac_oracle"].to_numpy(dtype=np.float64)).any()
+                    else ("median_pearson", "median Pearson r"))
+    table = plots.grid_table(summary, metric)
+    flat = table.copy()
+    flat.columns = [f"{m} {r}" for m, r in flat.columns]
+    _write_csv(flat.reset_index(), out / "tables" / f"grid_{_slug(dataset)}.csv")
+    blocks.append(("table", flat.reset_index().round(3),
+                   f"{name} per ROI: runs x models (subject {subject}; – = no result)"))
+    figure(lambda: plots.grid_heatmap(table, name), _slug("grid", dataset),
+           f"{dataset}: {name} per ROI, runs x models")
 
 
 def embedding_blocks(runs, out: Path, figures: bool = True) -> list:

@@ -148,3 +148,47 @@ def score_histograms(df: pd.DataFrame, dataset: str, colours: dict):
     axes[0].legend(fontsize=8, frameon=False)
     fig.suptitle(f"{dataset}: per-voxel score distributions (all subjects)", fontsize=10)
     return fig
+
+
+def grid_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``metric`` as a run x (model, ROI) table: the layout of a sweep (runs = backbones).
+
+    Parameters
+    ----------
+    summary : roi_summary() rows of one dataset and subject (run, model, roi, <metric>)
+    Returns
+    -------
+    DataFrame indexed by run (first-seen order), columns a (model, roi) MultiIndex, ROIs in
+    :func:`_roi_order` without "none"; missing cells (a failed sweep cell) stay NaN.
+    """
+    d = summary[summary["roi"] != "none"]
+    runs = list(dict.fromkeys(d["run"]))
+    models = list(dict.fromkeys(d["model"]))
+    rois = [r for r in _roi_order(d["roi"]) if r != "none"]
+    t = d.pivot_table(index="run", columns=["model", "roi"], values=metric, aggfunc="first", dropna=False)
+    cols = pd.MultiIndex.from_product([models, rois], names=["model", "roi"])
+    return t.reindex(index=runs, columns=cols)
+
+
+def grid_heatmap(table: pd.DataFrame, metric_name: str):
+    """Heat map of :func:`grid_table`: one panel per model, runs down, ROIs across, values written
+    in the cells, one colour scale for all panels so models compare by colour."""
+    models = list(dict.fromkeys(table.columns.get_level_values(0)))
+    rois = list(dict.fromkeys(table.columns.get_level_values(1)))
+    vals = table.to_numpy(dtype=np.float64)
+    finite = vals[np.isfinite(vals)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig, axes = new_figure(1, len(models), figsize=(0.55 * len(rois) * len(models) + 2.5,
+                                                  0.45 * len(table) + 1.6))
+    im = None
+    for ax, model in zip(axes[0], models):
+        v = table[model].reindex(columns=rois).to_numpy(dtype=np.float64)
+        im = ax.imshow(np.ma.masked_invalid(v), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        for (i, j), x in np.ndenumerate(v):
+            ax.text(j, i, "–" if not np.isfinite(x) else f"{x:.2f}", ha="center", va="center",
+                    fontsize=7, color="w" if np.isfinite(x) and x < (vmin + vmax) / 2 else "k")
+        ax.set_xticks(range(len(rois)), rois, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(table)), table.index if ax is axes[0][0] else [""] * len(table), fontsize=8)
+        ax.set_title(model, fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label=metric_name)
+    return fig

@@ -382,3 +382,41 @@ def test_embedding_section_from_clustered_runs_only(tmp_path):
     assert html.read_text().count("<img") == len(list((tmp_path / "out" / "figures").glob("*.png")))
     build_report(runs[1:], tmp_path / "out2", n_boot=0, figures=False)
     assert "## Embeddings" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_runs_that_form_a_grid_get_a_run_by_model_table_and_heat_map(tmp_path):
+    """A sweep's layout (the same encoders under several backbone runs, one backbone failed for
+    one encoder) gives tables/grid_<dataset>.csv equal to the per-cell medians of r / oracle."""
+    runs = write_demo_runs(tmp_path / "runs", models=("ridge", "ridge", "retino", "retino", "retino"),
+                           subjects=("01",), n_voxels=80)
+    backbones = ["lite0", "lite1", "lite0", "lite1", "vit"]
+    raw = []
+    for d, bb in zip(runs, backbones):
+        path = d / "results" / "voxels.csv"
+        df = pd.read_csv(path, dtype={"subject": str})
+        df["run"] = bb
+        df["oracle"] = np.where(df["voxel"] % 5 == 0, 0.05, 0.8)  # oracle <= 0.1: left out
+        df.to_csv(path, index=False)
+        raw.append(df)
+    build_report(runs, tmp_path / "out", n_boot=0, brainmaps=False)
+    grid = pd.read_csv(tmp_path / "out" / "tables" / "grid_simbrain.csv")
+    assert list(grid["run"]) == ["lite0", "lite1", "vit"]
+    raw = pd.concat(raw)
+    for (bb, model), g in raw.groupby(["run", "model"]):
+        for roi, gr in g.groupby("roi"):
+            if roi == "none":
+                continue
+            keep = gr["oracle"] > 0.1
+            want = np.nanmedian(gr["pearson"][keep] / gr["oracle"][keep])
+            got = grid.loc[grid["run"] == bb, f"{model} {roi}"].item()
+            assert got == pytest.approx(want, abs=1e-9), (bb, model, roi)
+    assert grid.loc[grid["run"] == "vit", [c for c in grid if c.startswith("ridge ")]].isna().all(axis=None)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "runs x models" in md and "figures/grid_simbrain.png" in md
+    assert (tmp_path / "out" / "figures" / "grid_simbrain.png").stat().st_size > 5000
+
+
+def test_runs_that_do_not_form_a_grid_get_no_grid(tmp_path):
+    runs = write_demo_runs(tmp_path / "runs", models=("ridge", "retino"), subjects=("01",), n_voxels=40)
+    build_report(runs, tmp_path / "out", n_boot=0, figures=False)
+    assert not (tmp_path / "out" / "tables" / "grid_simbrain.csv").exists()
