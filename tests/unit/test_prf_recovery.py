@@ -86,3 +86,23 @@ def test_learned_positions_recover_true_centres(tiny, tmp_path):
     fig = prf_figure(readout, pair)
     fig.savefig(tmp_path / "prf.png")
     assert (tmp_path / "prf.png").stat().st_size > 10_000
+
+
+def test_level_profile_sums_grid_sizes_per_backbone_level(tiny):
+    from brainenc.analysis.levels import level_profile
+
+    pair = tiny.pairs[0]
+    spec = FeatureSpec(((2, 32, 32), (2, 16, 16)), 4)
+    readout = RetinotopicReadout({pair.key: pair.info.n_voxels}, spec, width=4, hidden=8, grid=[8, 4],
+                                 selector_init="zero")
+    readout.set_voxel_info(pair.key, pair.info.coords)
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0])  # (size 8: level 0, level 1), (size 4: level 0, level 1)
+    with torch.no_grad():
+        readout.layer_mlp[next(iter(readout.layer_mlp))][-1].bias.copy_(logits)
+    p = torch.softmax(logits, 0).numpy()
+    df = level_profile(readout, [pair])
+    atlas = next(iter(pair.info.rois.values()))
+    named = {atlas.labels[v]: int((atlas.values == v).sum()) for v in set(atlas.values.tolist()) if v != 0}
+    assert dict(zip(df["roi"], df["n_voxels"])) == {**named, "all": pair.info.n_voxels}
+    assert np.allclose(df["level_0"], p[0] + p[2]) and np.allclose(df["level_1"], p[1] + p[3])
+    assert np.allclose(df["mean_level"], p[1] + p[3])
