@@ -25,34 +25,113 @@ import yaml
 from lightning.pytorch import Callback
 
 
-def embedding_features(emb: np.ndarray, directions: bool = True, standardise: bool = True) -> np.ndarray:
+def embedding_features(emb: np.ndarray, directions: bool = True, standardise: bool = True,
+                       control: Optional[np.ndarray] = None) -> np.ndarray:
     """The space voxels are compared in: rows of ``emb`` (n_voxels, E) -> float64 (n_voxels, E).
 
     ``directions`` divides each row by its norm first. The universal readout's weights are linear
     in the embedding (``W_v = e_v @ feat_embed``), so a row's norm acts as the voxel's response
     gain, which tracks its reliability (on the quickstart simbrain the norm correlates 0.64 with
     the true signal-to-noise ratio) rather than its tuning; the direction is what the voxel
-    responds to. ``standardise`` then z-scores each dimension, so no single dimension with a
-    large spread decides the partition (the embedding's scale carries no meaning of its own).
+    responds to. ``control`` (n_voxels, k) covariates, e.g. :func:`position_basis` of each voxel's
+    receptive-field centre, are regressed out of the directions (least squares, pooled over
+    voxels): what is left is what a voxel responds to *beyond where it looks*. ``standardise``
+    then z-scores each dimension, so no single dimension with a large spread decides the
+    partition (the embedding's scale carries no meaning of its own).
     """
     x = np.asarray(emb, dtype=np.float64)
     if directions:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if control is not None:
+        c = np.asarray(control, dtype=np.float64)
+        if c.shape[0] != x.shape[0]:
+            raise ValueError(f"embedding_features: control has {c.shape[0]} rows for {x.shape[0]} embeddings")
+        x = x - c @ np.linalg.lstsq(c, x, rcond=None)[0]
     if standardise:
         x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
     return x
 
 
+def position_basis(centres: np.ndarray) -> np.ndarray:
+    """Smooth functions of receptive-field centres (n_voxels, 2) in image units ([-1, 1], x right,
+    y down) -> (n_voxels, 9): constant, x, y, x^2, xy, y^2, eccentricity r, r^2 and log(r + 0.05).
+
+    A quadratic surface plus radial terms: enough to absorb the retinotopic layout, in which
+    eccentricity (receptive-field size, foveal vs peripheral) is the dominant axis, while staying
+    far too coarse to fit the ROIs themselves.
+    """
+    c = np.asarray(centres, dtype=np.float64)
+    x, y = c[:, 0], c[:, 1]
+    r = np.hypot(x, y)
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y, r, r * r, np.log(r + 0.05)], axis=1)
+
+
+def attention_centres(readout, pair: str, features, chunk: int = 1024) -> np.ndarray:
+    """Each voxel's receptive-field centre as the universal readout itself sees it.
+
+    Per level, the voxel's attention over the spatial tokens (the global token left out),
+    averaged over the images of ``features``, gives a centroid on the level's token grid; the
+    levels' centroids are averaged with weights equal to each level's share of the voxel's
+    predicted response variance over those images (the level the voxel reads decides).
+
+    Parameters
+    ----------
+    readout : :class:`~brainenc.models.universal.UniversalReadout`
+    pair : "dataset/subject" known to the readout
+    features : backbone features of a set of probe images (B of them; any natural images)
+    Returns
+    -------
+    float64 (n_voxels, 2): x right, y down, in [-1, 1] image units
+    """
+    import torch
+
+    kv = readout.prepare(features)
+    out = []
+    with torch.no_grad():
+        for start in range(0, readout.n_voxels(pair), chunk):
+            vox = torch.arange(start, min(start + chunk, readout.n_voxels(pair)))
+            e = readout.embeddings(pair, vox)                                     # (V, E)
+            w = (e @ readout.feat_embed).reshape(len(e), len(readout.levels), -1)  # (V, L, d)
+            cents, shares = [], []
+            for li, (mod, (k, v), level) in enumerate(zip(readout.attn, kv, readout.levels)):
+                h, attn = mod(e, k, v, return_attention=True)                     # (B, V, d), (B, V, T)
+                hh, ww = _token_grid(features.maps[level].shape[-2:], readout.max_grid)
+                a = attn.mean(0)[:, 1:]                                           # (V, H*W)
+                a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+                gy, gx = torch.meshgrid((torch.arange(hh) + 0.5) / hh * 2 - 1,
+                                        (torch.arange(ww) + 0.5) / ww * 2 - 1, indexing="ij")
+                grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(a.dtype)  # (H*W, 2)
+                cents.append(a @ grid)                                            # (V, 2)
+                shares.append((h * w[:, li][None]).sum(-1).var(0))                # (V,)
+            share = torch.stack(shares, 1)                                        # (V, L)
+            total = share.sum(1, keepdim=True)
+            # a voxel whose prediction does not vary (dead or constant) weighs its levels equally
+            share = torch.where(total > 0, share / total.clamp_min(1e-30), torch.full_like(share, 1 / share.shape[1]))
+            out.append((torch.stack(cents, 1) * share[..., None]).sum(1))
+    return torch.cat(out).double().numpy()
+
+
+def _token_grid(hw, max_grid: Optional[int]) -> tuple[int, int]:
+    """(H', W') of a level's token grid: the map's (H, W) after the pooling of
+    :func:`~brainenc.models.universal.level_tokens`."""
+    h, w = int(hw[0]), int(hw[1])
+    if max_grid is not None and max(h, w) > max_grid:
+        h, w = min(h, max_grid), min(w, max_grid)
+    return h, w
+
+
 def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmeans", seed: int = 0,
-                       standardise: bool = True, directions: bool = True) -> np.ndarray:
+                       standardise: bool = True, directions: bool = True,
+                       control: Optional[np.ndarray] = None) -> np.ndarray:
     """Cluster rows of ``emb`` (n_voxels, E); returns int labels (n_voxels,).
 
-    Rows are compared by :func:`embedding_features` (their directions, standardised).
+    Rows are compared by :func:`embedding_features` (their directions, ``control`` regressed
+    out, standardised).
     """
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
-    x = embedding_features(emb, directions, standardise)
+    x = embedding_features(emb, directions, standardise, control)
     if method == "kmeans":
         return KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(x)
     if method == "gmm":
@@ -62,7 +141,7 @@ def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmea
 
 
 def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, directions: bool = True,
-                  standardise: bool = True) -> float:
+                  standardise: bool = True, control: Optional[np.ndarray] = None) -> float:
     """Fraction of the ``k`` nearest neighbours (Euclidean in :func:`embedding_features` space,
     self excluded) of each labelled row that carry the same label.
 
@@ -76,7 +155,7 @@ def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, directions: 
     """
     from sklearn.neighbors import NearestNeighbors
 
-    x = embedding_features(emb, directions, standardise)
+    x = embedding_features(emb, directions, standardise, control)
     labels = np.asarray(labels)
     query = np.flatnonzero(labels != 0)
     if len(query) == 0 or len(x) <= k:
@@ -187,7 +266,8 @@ def add_column_atomic(csv_path: str | Path, column: str, values: Mapping[str, np
 
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,
                 method: str = "kmeans", seed: int = 0, extra_embeddings: Optional[str | Path] = None,
-                merge_types: Optional[list[str]] = None) -> dict:
+                merge_types: Optional[list[str]] = None, control: str = "position",
+                n_probe_images: int = 256) -> dict:
     """Cluster a universal run's embeddings (all pairs pooled), write ``cluster`` and the ARI.
 
     Parameters
@@ -199,15 +279,23 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     merge_types : names of true voxel types to count as one type in an extra score, ``ari_merged``
         (e.g. V1, V2, V3: areas that on simbrain differ only subtly in tuning at equal
         eccentricity, so that clusters following eccentricity across them are not penalised twice)
+    control : "position" clusters what is left of the embeddings after regressing out a smooth
+        function of each voxel's receptive-field centre (:func:`attention_centres` on
+        ``n_probe_images`` images of the pair's store, :func:`position_basis`); "none" clusters
+        the embeddings as they are. Both scores are reported either way.
     Returns
     -------
-    dict: ARI per pair and pooled (all voxels, and signal voxels only), cluster sizes, the
-    fraction of embedding-space nearest neighbours in the same ROI (first ROI atlas; also
-    written with ``results/embeddings_2d.png``, PCA and t-SNE coloured by ROI)
+    dict: ARI per pair and pooled (all voxels, and signal voxels only) of the written clusters,
+    ``uncontrolled`` / ``position_controlled`` pooled scores of both clusterings, cluster sizes,
+    the fraction of embedding-space nearest neighbours in the same ROI (first ROI atlas), and
+    ``results/embeddings_2d.png`` (PCA and t-SNE coloured by ROI, as they are and with position
+    regressed out)
     """
     from brainenc.data.store import Store, atomic_path
     from brainenc.recipes.transfer import load_base
 
+    if control not in ("position", "none"):
+        raise ValueError(f"cluster_run: control must be 'position' or 'none', got {control!r}")
     run_dir = Path(run_dir)
     table = run_dir / "results" / "voxels.csv"
     if not table.exists():
@@ -215,38 +303,70 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     base = load_base(ckpt or run_dir)
     emb = {p: base.readout.voxel_weights(p).numpy() for p in base.readout.pairs}
     if extra_embeddings is not None:
-        emb.update({k: v.numpy() for k, v in torch_load(extra_embeddings).items()})
+        for k, v in torch_load(extra_embeddings).items():
+            emb[k] = v.numpy()
+            if not base.readout.has_pair(k):  # so its receptive fields can be read like the base's
+                base.readout.add_pair(k, len(v), init=v)
     keys = list(emb)
-    labels_all = cluster_embeddings(np.concatenate([emb[k] for k in keys]), n_clusters, method, seed)
+    stores = _stores_of(base, run_dir)
+    missing = sorted({k.split("/")[0] for k in keys} - set(stores))
+    if missing:
+        raise ValueError(f"{run_dir / 'results' / 'config.yaml'}: no readable store for dataset(s) {missing} "
+                         "(data.stores); the position control reads their images - pass control='none' "
+                         "(--control none) to cluster without it")
+    centres = {}
+    for k in keys:
+        store = Store(stores[k.split("/")[0]], validate=False)
+        rows = np.unique(np.linspace(0, store.n_stimuli - 1, min(n_probe_images, store.n_stimuli)).astype(np.int64))
+        feats = base.features_of_rows(store, rows, base.backbone.image_size)
+        centres[k] = attention_centres(base.readout, k, feats)
+    x_all = np.concatenate([emb[k] for k in keys])
+    basis = position_basis(np.concatenate([centres[k] for k in keys]))
     bounds = np.cumsum([0] + [len(emb[k]) for k in keys])
-    labels = {k: labels_all[bounds[i]:bounds[i + 1]] for i, k in enumerate(keys)}
+
+    def split(v: np.ndarray) -> dict:
+        return {k: v[bounds[i]:bounds[i + 1]] for i, k in enumerate(keys)}
+
+    clusterings = {"uncontrolled": cluster_embeddings(x_all, n_clusters, method, seed),
+                   "position_controlled": cluster_embeddings(x_all, n_clusters, method, seed, control=basis)}
+    labels_all = clusterings["position_controlled" if control == "position" else "uncontrolled"]
+    labels = split(labels_all)
 
     # truth from the stores named in the results table's pairs
-    df = pd.read_csv(table, usecols=["dataset", "subject"]).drop_duplicates()
+    df = pd.read_csv(table, usecols=["dataset", "subject"], dtype=str).drop_duplicates()
     in_table = {f"{d}/{s}" for d, s in zip(df["dataset"], df["subject"])}
-    stores = _stores_of(base, run_dir)
     truth, signal, names, rois, roi_names = {}, {}, {}, {}, {}
     for k in keys:
         ds, s = k.split("/")
-        if ds in stores:
-            info = Store(stores[ds]).subject(s)
-            if info.rois:  # the first atlas: the neighbour score and the figure's colours
-                atlas = next(iter(info.rois.values()))
-                rois[k], roi_names = atlas.values.astype(np.int64), atlas.labels
-            if info.has_truth:
-                t, names = true_voxel_types(info.path)
-                truth[k] = t
-                signal[k] = t != 0  # 0 = "noise" voxels, no stimulus-driven signal
+        info = Store(stores[ds]).subject(s)
+        if info.rois:  # the first atlas: the neighbour score and the figure's colours
+            atlas = next(iter(info.rois.values()))
+            rois[k], roi_names = atlas.values.astype(np.int64), atlas.labels
+        if info.has_truth:
+            t, names = true_voxel_types(info.path)
+            truth[k] = t
+            signal[k] = t != 0  # 0 = "noise" voxels, no stimulus-driven signal
     scored = {k: labels[k] for k in keys if k in truth}
-    result = {"method": method, "n_clusters": n_clusters, "voxel_types": names,
+    result = {"method": method, "n_clusters": n_clusters, "control": control, "voxel_types": names,
               "ari": ari_table(scored, truth, signal) if scored else {},
               "sizes": np.bincount(labels_all, minlength=n_clusters).tolist()}
+    if scored:
+        for name, lab in clusterings.items():
+            result[name] = {"ari": ari_table({k: v for k, v in split(lab).items() if k in truth},
+                                             truth, signal)["pooled"]}
     if rois:
         rk = [k for k in keys if k in rois]
-        result["nn_same_roi"] = {"k": 10, "fraction": nn_same_label(
-            np.concatenate([emb[k] for k in rk]), np.concatenate([rois[k] for k in rk]), k=10)}
+        sel = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i, k in enumerate(keys) if k in rois])
+        r_all = np.concatenate([rois[k] for k in rk])
+        result["nn_same_roi"] = {"k": 10, "fraction": nn_same_label(x_all[sel], r_all, k=10)}
+        result["nn_same_roi"]["fraction_position_controlled"] = nn_same_label(x_all[sel], r_all, k=10,
+                                                                              control=basis[sel])
+        for name in ("uncontrolled", "position_controlled"):
+            if name in result:
+                result[name]["nn_same_roi"] = result["nn_same_roi"][
+                    "fraction" if name == "uncontrolled" else "fraction_position_controlled"]
         plot_embeddings_2d({k: emb[k] for k in rk}, {k: rois[k] for k in rk}, roi_names,
-                           run_dir / "results" / "embeddings_2d.png", seed=seed)
+                           run_dir / "results" / "embeddings_2d.png", seed=seed, control=basis[sel])
     if scored:
         # which true type dominates each cluster (for reading the map)
         t_all = np.concatenate([truth[k] for k in scored])
@@ -269,7 +389,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
 
 def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray],
                        roi_names: Mapping[int, str], path: str | Path, max_points: int = 4000,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, control: Optional[np.ndarray] = None) -> Path:
     """PCA and t-SNE of the pooled embeddings in 2-D, coloured by ROI; written atomically as PNG.
 
     Parameters
@@ -277,6 +397,8 @@ def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndar
     emb : {pair: (n_voxels, E)}; compared as in :func:`embedding_features`
     rois : {pair: int (n_voxels,)}, 0 = no ROI (grey)
     max_points : random subset for t-SNE and plotting (t-SNE is quadratic in the points)
+    control : (n_voxels, k) covariates over the pooled rows, in ``emb``'s order; when given, a
+        second row shows the embeddings with them regressed out (position-controlled)
     """
     import matplotlib
 
@@ -288,27 +410,32 @@ def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndar
     from brainenc.data.store import atomic_path
 
     keys = list(emb)
-    x = embedding_features(np.concatenate([emb[k] for k in keys]))
+    raw = np.concatenate([emb[k] for k in keys])
+    spaces = {"": embedding_features(raw)}
+    if control is not None:
+        spaces["position regressed out: "] = embedding_features(raw, control=control)
     r = np.concatenate([rois[k] for k in keys])
     rng = np.random.default_rng(seed)
-    sel = rng.permutation(len(x))[:max_points]
-    x, r = x[sel], r[sel]
-    pcs = PCA(n_components=min(50, x.shape[1]), random_state=seed).fit_transform(x)
-    views = {"PCA (first 2 components)": pcs[:, :2],
-             "t-SNE (of the first 50 PCs)": TSNE(2, init="pca", random_state=seed,
-                                                  perplexity=30).fit_transform(pcs)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    sel = rng.permutation(len(raw))[:max_points]
+    r = r[sel]
+    fig, axes = plt.subplots(len(spaces), 2, figsize=(11, 5 * len(spaces)), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, (title, xy) in zip(axes, views.items()):
-        for i, v in enumerate(sorted(set(r.tolist()))):
-            m = r == v
-            ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=roi_names.get(v, "none" if v == 0 else str(v)),
-                       color="0.6" if v == 0 else cmap(i % 10))
-        ax.set_title(title)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[1].legend(markerscale=4, fontsize=8, loc="best")
-    fig.suptitle(f"voxel embeddings of {len(keys)} subjects ({len(x)} voxels), coloured by ROI")
+    for row, (prefix, x) in zip(axes, spaces.items()):
+        pcs = PCA(n_components=min(50, x.shape[1]), random_state=seed).fit_transform(x[sel])
+        views = {f"{prefix}PCA (first 2 components)": pcs[:, :2],
+                 f"{prefix}t-SNE (of the first 50 PCs)": TSNE(2, init="pca", random_state=seed,
+                                                               perplexity=30).fit_transform(pcs)}
+        for ax, (title, xy) in zip(row, views.items()):
+            for i, v in enumerate(sorted(set(r.tolist()))):
+                m = r == v
+                ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6,
+                           label=roi_names.get(v, "none" if v == 0 else str(v)),
+                           color="0.6" if v == 0 else cmap(i % 10))
+            ax.set_title(title, fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[1].legend(markerscale=4, fontsize=8, loc="best")
+    fig.suptitle(f"voxel embeddings of {len(keys)} subjects ({len(sel)} of {len(raw)} voxels), coloured by ROI")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -414,11 +541,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--n-clusters", type=int, default=7)
     ap.add_argument("--method", choices=("kmeans", "gmm"), default="kmeans")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--control", choices=("position", "none"), default="position",
+                    help="regress each voxel's receptive-field centre (from the model's attention) out of "
+                         "the embeddings before clustering (default), or cluster them as they are")
     ap.add_argument("--merge-types", nargs="*", default=None,
                     help="true type names to count as one in the extra score ari_merged (e.g. V1 V2 V3)")
     a = ap.parse_args(argv)
-    res = cluster_run(a.run_dir, a.ckpt, a.n_clusters, a.method, a.seed, merge_types=a.merge_types)
-    print(json.dumps({k: res[k] for k in ("ari", "ari_merged", "nn_same_roi", "sizes") if k in res}, indent=2))
+    res = cluster_run(a.run_dir, a.ckpt, a.n_clusters, a.method, a.seed, merge_types=a.merge_types,
+                      control=a.control)
+    print(json.dumps({k: res[k] for k in ("ari", "uncontrolled", "position_controlled", "ari_merged",
+                                          "nn_same_roi", "sizes") if k in res}, indent=2))
     return 0
 
 

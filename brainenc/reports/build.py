@@ -298,8 +298,8 @@ def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, su
 def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
     """An "Embeddings" section for runs clustered by ``python -m brainenc.analysis.embeddings``.
 
-    Per run with ``results/clusters.json``: the pooled ARI against the true voxel types, the
-    fraction of embedding-space nearest neighbours in the same ROI, and the run's
+    Per run with ``results/clusters.json``: the pooled ARI against the true voxel types (of the
+    written clusters, and of the clustering without the position control), the fraction of embedding-space nearest neighbours in the same ROI, and the run's
     ``results/embeddings_2d.png`` (copied into figures/). Runs without them add nothing.
     """
     rows, figs = [], []
@@ -310,7 +310,9 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
         c = json.loads((res / "clusters.json").read_text())
         pooled = (c.get("ari") or {}).get("pooled", {})
         rows.append({"run": r.name, "clusters": c.get("n_clusters"), "method": c.get("method"),
+                     "control": c.get("control", "none"),
                      "ARI (all voxels)": pooled.get("ari"), "ARI (signal voxels)": pooled.get("ari_signal"),
+                     "ARI uncontrolled": ((c.get("uncontrolled") or {}).get("ari") or {}).get("ari"),
                      "NN same ROI": (c.get("nn_same_roi") or {}).get("fraction")})
         png = res / "embeddings_2d.png"
         if figures and png.exists():

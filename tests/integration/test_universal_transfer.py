@@ -62,7 +62,11 @@ def test_crowd_fit_test_writes_all_pairs_and_clusters(crowd):
     assert len(df2) == len(df) and df2["cluster"].between(0, 6).all()
     np.testing.assert_array_equal(df2["pearson"], df["pearson"])
     assert set(res["ari"]) == pairs | {"pooled"} and -1 <= res["ari"]["pooled"]["ari"] <= 1
-    assert json.loads((run / "results" / "clusters.json").read_text())["n_clusters"] == 7
+    saved = json.loads((run / "results" / "clusters.json").read_text())
+    assert saved["n_clusters"] == 7 and saved["control"] == "position"
+    # both clusterings are scored; the written one is the position-controlled clustering
+    assert saved["position_controlled"]["ari"]["ari"] == pytest.approx(res["ari"]["pooled"]["ari"])
+    assert -1 <= saved["uncontrolled"]["ari"]["ari"] <= 1
 
 
 def test_transfer_trains_only_new_embeddings(stores, crowd, tmp_path):

@@ -305,3 +305,48 @@ def test_nn_same_label_and_embedding_structure():
     res = embedding_structure({"d/s": start + grouped * 10}, {"d/s": labels}, initial={"d/s": start}, n_clusters=3)
     assert res["ari"] > 0.9 and res["ari_learned"] == pytest.approx(1.0) and res["nn_same_roi"] > 0.9
     assert res["rel_displacement"] > 5
+
+
+def test_position_control_finds_types_that_position_hides():
+    """Embeddings = a small type signal + a large smooth function of the receptive-field centre:
+    k-means follows position unless the position basis is regressed out."""
+    from brainenc.analysis.embeddings import position_basis
+
+    rng = np.random.default_rng(0)
+    n = 900
+    truth = np.repeat([0, 1, 2], n // 3)
+    centres = rng.uniform(-1, 1, (n, 2))
+    b = position_basis(centres)
+    emb = (b @ rng.normal(size=(b.shape[1], 32)) * 3 + np.eye(32)[truth + 5] * 1.0
+           + rng.normal(size=(n, 32)) * 0.1)
+    plain = cluster_embeddings(emb, 3, directions=False)
+    controlled = cluster_embeddings(emb, 3, directions=False, control=b)
+    ari = lambda lab: ari_table({"a/s": lab}, {"a/s": truth})["a/s"]["ari"]  # noqa: E731
+    assert ari(plain) < 0.3
+    assert ari(controlled) > 0.95
+
+
+def test_attention_centres_read_where_each_voxel_attends():
+    """A readout wired so voxel i attends to token grid cell g_i gives that cell's centre."""
+    from brainenc.analysis.embeddings import attention_centres
+
+    spec = FeatureSpec(shapes=((3, 4, 4),), pooled_dim=3, has_cls=False)
+    r = UniversalReadout({"d/s": 5}, spec, embed_dim=17, width=17, mlp_ratio=0.0, dropout=0.0).eval()
+    cells = [0, 3, 5, 10, 15]  # row-major on the 4 x 4 grid
+    with torch.no_grad():
+        mod = r.attn[0]
+        mod.token_proj.weight.zero_()
+        mod.token_proj.bias.zero_()
+        mod.pos.copy_(torch.eye(17))          # token t's key is the t-th unit vector
+        mod.k.weight.copy_(torch.eye(17))
+        mod.q.weight.copy_(torch.eye(17) * 50.0)
+        mod.q.bias.zero_()
+        r.embedding.copy_(torch.eye(17)[[c + 1 for c in cells]])  # + 1: token 0 is the global token
+    got = attention_centres(r, "d/s", _features_of(spec, 4))
+    want = np.array([[(c % 4 + 0.5) / 4 * 2 - 1, (c // 4 + 0.5) / 4 * 2 - 1] for c in cells])
+    assert np.allclose(got, want, atol=1e-3)
+
+
+def _features_of(spec: FeatureSpec, b: int) -> Features:
+    g = torch.Generator().manual_seed(1)
+    return Features([torch.randn(b, c, h, w, generator=g) for c, h, w in spec.shapes])
