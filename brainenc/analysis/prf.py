@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import h5py
 import numpy as np
+import yaml
 
 EARLY_VISUAL = ("V1", "V2", "V3")
 
@@ -139,7 +140,16 @@ def load_tested_run(run: Path):
     ckpt = find_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run / 'checkpoints'}: no best.ckpt or last.ckpt")
-    model, dm = instantiate(config)
+    cfg = yaml.safe_load(config.read_text()) or {}
+    extra = sorted(set(cfg) - {"seed_everything", "trainer", "model", "data"})
+    if extra:  # `brainenc test` also saves its own options (ckpt_path, verbose): not the model's or data's
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in extra}))
+            model, dm = instantiate(Path(tmp) / "config.yaml")
+    else:
+        model, dm = instantiate(config)
     model.load_state_dict(load_state_dict(ckpt, "the run's checkpoint"))
     return model.eval(), dm
 

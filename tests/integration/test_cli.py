@@ -185,3 +185,21 @@ def test_spatial_banded_pca_ridge_round_trips_through_the_cli(tiny_brain, tmp_pa
           f"--trainer.default_root_dir={tmp_path / 'one'}", "--test_after_fit=true", *extra])
     one = pd.read_csv(tmp_path / "one" / "results" / "voxels.csv")
     np.testing.assert_allclose(one["pearson"], df["pearson"], atol=1e-6)
+
+
+def test_a_run_tested_by_brainenc_test_loads_for_analysis(runs):
+    """results/config.yaml of `brainenc test` also holds the test command's own options
+    (ckpt_path, verbose); the analyses rebuild the model from it all the same."""
+    import torch
+
+    from brainenc.analysis.prf import load_tested_run
+    from brainenc.lit.checkpoint import load_state_dict
+
+    run = runs["linear"].parent
+    assert "ckpt_path" in yaml.safe_load((run / "results" / "config.yaml").read_text())
+    model, dm = load_tested_run(run)
+    state = load_state_dict(run / "checkpoints" / "best.ckpt", "best")
+    got = model.state_dict()
+    assert {p.key for p in dm.pairs} == set(model.readout.voxel_counts)
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
