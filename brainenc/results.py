@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from brainenc.data.store import atomic_path
+from brainenc.ioutil import atomic_path, atomic_write
 from brainenc.metrics.noise_ceiling import noise_ceiling, normalised_score
 
 
@@ -86,8 +86,7 @@ def write_results(run_dir: str | os.PathLike, datamodule, pearson: Mapping[str, 
                "seed": seed, "wall_time_s": float(meta.get("wall_time_s", float("nan"))),
                "pairs": sorted(pearson), "retrieval": {k: _plain(v) for k, v in retrieval.items()},
                "n_test_images": {k: int(len(datamodule.pair(k).split.test)) for k in pearson}}
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return out
 
 

@@ -43,6 +43,8 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from brainenc.ioutil import atomic_write
+
 #: Keys a sweep file may have at the top level; anything else is most likely a typo
 #: ("seed:" for "seeds:") that would otherwise silently do nothing.
 TOP_KEYS = {"out", "backbones", "encoders", "datasets", "seeds", "overrides", "report",
@@ -268,15 +270,12 @@ def cell_overlay(cell: Cell) -> dict:
 
 
 def write_cell_yaml(cell: Cell) -> Path:
-    from brainenc.data.store import atomic_path
-
     text = (f"# brainenc sweep cell {cell.index}: {cell.id}\n"
             "# merged over the encoder config by a second -c (see brainenc/sweep.py)\n"
             + yaml.safe_dump(cell_overlay(cell), sort_keys=False))
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     if not cell.cell_yaml.exists() or cell.cell_yaml.read_text() != text:
-        with atomic_path(cell.cell_yaml) as tmp:
-            tmp.write_text(text)
+        atomic_write(cell.cell_yaml, text)
     return cell.cell_yaml
 
 
@@ -304,13 +303,6 @@ def shell(argv: list[str]) -> str:
 # --------------------------------------------------------------------------- cell state
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from brainenc.data.store import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def read_state(cell: Cell) -> dict:
     try:
         return json.loads(cell.state_path.read_text())
@@ -322,7 +314,7 @@ def write_state(cell: Cell, **changes) -> dict:
     state = {**read_state(cell), **changes, "cell": cell.index, "id": cell.id,
              "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     cell.run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(cell.state_path, json.dumps(state, indent=2))
+    atomic_write(cell.state_path, json.dumps(state, indent=2))
     return state
 
 
@@ -375,7 +367,7 @@ def write_status(sweep: Sweep) -> Path:
 
     with _locked(sweep.out / ".sweep_status.lock"):
         table = pd.DataFrame([cell_status(c) for c in sweep.cells])
-        _atomic_text(sweep.status_path, table.to_csv(index=False, float_format="%.6g"))
+        atomic_write(sweep.status_path, table.to_csv(index=False, float_format="%.6g"))
     return sweep.status_path
 
 
@@ -452,7 +444,7 @@ def _failed(cell: Cell, step: str, rc: int, argv: list[str], out: Path, err: Pat
     tail = _tail(err)
     last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")
     error = reason or f"{step} exited {rc}: {last}"
-    _atomic_text(cell.run_dir / "FAILED", "\n".join([
+    atomic_write(cell.run_dir / "FAILED", "\n".join([
         f"cell {cell.index}: {cell.id}", f"step: {step}", f"exit code: {rc}",
         f"command: {shell(argv)}", f"stdout: {out}", f"stderr: {err}",
         f"--- last {len(tail)} lines of stderr ---", *tail, ""]))
@@ -495,7 +487,7 @@ def collect(sweep: Sweep) -> Optional[Path]:
     if not frames:
         return None
     path = sweep.out / "all_voxels.csv"
-    _atomic_text(path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
+    atomic_write(path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
     return path
 
 
@@ -536,7 +528,7 @@ def build_sweep_report(sweep: Sweep) -> Optional[Path]:
         runs = pd.read_csv(runs_csv)
         if "path" in runs:
             runs["path"] = runs["path"].astype(str).map(lambda p: staged.get(p, p))
-            _atomic_text(runs_csv, runs.to_csv(index=False))
+            atomic_write(runs_csv, runs.to_csv(index=False))
     return Path(html)
 
 

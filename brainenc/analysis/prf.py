@@ -163,10 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = json.dumps(doc, indent=2)
     print(text)
     if a.out:
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_write
 
-        with atomic_path(a.out) as tmp:
-            tmp.write_text(text + "\n")
+        atomic_write(a.out, text + "\n")
     return 0
 
 

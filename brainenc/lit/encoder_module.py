@@ -248,7 +248,7 @@ class EncoderModule(L.LightningModule):
         ``stimulus_id`` (n,), ``pred`` float32 (n, n_voxels); one file per rank under DDP."""
         import h5py
 
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_path
 
         dm = getattr(self.trainer, "datamodule", None)
         out_dir = Path(self.trainer.default_root_dir) / "predictions"

@@ -30,6 +30,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from brainenc.ioutil import file_digest
 from brainenc.models.lora import apply_lora, set_adapter_count, use_adapter
 
 __all__ = ["Features", "Backbone", "WEIGHT_ALIASES", "load_weights_file", "resolve_weights"]
@@ -331,14 +332,6 @@ def _quiet_head_keys():
         logger.removeFilter(flt)
 
 
-def _sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_state(module: nn.Module) -> str:
     h = hashlib.sha256()
     for key, t in sorted(module.state_dict().items()):
@@ -453,7 +446,7 @@ class Backbone(nn.Module):
             sd = resolve_weights(probe, self.weights, weights_match,
                                  resizable=lambda k: self.kind == "vit" and "pos_embed" in k)
             path = WEIGHT_ALIASES[self.weights][0]() if self.weights in WEIGHT_ALIASES else self.weights
-            self.weights_sha256 = _sha256_file(path)
+            self.weights_sha256 = file_digest(path)
             # timm's documented override: load this state dict as if it were the pretrained weights.
             create_kwargs["pretrained_cfg_overlay"] = dict(state_dict=sd)
         load_pretrained = self.pretrained or self.weights is not None

@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 import yaml
 
-from brainenc.data.store import atomic_path
+from brainenc.ioutil import atomic_path
 from brainenc.models.readout import pair_slot
 
 STAGES = ("whole", "partitions", "experts", "dark", "student")

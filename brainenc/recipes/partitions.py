@@ -27,7 +27,7 @@ from typing import Mapping
 import h5py
 import numpy as np
 
-from brainenc.data.store import atomic_path
+from brainenc.ioutil import atomic_path
 from brainenc.models.readout import pair_slot
 
 Partition = tuple[list[str], dict[str, np.ndarray]]  # (roi names, {pair: labels (n_voxels,)})

@@ -14,14 +14,14 @@ Output layout (``OUT``)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from brainenc.ioutil import atomic_write
 
 from . import html as render
 from . import plots, tables
@@ -83,22 +83,8 @@ def retrieval_pivot(ret: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file in the same directory, then rename (never a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    _atomic_write(path, df.to_csv(index=False))
+    atomic_write(path, df.to_csv(index=False))
 
 
 def _save_figure(fig, out: Path, name: str) -> str:
@@ -108,7 +94,7 @@ def _save_figure(fig, out: Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     rel = f"figures/{name}.png"
-    _atomic_write(out / rel, buf.getvalue())
+    atomic_write(out / rel, buf.getvalue())
     return rel
 
 
@@ -264,9 +250,9 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         if dnotes:
             blocks.append(("notes", dnotes))
 
-    _atomic_write(out / "report.md", render.render_markdown(title, blocks))
+    atomic_write(out / "report.md", render.render_markdown(title, blocks))
     html_path = out / "report.html"
-    _atomic_write(html_path, render.render_html(title, blocks, out))
+    atomic_write(html_path, render.render_html(title, blocks, out))
     return html_path
 
 
@@ -290,7 +276,7 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
         png = res / "embeddings_2d.png"
         if figures and png.exists():
             rel = f"figures/{_slug('embeddings', r.name)}.png"
-            _atomic_write(out / rel, png.read_bytes())
+            atomic_write(out / rel, png.read_bytes())
             figs.append(("figure", rel, f"{r.name}: voxel embeddings in 2-D (PCA, t-SNE), coloured by ROI"))
     if not rows:
         return []
