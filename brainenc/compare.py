@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainenc.results import read_results
+from brainenc.results import ResultsError, read_results
 
 
 def roi_table(tables: list[pd.DataFrame], by: tuple[str, ...] = ("roi",)) -> pd.DataFrame:
@@ -47,9 +47,7 @@ def main_compare(argv: list[str]) -> int:
     for r, t in zip(a.runs, tables):
         missing = [c for c in by if c not in t.columns]
         if missing:
-            from brainenc.reports.tables import ReportInputError
-
-            raise ReportInputError(f"{r / 'results' / 'voxels.csv'}: no column {missing} to group by "
+            raise ResultsError(f"{r / 'results' / 'voxels.csv'}: no column {missing} to group by "
                                    f"(--by); columns are {list(t.columns)}")
     table = roi_table(tables, by)
     print(format_table(table))

@@ -34,7 +34,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -43,7 +42,9 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from brainenc import rundir
 from brainenc.ioutil import atomic_write
+from brainenc.rundir import RunDir
 
 #: Keys a sweep file may have at the top level; anything else is most likely a typo
 #: ("seed:" for "seeds:") that would otherwise silently do nothing.
@@ -304,28 +305,11 @@ def shell(argv: list[str]) -> str:
 
 
 def read_state(cell: Cell) -> dict:
-    try:
-        return json.loads(cell.state_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    return rundir.read_state(cell.state_path)
 
 
 def write_state(cell: Cell, **changes) -> dict:
-    state = {**read_state(cell), **changes, "cell": cell.index, "id": cell.id,
-             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(cell.state_path, json.dumps(state, indent=2))
-    return state
-
-
-def _voxel_summary(voxels: Path) -> tuple[float, int]:
-    import pandas as pd
-
-    try:
-        r = pd.read_csv(voxels, usecols=["pearson"])["pearson"]
-    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return math.nan, 0
-    return float(r.median()), int(len(r))
+    return rundir.update_state(cell.state_path, **changes, cell=cell.index, id=cell.id)
 
 
 def cell_status(cell: Cell) -> dict:
@@ -341,7 +325,9 @@ def cell_status(cell: Cell) -> dict:
     if cell.voxels.exists():
         row["status"], row["error"] = "done", ""
         if not st.get("n_voxels"):
-            row["median_pearson"], row["n_voxels"] = _voxel_summary(cell.voxels)
+            from brainenc.results import pearson_summary
+
+            row["median_pearson"], row["n_voxels"] = pearson_summary(cell.run_dir)
     return row
 
 
@@ -405,51 +391,58 @@ def run_cell(sweep: Sweep, cell: Cell, on_start=None) -> dict:
     A failure is written to the state file and to ``FAILED``; it is not raised. ``on_start()``
     is called once the cell is marked running (the sweep refreshes its status table there).
     """
-    if cell.voxels.exists():
+    run = RunDir(cell.run_dir)
+    if run.tested():
         return write_state(cell, status="done", last_action="skipped")
     failed_marker = cell.run_dir / "FAILED"
     write_cell_yaml(cell)
     st = read_state(cell)
-    st = write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
+    write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
     failed_marker.unlink(missing_ok=True)
     if on_start is not None:
         on_start()
     t0 = time.monotonic()
-    best, last = cell.ckpt_dir / "best.ckpt", cell.ckpt_dir / "last.ckpt"
-    action = "ran"
-    if not (st.get("fit_done") and (best.exists() or last.exists())):
-        resume = last if last.exists() else None
-        action = "resumed" if resume else "ran"
-        fit, _ = commands(sweep, cell, fit_ckpt=resume)
-        rc, out, err = _run_step("fit", fit, cell)
-        if rc != 0:
-            return _failed(cell, "fit", rc, fit, out, err, time.monotonic() - t0, action)
-        st = write_state(cell, fit_done=True)
-    else:
-        action = "resumed"
-    # configs without a "best" checkpoint (no monitor) still leave last.ckpt to test
-    _, test = commands(sweep, cell, test_ckpt=best if best.exists() else last)
-    rc, out, err = _run_step("test", test, cell)
-    wall = time.monotonic() - t0
-    if rc != 0 or not cell.voxels.exists():
-        return _failed(cell, "test", rc, test, out, err, wall, action,
-                       None if rc != 0 else f"exit 0 but {cell.voxels} was not written")
-    median, n = _voxel_summary(cell.voxels)
-    return write_state(cell, status="done", last_action=action, wall_time_s=round(wall, 2),
-                       median_pearson=median, n_voxels=n, log=str(err), error="")
+    action = "ran" if rundir.next_step(run, cell.state_path) == "fit" else "resumed"
+
+    logs: dict[str, Path] = {}
+
+    def step(name: str, argv: list[str]) -> None:
+        rc, out, logs[name] = _run_step(name, argv, cell)
+        if rc != 0 or (name == "test" and not run.tested()):
+            raise _StepFailed(name, rc, argv, out, logs[name],
+                              None if rc != 0 else f"exit 0 but {cell.voxels} was not written")
+
+    try:
+        rundir.fit_then_test(run, lambda resume: step("fit", commands(sweep, cell, fit_ckpt=resume)[0]),
+                             lambda ckpt: step("test", commands(sweep, cell, test_ckpt=ckpt)[1]),
+                             state_path=cell.state_path)
+    except _StepFailed as f:
+        return _failed(cell, f, time.monotonic() - t0, action)
+    from brainenc.results import pearson_summary
+
+    median, n = pearson_summary(cell.run_dir)
+    return write_state(cell, status="done", last_action=action, wall_time_s=round(time.monotonic() - t0, 2),
+                       median_pearson=median, n_voxels=n, log=str(logs.get("test", "")), error="")
 
 
-def _failed(cell: Cell, step: str, rc: int, argv: list[str], out: Path, err: Path, wall: float,
-            action: str, reason: Optional[str] = None) -> dict:
-    tail = _tail(err)
+class _StepFailed(Exception):
+    """A cell's fit or test exited non-zero (or wrote no results); what :func:`_failed` records."""
+
+    def __init__(self, step: str, rc: int, argv: list[str], out: Path, err: Path, reason: Optional[str]):
+        super().__init__(step)
+        self.step, self.rc, self.argv, self.out, self.err, self.reason = step, rc, argv, out, err, reason
+
+
+def _failed(cell: Cell, f: _StepFailed, wall: float, action: str) -> dict:
+    tail = _tail(f.err)
     last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")
-    error = reason or f"{step} exited {rc}: {last}"
+    error = f.reason or f"{f.step} exited {f.rc}: {last}"
     atomic_write(cell.run_dir / "FAILED", "\n".join([
-        f"cell {cell.index}: {cell.id}", f"step: {step}", f"exit code: {rc}",
-        f"command: {shell(argv)}", f"stdout: {out}", f"stderr: {err}",
+        f"cell {cell.index}: {cell.id}", f"step: {f.step}", f"exit code: {f.rc}",
+        f"command: {shell(f.argv)}", f"stdout: {f.out}", f"stderr: {f.err}",
         f"--- last {len(tail)} lines of stderr ---", *tail, ""]))
     return write_state(cell, status="failed", last_action=action, wall_time_s=round(wall, 2),
-                       log=str(err), error=error[:500])
+                       log=str(f.err), error=error[:500])
 
 
 # --------------------------------------------------------------------------- collecting
@@ -473,11 +466,13 @@ def collect(sweep: Sweep) -> Optional[Path]:
     (voxels.csv's own ``dataset``/``backbone`` name the store and the timm model)."""
     import pandas as pd
 
+    from brainenc.results import read_results
+
     frames = []
     for cell in sweep.cells:
         if not cell.voxels.exists():
             continue
-        df = pd.read_csv(cell.voxels, dtype={"subject": str, "roi": str, "run": str})
+        df = read_results(cell.run_dir)
         df["run"] = cell.id
         for i, (k, v) in enumerate([("sweep_cell", cell.index), ("sweep_dataset", cell.dataset["name"]),
                                     ("sweep_encoder", cell.encoder["name"]),
@@ -494,42 +489,25 @@ def collect(sweep: Sweep) -> Optional[Path]:
 def build_sweep_report(sweep: Sweep) -> Optional[Path]:
     """Report over every finished cell into ``<out>/report``.
 
-    Each cell's table is staged under a temporary directory with ``model`` = the sweep's
-    encoder name and ``run`` = :func:`report_run_names`: every cell's own ``run`` is "seed<k>",
-    so the report could not tell two backbones' "linear" runs apart otherwise. tables/runs.csv
-    is then pointed back at the real cell directories.
+    Each cell's run is read and given ``model`` = the sweep's encoder name and ``run`` =
+    :func:`report_run_names` before the report sees it: every cell's own ``run`` is "seed<k>",
+    so the report could not tell two backbones' "linear" runs apart otherwise.
     """
-    import pandas as pd
-
     from brainenc.reports import build_report
+    from brainenc.results import read_run
 
     done = [c for c in sweep.cells if c.voxels.exists()]
     if not done:
         return None
     names = report_run_names(done)
     opts = {k: v for k, v in sweep.report.items() if k != "enabled"}
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=sweep.out, prefix=".report-inputs-") as tmp:
-        staged = {}
-        for c in done:
-            d = Path(tmp) / f"cell{c.index:04d}"
-            (d / "results").mkdir(parents=True)
-            df = pd.read_csv(c.voxels, dtype={"subject": str, "roi": str, "run": str})
-            df["run"], df["model"] = names[c.index], c.encoder["name"]
-            df.to_csv(d / "results" / "voxels.csv", index=False)
-            summary_path = c.run_dir / "results" / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            summary.update(run=names[c.index], model=c.encoder["name"])
-            (d / "results" / "summary.json").write_text(json.dumps(summary))
-            staged[str(d)] = str(c.run_dir)
-        html = build_report(list(staged), sweep.out / "report", **opts)
-    runs_csv = sweep.out / "report" / "tables" / "runs.csv"
-    if runs_csv.exists():
-        runs = pd.read_csv(runs_csv)
-        if "path" in runs:
-            runs["path"] = runs["path"].astype(str).map(lambda p: staged.get(p, p))
-            atomic_write(runs_csv, runs.to_csv(index=False))
-    return Path(html)
+    runs = []
+    for c in done:
+        run = read_run(c.run_dir)
+        run.voxels["run"], run.voxels["model"] = names[c.index], c.encoder["name"]
+        run.summary.update(run=names[c.index], model=c.encoder["name"])
+        runs.append(run)
+    return Path(build_report(runs, sweep.out / "report", **opts))
 
 
 def finish(sweep: Sweep, report: bool = True) -> int:
@@ -555,14 +533,11 @@ def finish(sweep: Sweep, report: bool = True) -> int:
 
 
 def _plan(cell: Cell) -> str:
-    if cell.voxels.exists():
-        return "done, would skip"
-    st = read_state(cell)
-    if st.get("fit_done"):
-        return "fit done, would test"
-    if (cell.ckpt_dir / "last.ckpt").exists():
-        return "would resume fit from checkpoints/last.ckpt"
-    return "would run" + (" (failed before)" if st.get("status") == "failed" else "")
+    step = rundir.next_step(RunDir(cell.run_dir), cell.state_path)
+    if step == "fit":
+        return "would run" + (" (failed before)" if read_state(cell).get("status") == "failed" else "")
+    return {"done": "done, would skip", "test": "fit done, would test",
+            "resume": "would resume fit from checkpoints/last.ckpt"}[step]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -193,7 +193,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     Parameters
     ----------
     run_dir : run directory with ``results/voxels.csv`` (from ``brainenc test``)
-    ckpt : checkpoint (default ``<run_dir>/checkpoints/last.ckpt``)
+    ckpt : checkpoint (default: the run's checkpoint, best else last, see :mod:`brainenc.rundir`)
     extra_embeddings : a transfer run's ``transfer/embeddings.pt`` ({pair: (n_voxels, E)}), clustered
         together with the base embeddings so its labels share their meaning
     merge_types : names of true voxel types to count as one type in an extra score, ``ari_merged``

@@ -124,24 +124,18 @@ def summarise(stats: dict[str, dict]) -> dict:
 
 
 def load_tested_run(run: Path):
-    """(model with its best weights in eval mode, datamodule) of a tested run directory.
+    """(model with the weights of its checkpoint in eval mode, datamodule) of a tested run directory.
 
     The model is rebuilt from ``results/config.yaml`` (the resolved config ``brainenc test`` wrote)
-    and the state dict is read without unpickling code (``weights_only=True``).
+    and the weights of :meth:`~brainenc.rundir.RunDir.checkpoint` (best, else last) are read
+    without unpickling code (``weights_only=True``).
     """
-    from brainenc.cli import find_checkpoint
-    from brainenc.lit.checkpoint import load_state_dict
-    from brainenc.recipes.afo import instantiate
+    from brainenc.cli import load_trained
 
     config = run / "results" / "config.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: not found; test the run first (brainenc test or fit --test_after_fit=true)")
-    ckpt = find_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run / 'checkpoints'}: no best.ckpt or last.ckpt")
-    model, dm = instantiate(config)
-    model.load_state_dict(load_state_dict(ckpt, "the run's checkpoint"))
-    return model.eval(), dm
+    return load_trained(run, config)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

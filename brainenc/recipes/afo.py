@@ -47,8 +47,9 @@ import h5py
 import numpy as np
 import yaml
 
-from brainenc.ioutil import atomic_path
+from brainenc.ioutil import atomic_path, atomic_write
 from brainenc.models.readout import pair_slot
+from brainenc.rundir import RunDir, fit_then_test
 
 STAGES = ("whole", "partitions", "experts", "dark", "student")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -111,79 +112,54 @@ def _cli(args: list[str]) -> None:
     subprocess.run(cmd, check=True, preexec_fn=die_with_parent())  # the stage dies with the recipe
 
 
-def best_checkpoint(root: Path) -> Path:
-    from brainenc.cli import find_checkpoint
-
-    found = find_checkpoint(root / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"{root / 'checkpoints'}: no best.ckpt or last.ckpt (did the fit of stage "
-                                f"{root.name} run?)")
-    return found
-
-
-def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) -> None:
-    """Fit (resuming from ``last.ckpt`` when present) and test one stage; skip it when finished."""
+def run_fit_test(root: Path, cfg: dict, cli_args: list[str]) -> None:
+    """Fit and test one stage with :func:`~brainenc.rundir.fit_then_test` (resuming from
+    ``last.ckpt`` when present); skip it when finished."""
     if stage_done(root):
         _log(f"{root.name}: finished, skipped")
         return
-    root.mkdir(parents=True, exist_ok=True)
     # not "config.yaml": LightningCLI saves its own resolved config under that name in the run dir
     config = root / STAGE_CONFIG
-    with atomic_path(config) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    if not (root / "fit.done").exists():
+    atomic_write(config, yaml.safe_dump(cfg, sort_keys=False))
+
+    def fit(resume: Optional[Path]) -> None:
         # fit and test in one process (one start-up); a test that failed after a finished fit is
-        # re-run on its own below on the next call
-        args = ["fit", "-c", str(config), *cli_args, f"--test_after_fit={str(test).lower()}"]
-        last = root / "checkpoints" / "last.ckpt"
-        if last.exists():
-            _log(f"{root.name}: resuming from {last}")
-            args += ["--ckpt_path", str(last)]
+        # re-run on its own by fit_then_test on the next call
+        args = ["fit", "-c", str(config), *cli_args, "--test_after_fit=true"]
+        if resume is not None:
+            _log(f"{root.name}: resuming from {resume}")
+            args += ["--ckpt_path", str(resume)]
         _cli(args)
-        (root / "fit.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    if test and not stage_done(root):
-        _cli(["test", "-c", str(config), "--ckpt_path", str(best_checkpoint(root)), *cli_args])
-    elif not test:
-        (root / "DONE").write_text("ok\n")
 
+    def test(ckpt: Path) -> None:
+        _cli(["test", "-c", str(config), "--ckpt_path", str(ckpt), *cli_args])
 
-def instantiate(config: Path, cli_args: list[str] = ()):
-    """Build (model, datamodule) from a fit config in-process, as ``brainenc fit`` would, without running."""
-    from jsonargparse import set_parsing_settings
-
-    from brainenc.cli import BrainencCLI
-    from brainenc.data.datamodule import BrainDataModule
-    from brainenc.lit.encoder_module import EncoderModule
-
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    cli = BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, run=False,
-                      args=["-c", str(config), *[a for a in cli_args if not a.startswith("--trainer.")]],
-                      parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None,
-                      seed_everything_default=0, auto_configure_optimizers=False)
-    cli.datamodule.setup("fit")
-    return cli.model, cli.datamodule
+    fit_then_test(RunDir(root), fit, test)
 
 
 def load_trained(root: Path, cli_args: list[str] = ()):
-    """The stage's model with its best weights (eval mode), and its datamodule."""
-    from brainenc.lit.checkpoint import load_into
+    """The stage's model with the weights of its checkpoint (best, else last; eval mode), and its
+    datamodule."""
+    from brainenc import cli
 
-    model, dm = instantiate(root / STAGE_CONFIG, cli_args)
-    load_into(model, best_checkpoint(root), f"the best checkpoint of stage {root.name}")
-    return model.eval(), dm
+    return cli.load_trained(root, root / STAGE_CONFIG, cli_args)
 
 
 # ----------------------------------------------------------------------------- stage 2
 def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str]) -> Path:
-    from .partitions import build_partitions, readout_weights_from_checkpoint, write_partitions
+    from brainenc.models.partition_file import write_partitions
+
+    from .partitions import build_partitions, readout_weights_from_checkpoint
 
     out = root / "partitions.h5"
     if stage_done(root) and out.exists():
         _log("partitions: finished, skipped")
         return out
+    from brainenc.cli import instantiate
+
     _, dm = instantiate(whole / STAGE_CONFIG, cli_args)
     kmeans = list(settings.get("kmeans", [8]))
-    weights = readout_weights_from_checkpoint(best_checkpoint(whole), [p.key for p in dm.pairs]) if kmeans else None
+    weights = readout_weights_from_checkpoint(RunDir(whole).require_checkpoint(), [p.key for p in dm.pairs]) if kmeans else None
     parts = build_partitions(dm.pairs, weights, atlases=tuple(settings.get("atlases", ["simbrain"])),
                              kmeans=kmeans, n_random=int(settings.get("n_random", 2)),
                              random_k=int(settings.get("random_k", 8)), seed=int(settings.get("seed", 0)))
@@ -191,8 +167,8 @@ def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str])
     summary = {name: {"rois": names, "voxels_per_roi": np.bincount(np.concatenate(list(lab.values())),
                                                                    minlength=len(names)).tolist()}
                for name, (names, lab) in parts.items()}
-    (root / "partitions.json").write_text(json.dumps(summary, indent=2))
-    (root / "DONE").write_text("ok\n")
+    atomic_write(root / "partitions.json", json.dumps(summary, indent=2))
+    atomic_write(root / "DONE", "ok\n")
     _log(f"partitions: {', '.join(f'{k} ({len(v[0])} ROIs)' for k, v in parts.items())} -> {out}")
     return out
 
@@ -203,7 +179,8 @@ def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
 
     ``sources`` are canonical store directories (their stimuli are used, e.g. another dataset's
     or another subject's images) or folders of PNG/JPG images; the folders' images are written,
-    resized to ``image_size``, into one subject-less store ``root/extra_images`` (atomically), so
+    centre-cropped and resized to ``image_size`` as an importer writes any image
+    (:func:`brainenc.data.images.to_rgb_square`), into one subject-less store ``root/extra_images`` (atomically), so
     every extra image is a (store, row) whose frozen features the feature cache can hold.
     """
     from brainenc.data.store import MANIFEST, Store, StimuliWriter, write_manifest
@@ -222,7 +199,7 @@ def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
         else:
             raise FileNotFoundError(f"extra images: {p} is neither a store (manifest.yaml) nor a folder of images")
     if files:
-        from PIL import Image
+        from brainenc.data.importers.base import load_image_file
 
         out = root / "extra_images"
         if not (out / MANIFEST).exists():
@@ -230,15 +207,14 @@ def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
                               attrs={"source": "afo extra images"})
             with w:
                 for q in files:
-                    img = np.asarray(Image.open(q).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                    w.write(img[None], [f"extra-{q.name}"])
+                    w.write(load_image_file(q, image_size)[None], [f"extra-{q.name}"])
             write_manifest(out, {"dataset": "afo-extra", "subjects": [], "source": "image folders",
                                  "files": [str(q) for q in files]})
         stores.insert(at, Store(out, validate=False))
     return stores
 
 
-def predict_rows(model, pairs: list[str], store, rows: np.ndarray, image_size: int, batch_size: int,
+def predict_rows(model, pairs: list[str], store, rows: np.ndarray, batch_size: int,
                  partitions: bool = False) -> dict[str, np.ndarray]:
     """Predictions of every pair's voxels for sorted stimulus rows of ``store``; each batch's
     features are read once for all ``pairs``.
@@ -251,18 +227,18 @@ def predict_rows(model, pairs: list[str], store, rows: np.ndarray, image_size: i
     outs: dict[str, list] = {k: [] for k in pairs}
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            feats = model.features_of_rows(store, rows[i:i + batch_size], image_size)
+            feats = model.features_of_rows(store, rows[i:i + batch_size])
             for k in pairs:
                 pred = model.readout.forward_partitions(feats, k) if partitions else model.predict_all(feats, k)
                 outs[k].append(pred.float().cpu())
     return {k: torch.cat(v).numpy() for k, v in outs.items()}
 
 
-def predict_extras(model, pairs: list[str], extras: list, image_size: int, batch_size: int,
+def predict_extras(model, pairs: list[str], extras: list, batch_size: int,
                    partitions: bool = False) -> dict[str, np.ndarray]:
     """:func:`predict_rows` over every stimulus of every extra store, concatenated in store order
     ({} without extras)."""
-    per = [predict_rows(model, pairs, s, np.arange(s.n_stimuli), image_size, batch_size, partitions)
+    per = [predict_rows(model, pairs, s, np.arange(s.n_stimuli), batch_size, partitions)
            for s in extras]
     return {k: np.concatenate([d[k] for d in per]) for k in pairs} if per else {}
 
@@ -338,21 +314,20 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
     total = 0
     for run, _ in expert_runs:
         model, dm = load_trained(run, cli_args)
-        size = dm.hparams.image_size
         if extras is None:
-            extras = extra_stores(list(settings.get("extra_images") or []), root, size)
+            extras = extra_stores(list(settings.get("extra_images") or []), root, model.backbone.image_size)
         names = model.readout.partition_names
         total += len(names)
-        x_pred = predict_extras(model, [p.key for p in dm.pairs], extras, size, bs, partitions=True)
+        x_pred = predict_extras(model, [p.key for p in dm.pairs], extras, bs, partitions=True)
         for p in dm.pairs:
             rows = np.sort(p.split.train)
             rows_of[p.key] = rows
-            pred = predict_rows(model, [p.key], p.store, rows, size, bs, partitions=True)[p.key]  # (n, P, V)
+            pred = predict_rows(model, [p.key], p.store, rows, bs, partitions=True)[p.key]  # (n, P, V)
             xp = x_pred.get(p.key)  # (M, P, V) or None
             if check:
                 val = np.sort(p.split.val)
-                v_pred = predict_rows(model, [p.key], p.store, val, size, bs, partitions=True)[p.key]
-                v_whole = whole_pred("val", p.key, lambda m: predict_rows(m, [p.key], p.store, val, size, bs)[p.key])
+                v_pred = predict_rows(model, [p.key], p.store, val, bs, partitions=True)[p.key]
+                v_whole = whole_pred("val", p.key, lambda m: predict_rows(m, [p.key], p.store, val, bs)[p.key])
                 target = _responses(dm, p, val)
                 for i, part in enumerate(names):
                     lab = model.readout.labels(part, p.key)
@@ -361,16 +336,16 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                     if keep.all():
                         continue  # the whole-brain predictions are needed only where an expert lost
                     pred[:, i] = np.where(keep, pred[:, i], whole_pred(
-                        "train", p.key, lambda m: predict_rows(m, [p.key], p.store, rows, size, bs)[p.key]))
+                        "train", p.key, lambda m: predict_rows(m, [p.key], p.store, rows, bs)[p.key]))
                     if xp is not None:
                         xp[:, i] = np.where(keep, xp[:, i], whole_pred(
-                            "extra", p.key, lambda m: predict_extras(m, [p.key], extras, size, bs)[p.key]))
+                            "extra", p.key, lambda m: predict_extras(m, [p.key], extras, bs)[p.key]))
             acc[p.key] = acc.get(p.key, 0) + pred.sum(axis=1)
             if xp is not None:
                 extra_acc[p.key] = extra_acc.get(p.key, 0) + xp.sum(axis=1)
         _log(f"dark: predicted with {run}")
     if report:
-        (root / "experts_vs_whole.json").write_text(json.dumps(report, indent=1))
+        atomic_write(root / "experts_vs_whole.json", json.dumps(report, indent=1))
         wins = sum(r["wins"] for r in report)
         _log(f"dark: {wins} of {len(report)} experts beat the whole-brain model on validation images inside "
              "their ROI; the others' voxels take the whole-brain prediction (experts_vs_whole.json)")
@@ -390,7 +365,7 @@ def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cl
                 g.create_dataset("row", data=np.concatenate([np.arange(s.n_stimuli) for s in extras]))
                 for key, pred in extra_acc.items():
                     g.create_dataset(f"pred/{pair_slot(key)}", data=(pred / total).astype(np.float32))
-    (root / "DONE").write_text("ok\n")
+    atomic_write(root / "DONE", "ok\n")
     n_extra = sum(s.n_stimuli for s in extras or [])
     _log(f"dark: targets for {sum(len(v) for v in rows_of.values())} (pair, image) rows"
          f" and {n_extra} extra images -> {out}")
@@ -440,7 +415,7 @@ class AFORecipe:
             # the whole-brain model's architecture; `expert` may only change training-time options
             base_readout = ((self.base.get("model") or {}).get("init_args") or {}).get("readout") or {}
             expert = {**dict(base_readout.get("init_args") or {}), **expert}
-            init_from = str(best_checkpoint(self.dir("whole")).resolve())
+            init_from = str(RunDir(self.dir("whole")).require_checkpoint().resolve())
         elif init != "scratch":
             raise ValueError(f"recipe field 'stages.experts.init': expected 'scratch' or 'whole', got {init!r}")
         readout = {"class_path": "brainenc.models.experts.ExpertsReadout",
@@ -451,7 +426,7 @@ class AFORecipe:
                             readout, extra)
 
     def partition_names(self) -> list[str]:
-        from .partitions import read_partitions
+        from brainenc.models.partition_file import read_partitions
 
         return list(read_partitions(self.dir("partitions") / "partitions.h5"))
 
@@ -487,7 +462,7 @@ class AFORecipe:
             args["loss"] = {"class_path": "brainenc.models.losses.SmoothL1Loss", "init_args": {"beta": 0.01}}
         init = s.get("init", "scratch")
         if init == "whole":  # start from the whole-brain model (same base config, same shapes)
-            args["init_from"] = str(best_checkpoint(self.dir("whole")).resolve())
+            args["init_from"] = str(RunDir(self.dir("whole")).require_checkpoint().resolve())
         elif init != "scratch":
             raise ValueError(f"recipe field 'stages.student.init': expected 'scratch' or 'whole', got {init!r}")
         cfg = stage_config(self.base, self.dir("student"), s.get("max_epochs"),
@@ -523,10 +498,10 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
     out: dict = {}
     runs = {s: recipe.dir(s) for s in ("whole", "student")}
     runs.update({r.name: r for r, _ in recipe.expert_runs()})
-    tables = [read_results(r) for r in runs.values() if (r / "results" / "voxels.csv").exists()]
+    tables = [read_results(r) for r in runs.values() if RunDir(r).tested()]
     table = roi_table(tables)
     out["roi_frac_oracle"] = {str(k): v for k, v in table.xs("frac_oracle", axis=1, level=1).round(4).to_dict().items()}
-    if all((runs[s] / "results" / "voxels.csv").exists() for s in ("whole", "student")):
+    if all(RunDir(runs[s]).tested() for s in ("whole", "student")):
         keys = ["dataset", "subject", "voxel"]
         m = read_results(runs["whole"]).merge(read_results(runs["student"]), on=keys, suffixes=("_w", "_s"))
         m = m[np.isfinite(m["pearson_w"]) & np.isfinite(m["pearson_s"])]
@@ -557,7 +532,7 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
         out["experts_beat_whole"] = {"wins": sum(r["wins"] for r in rows), "experts": len(rows),
                                      "losers": [f"{r['partition']}/{r['roi']} ({r['pair']})"
                                                 for r in rows if not r["wins"]]}
-    (recipe.out / "summary.json").write_text(json.dumps(out, indent=2))
+    atomic_write(recipe.out / "summary.json", json.dumps(out, indent=2))
     _log("summary -> " + str(recipe.out / "summary.json"))
     print(json.dumps(out, indent=2))
     return out

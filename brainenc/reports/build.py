@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from brainenc.ioutil import atomic_write
+from brainenc.results import Run, read_run
 
 from . import html as render
 from . import plots, tables
@@ -122,7 +123,8 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
 
     Parameters
     ----------
-    run_dirs : sequence of paths, each holding results/voxels.csv (+ summary.json)
+    run_dirs : sequence of run directories, each holding results/voxels.csv (+ summary.json), or
+        of :class:`~brainenc.results.Run` already read (a sweep renames its cells' runs so)
     out : output directory (created; existing report files are replaced)
     threshold_p : one-sided p threshold for "voxel significantly > 0" (and FDR q)
     n_boot : bootstrap resamples for the CIs of medians (0 disables CIs)
@@ -140,15 +142,15 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     ------
     ReportInputError for unusable inputs (missing file/column, duplicate rows).
     """
-    run_dirs = [Path(p) for p in run_dirs]
-    if not run_dirs:
+    given = [r if isinstance(r, Run) else Path(r) for r in run_dirs]
+    if not given:
         raise ReportInputError("no run directories given; expected at least one RUN_DIR")
-    resolved = [p.resolve() for p in run_dirs]
-    if len(set(resolved)) != len(resolved):
-        raise ReportInputError(f"the same run directory was given twice: {[str(p) for p in run_dirs]}")
+    paths = [r.path if isinstance(r, Run) else r for r in given]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise ReportInputError(f"the same run directory was given twice: {[str(p) for p in paths]}")
     out = Path(out)
 
-    runs = tables.assign_labels([tables.load_run(p) for p in run_dirs])
+    runs = tables.assign_labels([r if isinstance(r, Run) else read_run(r) for r in given])
     notes = tables.attach_n_test(runs)
     df = tables.concat_runs(runs)
     notes += roi_mismatch_notes(df)

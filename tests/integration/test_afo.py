@@ -138,7 +138,7 @@ def test_interrupted_stage_resumes_from_last_checkpoint(afo, capsys):
     assert first["epoch"] == 0  # max_epochs 1
     # an interruption after the first epoch: checkpoint present, no results, no fit marker
     (whole / "results" / "voxels.csv").unlink()
-    (whole / "fit.done").unlink()
+    (whole / "run_state.json").unlink()
     r = copy.deepcopy(recipe)
     r["stages"]["whole"]["max_epochs"] = 2
     capsys.readouterr()

@@ -31,8 +31,39 @@ def test_print_config_resolves_interpolation():
                           str(REPO / "experiments/quickstart/linear.yaml")],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     cfg = yaml.safe_load(out)
-    assert cfg["model"]["init_args"]["backbone"]["init_args"]["image_size"] == cfg["data"]["image_size"]
+    # the backbone's image size is linked from the data: one value, printed once
+    assert cfg["data"]["image_size"] == 224
+    assert "image_size" not in cfg["model"]["init_args"]["backbone"]["init_args"]
     assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == "runs/quickstart/linear/checkpoints"
+
+
+def test_image_size_is_linked_from_data_to_backbone(tiny_brain, tmp_path):
+    from brainenc.cli import build_cli
+    from tests.helpers import smoke_fit_args
+
+    cli = build_cli(smoke_fit_args(tiny_brain, tmp_path / "run", "--data.image_size=40"), run=False,
+                    save_config_callback=None)
+    assert cli.datamodule.hparams.image_size == 40 and cli.model.backbone.image_size == 40
+    # and the checkpoint's hyperparameters hold it, so load_from_checkpoint rebuilds the same backbone
+    assert cli.model.hparams["backbone"]["init_args"]["image_size"] == 40
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_backbone_image_size_cannot_be_given(tiny_brain, tmp_path, where):
+    """A linked argument given as well would be silently dropped by jsonargparse: refuse it."""
+    from brainenc.errors import ConfigError
+    from tests.helpers import smoke_fit_args
+
+    if where == "config":
+        cfg = yaml.safe_load((SMOKE / "linear.yaml").read_text())
+        cfg["model"]["init_args"]["backbone"]["init_args"]["image_size"] = "${data.image_size}"
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump(cfg))
+        extra, match = ["-c", str(tmp_path / "old.yaml")], r"old.yaml: model.init_args.backbone.init_args.image_size'"
+    else:
+        extra, match = ["--model.init_args.backbone.init_args.image_size=48"], r"linked from data.image_size.*'48'"
+    with pytest.raises(ConfigError, match=match):
+        main(["fit", *smoke_fit_args(tiny_brain, tmp_path / "run", *extra)])
+    assert not (tmp_path / "run").exists()
 
 
 def _fit_test(config, tmp_path, brain, run, extra=()):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainenc.cli import RunFolderError, main
+from brainenc.cli import main
+from brainenc.rundir import RunFolderError
 
 from tests.helpers import REPO, smoke_fit_args as _args
 from tests.helpers import SMOKE_LINEAR as SMOKE

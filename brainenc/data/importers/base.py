@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 import yaml
 
+from brainenc.data.images import to_rgb_square
 from brainenc.data.store import (MANIFEST, STIMULI, SPLIT_TEST, SPLIT_TRAIN, RoiAtlas, StimuliWriter,
                                  StoreError, SubjectWriter, check_name, file_checksum, write_manifest)
 
@@ -79,37 +80,6 @@ def store_subject_name(number: int) -> str:
 def fingerprint(obj) -> str:
     """Stable short hash of a JSON-able description of the import options."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def to_rgb_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop to a square, resize and return uint8 (size, size, 3).
-
-    ``img`` is (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1] / [0, 255].
-    Cropping (rather than stretching) keeps object proportions as seen by the subject for the
-    datasets whose images were square on screen.
-    """
-    from PIL import Image
-
-    a = np.asarray(img)
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        if np.nanmax(a) <= 1.0 + 1e-6:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"image of shape {a.shape}: expected (H, W[, 1|3|4])")
-    a = a[..., :3]
-    h, w = a.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    a = a[top:top + s, left:left + s]
-    if s != size:
-        a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC))
-    return np.ascontiguousarray(a, dtype=np.uint8)
 
 
 def load_image_file(path: Path, size: int) -> np.ndarray:
