@@ -43,13 +43,15 @@ def recovery_stats(est: np.ndarray, true: np.ndarray) -> dict:
     Returns ``{"n", "r_x", "r_y", "median_dist_deg"}``; r is NaN for fewer than 3 voxels or a
     constant axis.
     """
+    from brainenc.metrics.correlation import pearson_np
+
     est, true = np.asarray(est, np.float64), np.asarray(true, np.float64)
     ok = np.isfinite(est).all(1) & np.isfinite(true).all(1)
     est, true = est[ok], true[ok]
     out = {"n": int(len(est))}
     for k, axis in (("r_x", 0), ("r_y", 1)):
         a, b = est[:, axis], true[:, axis]
-        out[k] = float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+        out[k] = float(pearson_np(a[:, None], b[:, None])[0]) if len(a) > 2 else float("nan")
     out["median_dist_deg"] = float(np.median(np.hypot(*(est - true).T))) if len(est) else float("nan")
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainenc.metrics.roi import frac_oracle
 from brainenc.metrics.stats import bh_reject, bootstrap_median_ci, pearson_p_one_sided, stable_seed, wilcoxon_or_nan
 from brainenc.results import ResultsError, Run
 
@@ -171,7 +172,7 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
                 "median_normalised_ci_low": nlo, "median_normalised_ci_high": nhi,
                 "median_noise_ceiling": _nanmedian(g["noise_ceiling"]),
                 "median_oracle": _nanmedian(g["oracle"]),
-                "median_frac_oracle": _nanmedian(_frac_oracle(g)),
+                "median_frac_oracle": _nanmedian(pd.Series(frac_oracle(g["pearson"], g["oracle"]))),
                 "n_test": np.median(ntest) if ntest.size else np.nan,
                 # Denominator: voxels with a defined p (finite r and n); NaN voxels are
                 # counted in n_nan instead so a model is not rewarded for them.
@@ -179,13 +180,6 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
                 "frac_sig_fdr": g["_fdr"].to_numpy()[valid_p].mean() if valid_p.any() else np.nan,
             })
     return pd.DataFrame(rows)
-
-
-def _frac_oracle(g: pd.DataFrame) -> pd.Series:
-    """r / oracle where the oracle is > 0.1 (below that the ratio is noise), else NaN."""
-    o = g["oracle"].to_numpy(dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return pd.Series(np.where(o > 0.1, g["pearson"].to_numpy(dtype=np.float64) / o, np.nan))
 
 
 def _nanmedian(s: pd.Series) -> float:

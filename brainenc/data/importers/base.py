@@ -372,7 +372,10 @@ class Importer:
     def plan_subject(self, subject: str, stimuli: StimulusPlan) -> SubjectPlan:
         raise NotImplementedError
 
-    def split_rule(self) -> dict:
+    def split_description(self) -> dict:
+        """The split rule as the source manifest describes it (``split``: prose and parameters),
+        recorded in the store's manifest. The rule itself is coded in each importer's
+        :meth:`plan_stimuli`, which sets every stimulus' split."""
         return dict(self.manifest["split"])
 
     # ---------------------------------------------------------------- orchestration
@@ -485,7 +488,7 @@ class Importer:
             "image_size": self.image_size,
             "roi_selection": self.roi,
             "options": self.options,
-            "split": {**self.split_rule(), "n_train": int((stim.split == SPLIT_TRAIN).sum()),
+            "split": {**self.split_description(), "n_train": int((stim.split == SPLIT_TRAIN).sum()),
                       "n_test": int((stim.split == SPLIT_TEST).sum())},
             "citation": self.manifest["citation"],
         })
@@ -507,7 +510,7 @@ class Importer:
             if batch:
                 w.write(np.stack(batch), ids)
             w.write_array("split", stim.split.astype(np.uint8),
-                          attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_rule())})
+                          attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_description())})
             for k, v in stim.labels.items():
                 w.write_array(f"labels/{k}", v)
 
