@@ -199,7 +199,7 @@ def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
         else:
             raise FileNotFoundError(f"extra images: {p} is neither a store (manifest.yaml) nor a folder of images")
     if files:
-        from brainenc.data.importers.base import load_image_file
+        from brainenc.data.importers.source_files import load_image_file
 
         out = root / "extra_images"
         if not (out / MANIFEST).exists():
