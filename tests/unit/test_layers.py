@@ -82,3 +82,30 @@ def test_module_imports_first_in_a_fresh_interpreter(module):
     """Imported first, before anything else of brainenc (a module-level cycle through it would
     fail here); the modules that once closed a cycle, and the two run-directory owners."""
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=PACKAGE.parent)
+
+
+def test_every_import_of_a_brainenc_name_resolves():
+    """Imports inside functions run only when the function does: check each named import here, so a
+    name moved to another module cannot leave a lazy import behind that fails later."""
+    import importlib
+
+    missing = []
+    for m in _modules():
+        path = PACKAGE.parent / (m.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PACKAGE.parent / m.replace(".", "/") / "__init__.py"
+        package = m if path.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("brainenc"):
+                target = node.module
+            else:
+                continue
+            module = importlib.import_module(target)
+            missing += [f"{m}: {target}.{a.name}" for a in node.names
+                        if not hasattr(module, a.name) and f"{target}.{a.name}" not in _modules()]
+    assert missing == []
