@@ -83,7 +83,8 @@ def commands(sweep: Sweep, cell: Cell, fit_ckpt: Optional[Path] = None,
     """(fit argv, test argv) after ``python -m brainenc.cli``."""
     common = cell_args(sweep, cell)
     fit = ["fit", *common] + ([f"--ckpt_path={fit_ckpt}"] if fit_ckpt else [])
-    test = ["test", *common, f"--ckpt_path={test_ckpt or cell.ckpt_dir / 'best.ckpt'}"]
+    # a printed command cannot know which checkpoint the fit will leave: the monitored best
+    test = ["test", *common, f"--ckpt_path={test_ckpt or cell.ckpt_dir / rundir.BEST}"]
     return fit, test
 
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from brainenc.rundir import RunDir
+
 #: Keys a sweep file may have at the top level; anything else is most likely a typo
 #: ("seed:" for "seeds:") that would otherwise silently do nothing.
 TOP_KEYS = {"out", "backbones", "encoders", "datasets", "seeds", "overrides", "report",
@@ -55,7 +57,7 @@ class Cell:
 
     @property
     def voxels(self) -> Path:
-        return self.run_dir / "results" / "voxels.csv"
+        return RunDir(self.run_dir).voxels
 
     @property
     def cell_yaml(self) -> Path:
@@ -67,7 +69,7 @@ class Cell:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return RunDir(self.run_dir).checkpoints
 
 
 @dataclass
