@@ -113,9 +113,9 @@ class EncoderModule(L.LightningModule):
             raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
                                "to find the store of batch['pair']")
         # images may be absent (None) when the loader skips them; the cache then reads its misses
-        return self.features_of_rows(dm.pair(batch["pair"]).store, batch["stimulus"], batch.get("images"))
+        return self.features_of_rows(dm.pair(batch["pair"]).store, batch["stimulus"], images=batch.get("images"))
 
-    def features_of_rows(self, store, rows, images: Optional[Tensor] = None) -> Features:
+    def features_of_rows(self, store, rows, *, images: Optional[Tensor] = None) -> Features:
         """Features of stimulus ``rows`` (int (B,)) of ``store`` (anything with ``stimuli_path``,
         ``n_stimuli`` and ``root``, e.g. a :class:`~brainenc.data.store.Store`), the images resized
         to the backbone's ``image_size`` (which the CLI links from ``data.image_size``).

@@ -200,7 +200,7 @@ def test_experts_with_their_own_lora_adapters_run_and_feed_the_dark_stage(afo, t
     rec["stages"]["experts"]["init_args"] = {
         "expert_adapters": True,
         "backbone": {"class_path": "brainenc.models.backbones.Backbone",
-                     "init_args": {"name": "test_vit", "image_size": 32, "trainable": "lora"}}}
+                     "init_args": {"name": "test_vit", "trainable": "lora"}}}  # image size: the data's
     for stage in ("whole", "partitions"):  # reuse the finished stages
         shutil.copytree(out / stage, tmp_path / "run" / stage)
     r = AFORecipe(rec)
