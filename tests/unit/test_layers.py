@@ -18,20 +18,27 @@ def _modules() -> list[str]:
     return names
 
 
-def _imports(module: str) -> set[str]:
-    """brainenc modules ``module`` imports anywhere (module level or inside functions)."""
+def _import_froms(module: str):
+    """Every ``from X import names`` in ``module`` (module level or inside functions), as
+    (absolute X, node)."""
     path = PACKAGE.parent / (module.replace(".", "/") + ".py")
     if not path.exists():
         path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-            name = ".".join(base + ([node.module] if node.module else []))
-            found |= {name} | {f"{name}.{a.name}" for a in node.names}
+            yield ".".join(base + ([node.module] if node.module else [])), node
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
+            for a in node.names:
+                yield a.name, None
+
+
+def _imports(module: str) -> set[str]:
+    """brainenc modules ``module`` imports anywhere."""
+    found = set()
+    for target, node in _import_froms(module):
+        found |= {target} | ({f"{target}.{a.name}" for a in node.names} if node else set())
     return {n for n in found if n in set(_modules())}
 
 
@@ -91,19 +98,8 @@ def test_every_import_of_a_brainenc_name_resolves():
 
     missing = []
     for m in _modules():
-        path = PACKAGE.parent / (m.replace(".", "/") + ".py")
-        if not path.exists():
-            path = PACKAGE.parent / m.replace(".", "/") / "__init__.py"
-        package = m if path.name == "__init__.py" else m.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.ImportFrom):
-                continue
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            elif (node.module or "").startswith("brainenc"):
-                target = node.module
-            else:
+        for target, node in _import_froms(m):
+            if node is None or not target.startswith("brainenc"):
                 continue
             module = importlib.import_module(target)
             missing += [f"{m}: {target}.{a.name}" for a in node.names
