@@ -198,9 +198,24 @@ def lightning_main(argv: list[str]) -> None:
         build_cli(argv, save_config_kwargs={"overwrite": True})
 
 
+#: Top-level sections of a config that describe the model and its data (a config saved by
+#: `brainenc test` beside its results also holds that command's own options: ckpt_path, verbose)
+MODEL_SECTIONS = ("seed_everything", "trainer", "model", "data")
+
+
 def instantiate(config: str | Path, cli_args: list[str] = ()):
     """(model, datamodule set up for fitting) from a fit config, built as ``brainenc fit`` would
-    build them, without running anything. ``--trainer.*`` arguments are left out (no trainer)."""
+    build them, without running anything. ``--trainer.*`` arguments are left out (no trainer);
+    so are a saved config's sections other than :data:`MODEL_SECTIONS`."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    extra = sorted(set(cfg) - set(MODEL_SECTIONS)) if isinstance(cfg, dict) else []
+    if extra:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            kept = Path(tmp) / "config.yaml"
+            kept.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in extra}, sort_keys=False))
+            return instantiate(kept, cli_args)
     cli = build_cli(["-c", str(config), *[a for a in cli_args if not a.startswith("--trainer.")]],
                     run=False, save_config_callback=None)
     cli.datamodule.setup("fit")

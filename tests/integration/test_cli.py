@@ -84,6 +84,24 @@ def runs(tiny_brain, tmp_path_factory):
             "ridge": _fit_test(SMOKE / "ridge.yaml", tmp, tiny_brain, "ridge")}
 
 
+def test_a_tested_run_is_rebuilt_from_its_saved_config_with_its_best_weights(runs):
+    """The config `brainenc test` saved (with its own ckpt_path/verbose) rebuilds the model; the
+    weights are the run's best checkpoint (best before last: rundir.find_checkpoint)."""
+    import torch
+
+    from brainenc.cli import load_trained
+    from brainenc.lit.checkpoint import load_state_dict
+
+    run = runs["linear"].parent  # the fixture gives the results directory
+    saved = yaml.safe_load((run / "results" / "config.yaml").read_text())
+    assert "ckpt_path" in saved
+    model, dm = load_trained(run, run / "results" / "config.yaml")
+    assert model.backbone.image_size == dm.hparams.image_size == saved["data"]["image_size"]
+    best = load_state_dict(run / "checkpoints" / "best.ckpt")
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)
+    assert not model.training
+
+
 @pytest.mark.parametrize("model", ["linear", "ridge"])
 def test_fit_test_writes_results_for_every_voxel(runs, tiny_brain, model):
     from brainenc.data.store import Store
