@@ -234,3 +234,18 @@ def test_spatial_banded_pca_ridge_round_trips_through_the_cli(tiny_brain, tmp_pa
           f"--trainer.default_root_dir={tmp_path / 'one'}", "--test_after_fit=true", *extra])
     one = pd.read_csv(tmp_path / "one" / "results" / "voxels.csv")
     np.testing.assert_allclose(one["pearson"], df["pearson"], atol=1e-6)
+
+
+def test_cache_fill_precomputes_every_stimulus_at_the_linked_image_size(tiny_brain, tmp_path, monkeypatch, capsys):
+    import h5py
+
+    from tests.helpers import smoke_fit_args
+
+    monkeypatch.setenv("BRAINENC_CACHE", str(tmp_path / "cache"))
+    assert main(["cache", "fill", *smoke_fit_args(tiny_brain, tmp_path / "run", "--data.image_size=24")]) == 0
+    files = sorted((tmp_path / "cache" / "features").glob("*.h5"))
+    assert len(files) == 1 and "_24px_" in files[0].name
+    with h5py.File(files[0], "r") as f:
+        assert f["filled"][:].all() and f.attrs["image_size"] == 24
+    assert str(files[0]) in capsys.readouterr().out
+    assert main(["cache"]) == 2 and "usage: brainenc cache fill" in capsys.readouterr().out
