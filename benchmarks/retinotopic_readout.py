@@ -83,7 +83,7 @@ def main() -> None:
     from brainenc.models.readout import FeatureSpec
     from brainenc.models.experts import ExpertsReadout
     from brainenc.models.retinotopic import RetinotopicReadout
-    from brainenc.recipes.partitions import write_partitions
+    from brainenc.models.partition_file import write_partitions
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

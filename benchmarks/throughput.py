@@ -29,6 +29,8 @@ import time
 import numpy as np
 import torch
 
+from brainenc.metrics.correlation import pearson_np
+
 
 def timed(fn, seconds: float, min_reps: int = 3) -> float:
     """Median seconds per call of ``fn`` (one warm-up call first)."""
@@ -63,12 +65,6 @@ def readouts(counts, spec, coords):
             u.set_voxel_info(k, coords)
         out.append(("universal", u, 1536, 1024))
     return out
-
-
-def pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
 
 
 def main() -> None:
@@ -142,7 +138,7 @@ def main() -> None:
                 p32 = infer().float().numpy()
                 p16 = bf(infer)().float().numpy()
                 y = p32 + p32.std(0, keepdims=True) * np.random.default_rng(1).standard_normal(p32.shape)
-                dr = np.nanmax(np.abs(pearson_cols(p16, y) - pearson_cols(p32, y)))
+                dr = np.nanmax(np.abs(pearson_np(p16, y) - pearson_np(p32, y)))
                 line += f" {B / t_tr16:11.1f} {B / t_inf16:11.1f} {dr:14.1e}"
             print(line, flush=True)
 

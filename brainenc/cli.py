@@ -15,6 +15,9 @@ from typing import Callable
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from brainenc.rundir import (LIGHTNING_SHORTCUTS, check_checkpoint_file, check_run_folder, checkpoint_to_test,
+                             follow_moved_folder)
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 # name -> ("module:function", one-line help); each function takes argv and returns an exit code
@@ -26,7 +29,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("brainenc.recipes.transfer:main_transfer", "transfer a universal encoder to a new subject"),
     "report": ("brainenc.reports:main_report", "per-ROI comparison report from run directories"),
     "sweep": ("brainenc.sweep:main_sweep", "run a grid of runs (backbones x encoders x datasets x seeds)"),
-    "cache": ("brainenc.features.cache:main_cache", "precompute the feature cache of a frozen backbone"),
+    "cache": ("brainenc.cli:main_cache", "precompute the feature cache of a frozen backbone"),
     "cluster": ("brainenc.analysis.embeddings:main", "cluster learned voxel embeddings into functional maps"),
     "compare": ("brainenc.compare:main_compare", "print a per-ROI table comparing run directories"),
 }
@@ -38,17 +41,33 @@ class BrainencCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # voxel counts exist only once the stores are opened, hence apply_on="instantiate"
         parser.link_arguments("data.voxel_counts", "model.init_args.voxel_counts", apply_on="instantiate")
+        # the images the datamodule delivers are the images the backbone is built for: one value
+        parser.link_arguments("data.image_size", "model.init_args.backbone.init_args.image_size")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint in the same process and write "
                                  "results/ as `brainenc test` does (saves a second start-up)")
+
+    def _dump_config(self) -> None:
+        # Lightning stores this dump as the model's hyperparameters (what load_from_checkpoint
+        # rebuilds), but jsonargparse leaves a link target inside a nested class_path out of it:
+        # without this, a checkpoint would rebuild its backbone at the default image size
+        super()._dump_config()
+        backbone = _get(self.config_dump, "model", "init_args", "backbone", "init_args")
+        size = _get(self.config_dump, "data", "image_size")
+        if isinstance(backbone, dict) and size is not None:
+            backbone["image_size"] = size
+
+    def parse_arguments(self, parser, args) -> None:
+        refuse_linked_image_size(args)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of --ckpt_path before anything else runs: check
         # the file first, so a truncated last.ckpt is a clear error instead of a zip traceback
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and str(ckpt) not in ("last", "best", "hpc", "registry"):
-            _check_checkpoint_file(Path(ckpt))
+        if ckpt and str(ckpt) not in LIGHTNING_SHORTCUTS:
+            check_checkpoint_file(Path(ckpt))
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
@@ -81,7 +100,7 @@ class BrainencCLI(LightningCLI):
     def _check_matches_model(self, ckpt) -> None:
         """A checkpoint of another model (other voxel counts, readout or backbone) is a clear
         error naming the file, not Lightning's strict-loading traceback."""
-        if not ckpt or str(ckpt) in ("last", "best", "hpc", "registry"):
+        if not ckpt or str(ckpt) in LIGHTNING_SHORTCUTS:
             return
         from brainenc.lit.checkpoint import CheckpointError, load_state_dict
 
@@ -110,125 +129,140 @@ class BrainencCLI(LightningCLI):
         """Write the resolved config beside the results table it produced."""
         if not self.trainer.is_global_zero:
             return
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_write
 
         out = Path(self.trainer.default_root_dir) / "results"
-        out.mkdir(parents=True, exist_ok=True)
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
-        with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
+        atomic_write(out / "config.yaml", yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
 
 
-class RunFolderError(ValueError):
-    """A fit would mix with another fit's checkpoints, or cannot resume from the one given."""
-
-    input_error = True
+BACKBONE_IMAGE_SIZE = "model.init_args.backbone.init_args.image_size"
 
 
-def check_run_folder(trainer, ckpt_path: str | None) -> None:
-    """A run folder holds one fit.  Refuse to start a fresh fit where checkpoints already exist
-    (ModelCheckpoint would write ``best-v1.ckpt`` beside the old ``best.ckpt``, which ``test`` and
-    the AFO recipe keep using), and check that a checkpoint to resume from is a complete file."""
-    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    existing = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.ckpt"))
-    if ckpt_path in (None, ""):
-        if existing:
-            names = ", ".join(p.name for p in existing[:4])
-            last = next((p for p in existing if p.name == "last.ckpt"), existing[0])
-            raise RunFolderError(
-                f"{existing[0].parent}: holds the checkpoints of an earlier fit ({names}); a run folder "
-                f"holds one fit. Resume it with --ckpt_path={last}, or start a new fit in another folder "
-                f"with --trainer.default_root_dir=<new folder> (or delete this one)")
+def refuse_linked_image_size(args) -> None:
+    """Raise ConfigError when a config file or an argument sets the backbone's ``image_size``.
+
+    It is linked from ``data.image_size``; jsonargparse would silently keep one of the two values
+    (the linked one in a YAML file, the Backbone default for a command-line flag)."""
+    if not isinstance(args, (list, tuple)):
         return
-    if str(ckpt_path) in ("last", "best", "hpc", "registry"):  # Lightning's own shortcuts
-        return
-    p = Path(ckpt_path)
-    if existing and not any(p.resolve().parent == d.resolve() for d in dirs):
-        raise RunFolderError(f"{existing[0].parent}: holds the checkpoints of another fit; resuming {p} "
-                             "here would mix two fits. Choose another --trainer.default_root_dir")
-    _check_checkpoint_file(p)
+    from brainenc.errors import ConfigError
+
+    args = [str(a) for a in args]
+    for i, a in enumerate(args):
+        key, _, value = a.partition("=")
+        following = args[i + 1] if i + 1 < len(args) else None
+        if key.startswith("--model.") and "backbone" in key and key.endswith(".image_size"):
+            raise ConfigError(key[2:], "no value (it is linked from data.image_size: set --data.image_size "
+                              "instead)", value or following)
+        config = following if a in ("-c", "--config") else value if key == "--config" else None
+        if config and Path(config).is_file():
+            cfg = yaml.safe_load(Path(config).read_text())
+            backbone = _get(cfg, "model", "init_args", "backbone", "init_args")
+            if isinstance(backbone, dict) and "image_size" in backbone:
+                raise ConfigError(f"{config}: {BACKBONE_IMAGE_SIZE}", "no value (it is linked from "
+                                  "data.image_size: set the image size in the data section only)",
+                                  backbone["image_size"])
 
 
-def follow_moved_folder(cb) -> None:
-    """Let ModelCheckpoint ``cb`` resume the run folder it writes to after that folder was moved
-    or copied.
-
-    A checkpoint stores the absolute ``dirpath`` of each ModelCheckpoint.  When it differs from
-    the current one, Lightning forgets the best and last paths and then writes ``best-v1.ckpt``
-    and ``last-v1.ckpt`` beside the files it no longer recognises, while ``test`` and the AFO
-    recipe keep reading ``best.ckpt``.  When only the location changed (same directory name),
-    the stored paths are moved to the current directory before Lightning reads them.
-    """
-    if not getattr(cb, "dirpath", None) or not hasattr(cb, "load_state_dict"):
-        return
-    load = cb.load_state_dict
-    here = Path(cb.dirpath)
-
-    def load_moved(state: dict) -> None:
-        old = state.get("dirpath")
-        if old and Path(old) != here and Path(old).name == here.name:
-            def move(p):
-                return str(here / Path(p).name) if p and Path(p).parent == Path(old) else p
-
-            state = {**state, "dirpath": str(here),
-                     **{k: move(state.get(k)) for k in ("best_model_path", "kth_best_model_path",
-                                                        "last_model_path") if k in state},
-                     "best_k_models": {move(k): v for k, v in (state.get("best_k_models") or {}).items()}}
-        load(state)
-
-    cb.load_state_dict = load_moved
+def _get(tree, *keys):
+    """``tree[k0][k1]...`` through nested dicts, None where a level is missing or not a dict."""
+    for k in keys:
+        tree = tree.get(k) if isinstance(tree, dict) else None
+    return tree
 
 
-def _check_checkpoint_file(p: Path) -> None:
-    """Cheap completeness check of a torch.save zip (its directory is written last)."""
-    import zipfile
-
-    from brainenc.lit.checkpoint import CheckpointError
-
-    if not p.is_file():
-        raise CheckpointError(p, "--ckpt_path", "a checkpoint file to resume from", "missing")
-    if p.stat().st_size == 0 or not zipfile.is_zipfile(p):
-        raise CheckpointError(p, "--ckpt_path", "a complete checkpoint written by torch.save",
-                              "an empty or truncated file (a save interrupted by a crash? resume from "
-                              "another checkpoint or start the fit in a new folder)")
-
-
-def find_checkpoint(directory: str | Path) -> Path | None:
-    """``best.ckpt`` in ``directory``, else ``last.ckpt``, else None."""
-    for name in ("best.ckpt", "last.ckpt"):
-        if (Path(directory) / name).is_file():
-            return Path(directory) / name
-    return None
-
-
-def checkpoint_to_test(trainer) -> str | None:
-    """The checkpoint a test after fit should load: the monitored best, else :func:`find_checkpoint`
-    in a checkpoint callback's directory (e.g. files written by the ridge module), else None (the
-    weights in memory)."""
-    cb = trainer.checkpoint_callback
-    if cb is not None and getattr(cb, "best_model_path", ""):
-        return cb.best_model_path
-    found = (find_checkpoint(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)
-    return next((str(p) for p in found if p is not None), None)
-
-
-def lightning_main(argv: list[str]) -> None:
+def build_cli(args: list[str], run: bool = True, **kwargs) -> BrainencCLI:
+    """The one way brainenc builds its LightningCLI: ``brainenc fit|validate|test|predict``
+    (``run=True``), and models and data rebuilt from a config without running (``run=False``,
+    see :func:`instantiate`). ``kwargs`` go to LightningCLI (e.g. ``save_config_callback``)."""
     from jsonargparse import set_parsing_settings
 
     from brainenc.data.datamodule import BrainDataModule
     from brainenc.lit.encoder_module import EncoderModule
 
     # "omegaconf+" resolves ${...} after command-line overrides, so --trainer.default_root_dir
-    # moves checkpoints and logs too; configs keep readable absolute paths like ${data.image_size}
+    # moves checkpoints and logs too; configs keep readable absolute paths like ${trainer.default_root_dir}
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=args, run=run,
+                       parser_kwargs={"parser_mode": "omegaconf+"}, seed_everything_default=0,
+                       auto_configure_optimizers=False, **kwargs)
+
+
+def lightning_main(argv: list[str]) -> None:
     import warnings
 
     with warnings.catch_warnings():  # filters set while this command runs are undone after it
         # we pass argv as `args` on purpose (`brainenc fit ...` is sys.argv too): not a mistake
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv,
-                    parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
-                    seed_everything_default=0, auto_configure_optimizers=False)
+        build_cli(argv, save_config_kwargs={"overwrite": True})
+
+
+#: Top-level sections of a config that describe the model and its data (a config saved by
+#: `brainenc test` beside its results also holds that command's own options: ckpt_path, verbose)
+MODEL_SECTIONS = ("seed_everything", "trainer", "model", "data")
+
+
+def instantiate(config: str | Path, cli_args: list[str] = ()):
+    """(model, datamodule set up for fitting) from a fit config, built as ``brainenc fit`` would
+    build them, without running anything. ``--trainer.*`` arguments are left out (no trainer);
+    so are a saved config's sections other than :data:`MODEL_SECTIONS`."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    extra = sorted(set(cfg) - set(MODEL_SECTIONS)) if isinstance(cfg, dict) else []
+    if extra:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            kept = Path(tmp) / "config.yaml"
+            kept.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in extra}, sort_keys=False))
+            return instantiate(kept, cli_args)
+    cli = build_cli(["-c", str(config), *[a for a in cli_args if not a.startswith("--trainer.")]],
+                    run=False, save_config_callback=None)
+    cli.datamodule.setup("fit")
+    return cli.model, cli.datamodule
+
+
+def load_trained(run_dir: str | Path, config: str | Path, cli_args: list[str] = ()):
+    """(model with the weights of the run's checkpoint, in eval mode; its datamodule).
+
+    The model is rebuilt from ``config`` (:func:`instantiate`), the weights are those of
+    :meth:`RunDir.checkpoint <brainenc.rundir.RunDir.checkpoint>` (best, else last), read
+    without unpickling code."""
+    from brainenc.lit.checkpoint import load_into
+    from brainenc.rundir import RunDir
+
+    model, dm = instantiate(config, cli_args)
+    load_into(model, RunDir(run_dir).require_checkpoint(), f"the checkpoint of run {run_dir}")
+    return model.eval(), dm
+
+
+CACHE_USAGE = """usage: brainenc cache fill -c CONFIG.yaml [-c OVERLAY.yaml] [--key value ...]
+
+Precompute the feature cache of every store in the config's data section with the config's
+backbone (which must be frozen).  The cache is the model's `feature_cache` when the config sets
+one, else FeatureCache() (default root).  Other arguments are those of `brainenc fit`."""
+
+
+def main_cache(argv: list[str]) -> int:
+    """``brainenc cache fill`` (see :data:`CACHE_USAGE`); returns an exit code."""
+    import time
+
+    from brainenc.features.cache import FeatureCache
+
+    if not argv or argv[0] != "fill":
+        print(CACHE_USAGE)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cli = build_cli(argv[1:], run=False, save_config_callback=None)
+    model, dm = cli.model, cli.datamodule
+    cache = getattr(model, "feature_cache", None) or FeatureCache()
+    dm.prepare_data()
+    dm.setup("fit")
+    stores = {str(p.store.root): p.store for p in dm.pairs}
+    for store in stores.values():
+        t0 = time.perf_counter()
+        path = cache.fill(model.backbone, store, model.backbone.image_size)
+        print(f"{store.root}: {store.n_stimuli} stimuli -> {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 def _resolve(target: str) -> Callable[[list[str]], int]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from brainenc.rundir import RunDir, fit_then_test
 
 QUIET = ["--trainer.enable_progress_bar=false"]
 RUNS = [  # (config, run directory) of the single-run encoders
@@ -33,13 +34,15 @@ def main() -> int:
     t0 = time.time()
     brainenc("simulate", "--preset", "quickstart", "--out", "data/simbrain-quickstart")
     for config, run in RUNS:
-        if (Path(run) / "results" / "voxels.csv").exists():
+        if RunDir(run).tested():
             print(f"\n{run}: finished earlier, reusing its results")
             continue
-        # an interrupted earlier attempt resumes (a run folder holds one fit)
-        last = Path(run) / "checkpoints" / "last.ckpt"
-        resume = [f"--ckpt_path={last}"] if last.exists() else []
-        brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true", *resume)  # then tests the best checkpoint
+        # an interrupted earlier attempt resumes (a run folder holds one fit); the fit then tests
+        # the best checkpoint in the same process
+        fit_then_test(RunDir(run),
+                      lambda resume: brainenc("fit", "-c", config, *QUIET, "--test_after_fit=true",
+                                              *([f"--ckpt_path={resume}"] if resume else [])),
+                      lambda ckpt: brainenc("test", "-c", config, *QUIET, f"--ckpt_path={ckpt}"))
     brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
     runs = [RUNS[0][1], *AFO_RUNS, RUNS[1][1]]
     brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")

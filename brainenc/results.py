@@ -1,4 +1,7 @@
-"""The per-voxel results table every run writes (reports and sweeps read only these files).
+"""The per-voxel results table every run writes: its schema, its writer and its reader.
+
+Reports, comparisons, sweeps and the AFO summary read runs only through :func:`read_run` /
+:func:`read_results`, which check the schema below and keep identifiers as strings.
 
 ``<run_dir>/results/voxels.csv`` — one row per voxel of each tested (dataset, subject):
 
@@ -11,8 +14,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -20,8 +26,39 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from brainenc.data.store import atomic_path
+from brainenc.ioutil import atomic_path, atomic_write
 from brainenc.metrics.noise_ceiling import noise_ceiling, normalised_score
+
+
+#: Columns voxels.csv must have, with what each holds (used in error messages).
+REQUIRED_COLUMNS: dict[str, str] = {
+    "run": "run name (str)",
+    "model": "model name (str)",
+    "backbone": "backbone name (str)",
+    "seed": "integer seed",
+    "dataset": "dataset name (str)",
+    "subject": "subject id (str, e.g. \"01\" or \"subj01\")",
+    "voxel": "integer voxel index within the subject",
+    "roi": 'ROI name from the primary atlas ("none" if unlabelled)',
+    "x": "x coordinate in mm",
+    "y": "y coordinate in mm",
+    "z": "z coordinate in mm",
+    "space": 'coordinate space, e.g. "MNI152", "func1pt8mm", "fsaverage", "simbrain-flat"',
+    "pearson": "per-voxel Pearson r on the test set (float, NaN allowed)",
+    "noise_ceiling": "noise ceiling in percent (float, NaN allowed)",
+    "normalised": "noise-normalised score in percent (float, NaN allowed)",
+    "oracle": "simbrain oracle Pearson (float; NaN for real data)",
+}
+NUMERIC_COLUMNS = ("voxel", "x", "y", "z", "pearson", "noise_ceiling", "normalised", "oracle")
+#: Identifier columns, read as strings whatever they look like (subject "01" stays "01").
+TEXT_COLUMNS = ("run", "model", "backbone", "dataset", "subject", "roi", "space")
+
+
+class ResultsError(ValueError):
+    """A run's results table (or summary) is missing or malformed; the message names the file,
+    the field and what was expected.  Reports and comparisons raise it for their inputs too."""
+
+    input_error = True  # the CLI prints it without a traceback
 
 
 def pair_table(pair, pearson: np.ndarray, extra: Optional[Mapping[str, np.ndarray]] = None) -> pd.DataFrame:
@@ -86,8 +123,7 @@ def write_results(run_dir: str | os.PathLike, datamodule, pearson: Mapping[str, 
                "seed": seed, "wall_time_s": float(meta.get("wall_time_s", float("nan"))),
                "pairs": sorted(pearson), "retrieval": {k: _plain(v) for k, v in retrieval.items()},
                "n_test_images": {k: int(len(datamodule.pair(k).split.test)) for k in pearson}}
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return out
 
 
@@ -95,12 +131,143 @@ def _plain(d: Mapping) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
 
 
-def read_results(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Read and validate a run's per-voxel table (the same checks as ``brainenc report``:
-    required columns, numbers, no Inf, one row per voxel, no short rows)."""
-    from brainenc.reports.tables import load_run
+@dataclass
+class Run:
+    """One tested run directory: its per-voxel table and its summary (what a report, a
+    comparison or a sweep consumes).
 
-    p = Path(run_dir) / "results" / "voxels.csv"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no per-voxel results table; run `brainenc test` for this run first")
-    return load_run(run_dir).voxels
+    Attributes
+    ----------
+    path : Path
+        The run directory.
+    voxels : DataFrame (n_rows, n_columns)
+        voxels.csv, identifiers (:data:`TEXT_COLUMNS`) as str; the report adds ``label``.
+    summary : dict
+        results/summary.json ({} if absent).
+    """
+
+    path: Path
+    voxels: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.summary.get("run") or self.voxels["run"].iloc[0])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """Read and validate ``RUN_DIR/results/voxels.csv`` (+ summary.json if present).
+
+    Raises
+    ------
+    ResultsError
+        Missing file, missing column, non-numeric numeric column, or duplicate
+        (run, model, dataset, subject, voxel) rows.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "results" / "voxels.csv"
+    if not path.is_file():
+        raise ResultsError(
+            f"{path}: file not found; expected the run's per-voxel table "
+            f"(RUN_DIR/results/voxels.csv with columns {', '.join(REQUIRED_COLUMNS)})"
+        )
+    try:
+        df = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: could not be parsed as CSV ({exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        expected = "; ".join(f"'{c}' ({REQUIRED_COLUMNS[c]})" for c in missing)
+        raise ResultsError(f"{path}: missing column(s) {expected}; found columns {list(df.columns)}")
+    if df.empty:
+        raise ResultsError(f"{path}: has a header but no rows; expected one row per voxel")
+    for col in NUMERIC_COLUMNS + tuple(c for c in ("n_test", "flat_x", "flat_y") if c in df.columns):
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
+            example = df.loc[bad, col].iloc[0]
+            raise ResultsError(
+                f"{path}: column '{col}' must be numeric; row {int(bad.idxmax()) + 2} holds {example!r}"
+            )
+    # A row with fewer fields than the header (a truncated write, a hand edit) would otherwise
+    # be padded with NaN by pandas and silently drop out of medians.
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        width = len(next(reader))
+        for lineno, row in enumerate(reader, start=2):
+            if row and len(row) != width:
+                raise ResultsError(f"{path}: line {lineno} has {len(row)} fields; expected {width} "
+                                       "(one per column of the header)")
+    for col in ("pearson", "noise_ceiling", "normalised", "oracle", "x", "y", "z"):
+        vals = df[col].to_numpy(dtype=np.float64)
+        if np.isinf(vals).any():
+            raise ResultsError(f"{path}: column '{col}' holds Inf in row "
+                                   f"{int(np.flatnonzero(np.isinf(vals))[0]) + 2}; expected finite numbers or NaN")
+    for col in ("pearson", "oracle"):
+        vals = df[col].to_numpy(dtype=np.float64)
+        out = np.abs(vals) > 1 + 1e-6
+        if out.any():
+            raise ResultsError(f"{path}: column '{col}' holds {vals[out][0]} in row "
+                                   f"{int(np.flatnonzero(out)[0]) + 2}; expected a correlation in [-1, 1] or NaN")
+    # A missing ROI label is the same thing as an unlabelled voxel.
+    df["roi"] = df["roi"].fillna("none")
+    df["subject"] = df["subject"].astype(str)
+    key = ["run", "model", "dataset", "subject", "voxel"]
+    dup = df.duplicated(key)
+    if dup.any():
+        row = df.loc[dup].iloc[0]
+        raise ResultsError(
+            f"{path}: duplicate rows for {dict(row[key])}; expected one row per "
+            "(run, model, dataset, subject, voxel)"
+        )
+    summary: dict = {}
+    spath = run_dir / "results" / "summary.json"
+    if spath.is_file():
+        try:
+            summary = json.loads(spath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{spath}: not valid JSON ({exc})") from None
+        if not isinstance(summary, dict):
+            raise ResultsError(f"{spath}: expected a JSON object, got {type(summary).__name__}")
+    return Run(path=run_dir, voxels=df, summary=summary)
+
+
+def read_results(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A run's validated per-voxel table (:func:`read_run`), identifiers as strings."""
+    return read_run(run_dir).voxels
+
+
+def add_column(run_dir: str | os.PathLike, column: str, values: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Set integer ``column`` (e.g. cluster labels) of a run's per-voxel table from
+    {"dataset/subject": (n_voxels,)} and rewrite the table atomically; returns the new table.
+
+    Voxels are matched by (dataset, subject, voxel); rows of pairs not in ``values`` stay empty
+    (a nullable integer column). Identifiers keep their text (subject "01" stays "01").
+    """
+    path = Path(run_dir) / "results" / "voxels.csv"
+    df = read_results(run_dir)
+    col = np.full(len(df), np.nan)
+    keys = (df["dataset"].astype(str) + "/" + df["subject"].astype(str)).to_numpy()
+    for key, v in values.items():
+        rows = np.flatnonzero(keys == key)
+        vox = df["voxel"].to_numpy()[rows].astype(np.int64)
+        v = np.asarray(v)
+        if len(rows) and vox.max() >= len(v):
+            raise ResultsError(f"{path}: {key} has voxel {vox.max()} but {len(v)} values for '{column}'")
+        col[rows] = v[vox]
+    df[column] = pd.Series(col).round().astype("Int64")
+    with atomic_path(path) as tmp:  # full float precision: the other columns come back as they were
+        df.to_csv(tmp, index=False)
+    return df
+
+
+def pearson_summary(run_dir: str | os.PathLike) -> tuple[float, int]:
+    """(median Pearson r, number of rows) of a run's table, reading only the ``pearson`` column;
+    (NaN, 0) when the table is missing or unreadable (a sweep's status line must not fail)."""
+    try:
+        r = pd.read_csv(Path(run_dir) / "results" / "voxels.csv", usecols=["pearson"])["pearson"]
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return math.nan, 0
+    return float(r.median()), int(len(r))

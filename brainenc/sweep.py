@@ -20,6 +20,8 @@ Sweep directory: ``sweep_status.csv`` (one row per cell, rebuilt from the cells'
 concurrent array tasks cannot lose each other's rows), ``all_voxels.csv`` (every finished
 cell's voxels.csv plus ``sweep_*`` columns) and ``report/`` (:func:`brainenc.reports.build_report`).
 
+The sweep file and its grid are read by :mod:`brainenc.sweep_grid`; this module runs the cells
+(each through :func:`brainenc.rundir.fit_then_test`), collects their tables and builds the report.
 See docs/sweeps.md for the file format and the cluster recipe.
 """
 
@@ -29,231 +31,22 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import yaml
 
-#: Keys a sweep file may have at the top level; anything else is most likely a typo
-#: ("seed:" for "seeds:") that would otherwise silently do nothing.
-TOP_KEYS = {"out", "backbones", "encoders", "datasets", "seeds", "overrides", "report",
-            "name", "description", "vars"}
-#: Backbone init_args that say *which network with which weights*. A backbone entry resets the
-#: ones it does not give, so an encoder config's ImageNet ``weights`` file for
-#: tf_efficientnet_lite0 does not leak into a ``{name: test_vit}`` cell. Other init_args
-#: (image_size, trainable, LoRA) stay as the encoder config sets them unless the entry overrides.
-BACKBONE_IDENTITY = {"weights": None, "pretrained": False, "layers": None, "model_kwargs": None}
-REPORT_KEYS = {"enabled", "figures", "brainmaps", "n_boot", "threshold_p", "seed", "max_pairs",
-               "max_brainmaps"}
-REPORT_DEFAULTS = {"enabled": True, "figures": True, "brainmaps": False, "n_boot": 1000}
+from brainenc import rundir
+from brainenc.ioutil import atomic_write
+from brainenc.rundir import RunDir
+from brainenc.sweep_grid import Cell, Sweep, SweepError, load_sweep
+
 STDERR_TAIL = 40  # lines of a failed step's stderr kept in FAILED and the status table
-
-
-class SweepError(ValueError):
-    """A sweep file that cannot describe a grid; the message names the file and the field."""
-
-
-# --------------------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (dataset, encoder, backbone, seed) of the grid; ``index`` is its ``--cell`` number."""
-
-    index: int
-    dataset: dict
-    encoder: dict
-    backbone: dict  # {"label": dir name, "init_args": Backbone init_args overrides}
-    seed: int
-    run_dir: Path
-
-    @property
-    def id(self) -> str:
-        return f"{self.dataset['name']}/{self.encoder['name']}/{self.backbone['label']}/seed{self.seed}"
-
-    @property
-    def voxels(self) -> Path:
-        return self.run_dir / "results" / "voxels.csv"
-
-    @property
-    def cell_yaml(self) -> Path:
-        return self.run_dir / "sweep_cell.yaml"
-
-    @property
-    def state_path(self) -> Path:
-        return self.run_dir / "sweep_cell.json"
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-
-@dataclass
-class Sweep:
-    path: Path
-    out: Path
-    cells: list[Cell]
-    overrides: list[str]
-    report: dict = field(default_factory=dict)
-
-    @property
-    def status_path(self) -> Path:
-        return self.out / "sweep_status.csv"
-
-
-def _slug(s: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(s)).strip("-") or "x"
-
-
-def _cli_value(v: Any) -> str:
-    """A value as jsonargparse reads it back from ``--key=value`` (JSON is valid YAML)."""
-    return v if isinstance(v, str) else json.dumps(v)
-
-
-def _overrides(value: Any, where: str) -> list[str]:
-    """``overrides`` as CLI arguments: a list of ``--key=value`` strings, or a {key: value} map."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [f"--{str(k).lstrip('-')}={_cli_value(v)}" for k, v in value.items()]
-    if isinstance(value, list) and all(isinstance(a, str) for a in value):
-        bad = [a for a in value if not a.startswith("--")]
-        if bad:
-            raise SweepError(f"{where}: expected CLI arguments starting with '--', got {bad[0]!r}")
-        return list(value)
-    raise SweepError(f"{where}: expected a list of '--key=value' strings or a {{key: value}} map, "
-                     f"got {type(value).__name__}")
-
-
-def _entries(cfg: dict, key: str, where: str, required: bool = True) -> list:
-    items = cfg.get(key)
-    if items is None and not required:
-        return []
-    if not isinstance(items, list) or not items:
-        raise SweepError(f"{where}: '{key}' must be a non-empty list, got {items!r}")
-    return items
-
-
-def _backbone(entry: Any, where: str) -> dict:
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise SweepError(f"{where}: expected a mapping with a timm model 'name' "
-                         f"(plus Backbone init_args), got {entry!r}")
-    entry = dict(entry)
-    label = _slug(entry.pop("label", entry["name"]))
-    return {"label": label, "init_args": {"name": entry.pop("name"), **BACKBONE_IDENTITY, **entry}}
-
-
-def _encoder(entry: Any, where: str) -> dict:
-    if not isinstance(entry, dict) or not entry.get("name") or not entry.get("config"):
-        raise SweepError(f"{where}: expected {{name: ..., config: path to a fit config}}, got {entry!r}")
-    unknown = set(entry) - {"name", "config", "overrides"}
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {sorted(unknown)}; expected name, config, overrides")
-    config = Path(entry["config"])
-    if not config.is_file():
-        raise SweepError(f"{where}.config: {config} not found (relative paths are taken from the "
-                         f"current directory, {os.getcwd()})")
-    return {"name": _slug(entry["name"]), "config": str(config),
-            "overrides": _overrides(entry.get("overrides"), f"{where}.overrides")}
-
-
-def _dataset(entry: Any, where: str) -> dict:
-    if not isinstance(entry, dict) or not entry.get("name"):
-        raise SweepError(f"{where}: expected {{name, stores: [...], simulate: preset or null, "
-                         f"subjects: optional}}, got {entry!r}")
-    unknown = set(entry) - {"name", "stores", "simulate", "subjects", "overrides"}
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {sorted(unknown)}; "
-                         "expected name, stores, simulate, subjects, overrides")
-    stores = entry.get("stores")
-    if not isinstance(stores, list) or not stores or not all(isinstance(s, str) for s in stores):
-        raise SweepError(f"{where}.stores: expected a non-empty list of store directories, got {stores!r}")
-    data = {"stores": list(stores), "simulate": entry.get("simulate")}
-    if "subjects" in entry:  # absent = keep what the encoder config says
-        data["subjects"] = entry["subjects"]
-    return {"name": _slug(entry["name"]), "data": data,
-            "overrides": _overrides(entry.get("overrides"), f"{where}.overrides")}
-
-
-def load_sweep(path: str | os.PathLike, sets: Optional[list[str]] = None,
-               out: Optional[str] = None) -> Sweep:
-    """Read a sweep file (OmegaConf interpolation allowed) and expand its grid.
-
-    Parameters
-    ----------
-    sets : ``KEY=VALUE`` edits applied before interpolation is resolved (KEY is dotted,
-        ``datasets[0].stores``; VALUE is YAML), e.g. to point a checked-in sweep at other stores.
-    out : replaces the file's ``out``.
-
-    Cells are ordered dataset, encoder, backbone, seed (seed varies fastest): the order of
-    ``--dry-run``, of ``--print-commands`` lines and of ``--cell`` numbers.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        conf = OmegaConf.load(path)
-        for s in sets or []:
-            key, sep, value = s.partition("=")
-            if not sep:
-                raise SweepError(f"--set {s!r}: expected KEY=VALUE")
-            OmegaConf.update(conf, key.strip(), yaml.safe_load(value), merge=False)
-        cfg = OmegaConf.to_container(conf, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise SweepError(f"{path}: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise SweepError(f"{path}: expected a mapping at the top level")
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise SweepError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected {sorted(TOP_KEYS)}")
-    if out is not None:
-        cfg["out"] = out
-    if not cfg.get("out"):
-        raise SweepError(f"{path}: 'out' (the sweep directory) is required")
-
-    backbones = [_backbone(b, f"{path}: backbones[{i}]") for i, b in enumerate(_entries(cfg, "backbones", str(path)))]
-    encoders = [_encoder(e, f"{path}: encoders[{i}]") for i, e in enumerate(_entries(cfg, "encoders", str(path)))]
-    # no datasets = every cell uses the encoder config's own data section
-    datasets = ([_dataset(d, f"{path}: datasets[{i}]") for i, d in enumerate(cfg["datasets"])]
-                if cfg.get("datasets") else [{"name": "config", "data": {}, "overrides": []}])
-    seeds = cfg.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
-    for key, items in (("backbones", [b["label"] for b in backbones]), ("encoders", [e["name"] for e in encoders]),
-                       ("datasets", [d["name"] for d in datasets]), ("seeds", seeds)):
-        dup = sorted({x for x in items if items.count(x) > 1}, key=str)
-        if dup:
-            hint = " (give backbones that share a name distinct 'label's)" if key == "backbones" else ""
-            raise SweepError(f"{path}: {key} {dup} appear more than once; each needs its own directory{hint}")
-    report = dict(REPORT_DEFAULTS, **(cfg.get("report") or {}))
-    unknown = set(report) - REPORT_KEYS
-    if unknown:
-        raise SweepError(f"{path}: report: unknown key(s) {sorted(unknown)}; expected {sorted(REPORT_KEYS)}")
-
-    root = Path(cfg["out"])
-    cells = []
-    for d in datasets:
-        for e in encoders:
-            for b in backbones:
-                for s in seeds:
-                    cells.append(Cell(len(cells), d, e, b, s,
-                                      root / d["name"] / e["name"] / b["label"] / f"seed{s}"))
-    return Sweep(path=path, out=root, cells=cells,
-                 overrides=_overrides(cfg.get("overrides"), f"{path}: overrides"), report=report)
 
 
 # --------------------------------------------------------------------------- commands
@@ -268,15 +61,12 @@ def cell_overlay(cell: Cell) -> dict:
 
 
 def write_cell_yaml(cell: Cell) -> Path:
-    from brainenc.data.store import atomic_path
-
     text = (f"# brainenc sweep cell {cell.index}: {cell.id}\n"
             "# merged over the encoder config by a second -c (see brainenc/sweep.py)\n"
             + yaml.safe_dump(cell_overlay(cell), sort_keys=False))
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     if not cell.cell_yaml.exists() or cell.cell_yaml.read_text() != text:
-        with atomic_path(cell.cell_yaml) as tmp:
-            tmp.write_text(text)
+        atomic_write(cell.cell_yaml, text)
     return cell.cell_yaml
 
 
@@ -293,7 +83,8 @@ def commands(sweep: Sweep, cell: Cell, fit_ckpt: Optional[Path] = None,
     """(fit argv, test argv) after ``python -m brainenc.cli``."""
     common = cell_args(sweep, cell)
     fit = ["fit", *common] + ([f"--ckpt_path={fit_ckpt}"] if fit_ckpt else [])
-    test = ["test", *common, f"--ckpt_path={test_ckpt or cell.ckpt_dir / 'best.ckpt'}"]
+    # a printed command cannot know which checkpoint the fit will leave: the monitored best
+    test = ["test", *common, f"--ckpt_path={test_ckpt or cell.ckpt_dir / rundir.BEST}"]
     return fit, test
 
 
@@ -304,36 +95,12 @@ def shell(argv: list[str]) -> str:
 # --------------------------------------------------------------------------- cell state
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from brainenc.data.store import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def read_state(cell: Cell) -> dict:
-    try:
-        return json.loads(cell.state_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    return rundir.read_state(cell.state_path)
 
 
 def write_state(cell: Cell, **changes) -> dict:
-    state = {**read_state(cell), **changes, "cell": cell.index, "id": cell.id,
-             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(cell.state_path, json.dumps(state, indent=2))
-    return state
-
-
-def _voxel_summary(voxels: Path) -> tuple[float, int]:
-    import pandas as pd
-
-    try:
-        r = pd.read_csv(voxels, usecols=["pearson"])["pearson"]
-    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return math.nan, 0
-    return float(r.median()), int(len(r))
+    return rundir.update_state(cell.state_path, **changes, cell=cell.index, id=cell.id)
 
 
 def cell_status(cell: Cell) -> dict:
@@ -349,7 +116,9 @@ def cell_status(cell: Cell) -> dict:
     if cell.voxels.exists():
         row["status"], row["error"] = "done", ""
         if not st.get("n_voxels"):
-            row["median_pearson"], row["n_voxels"] = _voxel_summary(cell.voxels)
+            from brainenc.results import pearson_summary
+
+            row["median_pearson"], row["n_voxels"] = pearson_summary(cell.run_dir)
     return row
 
 
@@ -375,7 +144,7 @@ def write_status(sweep: Sweep) -> Path:
 
     with _locked(sweep.out / ".sweep_status.lock"):
         table = pd.DataFrame([cell_status(c) for c in sweep.cells])
-        _atomic_text(sweep.status_path, table.to_csv(index=False, float_format="%.6g"))
+        atomic_write(sweep.status_path, table.to_csv(index=False, float_format="%.6g"))
     return sweep.status_path
 
 
@@ -413,51 +182,58 @@ def run_cell(sweep: Sweep, cell: Cell, on_start=None) -> dict:
     A failure is written to the state file and to ``FAILED``; it is not raised. ``on_start()``
     is called once the cell is marked running (the sweep refreshes its status table there).
     """
-    if cell.voxels.exists():
+    run = RunDir(cell.run_dir)
+    if run.tested():
         return write_state(cell, status="done", last_action="skipped")
     failed_marker = cell.run_dir / "FAILED"
     write_cell_yaml(cell)
     st = read_state(cell)
-    st = write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
+    write_state(cell, status="running", attempts=int(st.get("attempts", 0)) + 1, error="")
     failed_marker.unlink(missing_ok=True)
     if on_start is not None:
         on_start()
     t0 = time.monotonic()
-    best, last = cell.ckpt_dir / "best.ckpt", cell.ckpt_dir / "last.ckpt"
-    action = "ran"
-    if not (st.get("fit_done") and (best.exists() or last.exists())):
-        resume = last if last.exists() else None
-        action = "resumed" if resume else "ran"
-        fit, _ = commands(sweep, cell, fit_ckpt=resume)
-        rc, out, err = _run_step("fit", fit, cell)
-        if rc != 0:
-            return _failed(cell, "fit", rc, fit, out, err, time.monotonic() - t0, action)
-        st = write_state(cell, fit_done=True)
-    else:
-        action = "resumed"
-    # configs without a "best" checkpoint (no monitor) still leave last.ckpt to test
-    _, test = commands(sweep, cell, test_ckpt=best if best.exists() else last)
-    rc, out, err = _run_step("test", test, cell)
-    wall = time.monotonic() - t0
-    if rc != 0 or not cell.voxels.exists():
-        return _failed(cell, "test", rc, test, out, err, wall, action,
-                       None if rc != 0 else f"exit 0 but {cell.voxels} was not written")
-    median, n = _voxel_summary(cell.voxels)
-    return write_state(cell, status="done", last_action=action, wall_time_s=round(wall, 2),
-                       median_pearson=median, n_voxels=n, log=str(err), error="")
+    action = "ran" if rundir.next_step(run, cell.state_path) == "fit" else "resumed"
+
+    logs: dict[str, Path] = {}
+
+    def step(name: str, argv: list[str]) -> None:
+        rc, out, logs[name] = _run_step(name, argv, cell)
+        if rc != 0 or (name == "test" and not run.tested()):
+            raise _StepFailed(name, rc, argv, out, logs[name],
+                              None if rc != 0 else f"exit 0 but {cell.voxels} was not written")
+
+    try:
+        rundir.fit_then_test(run, lambda resume: step("fit", commands(sweep, cell, fit_ckpt=resume)[0]),
+                             lambda ckpt: step("test", commands(sweep, cell, test_ckpt=ckpt)[1]),
+                             state_path=cell.state_path)
+    except _StepFailed as f:
+        return _failed(cell, f, time.monotonic() - t0, action)
+    from brainenc.results import pearson_summary
+
+    median, n = pearson_summary(cell.run_dir)
+    return write_state(cell, status="done", last_action=action, wall_time_s=round(time.monotonic() - t0, 2),
+                       median_pearson=median, n_voxels=n, log=str(logs.get("test", "")), error="")
 
 
-def _failed(cell: Cell, step: str, rc: int, argv: list[str], out: Path, err: Path, wall: float,
-            action: str, reason: Optional[str] = None) -> dict:
-    tail = _tail(err)
+class _StepFailed(Exception):
+    """A cell's fit or test exited non-zero (or wrote no results); what :func:`_failed` records."""
+
+    def __init__(self, step: str, rc: int, argv: list[str], out: Path, err: Path, reason: Optional[str]):
+        super().__init__(step)
+        self.step, self.rc, self.argv, self.out, self.err, self.reason = step, rc, argv, out, err, reason
+
+
+def _failed(cell: Cell, f: _StepFailed, wall: float, action: str) -> dict:
+    tail = _tail(f.err)
     last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")
-    error = reason or f"{step} exited {rc}: {last}"
-    _atomic_text(cell.run_dir / "FAILED", "\n".join([
-        f"cell {cell.index}: {cell.id}", f"step: {step}", f"exit code: {rc}",
-        f"command: {shell(argv)}", f"stdout: {out}", f"stderr: {err}",
+    error = f.reason or f"{f.step} exited {f.rc}: {last}"
+    atomic_write(cell.run_dir / "FAILED", "\n".join([
+        f"cell {cell.index}: {cell.id}", f"step: {f.step}", f"exit code: {f.rc}",
+        f"command: {shell(f.argv)}", f"stdout: {f.out}", f"stderr: {f.err}",
         f"--- last {len(tail)} lines of stderr ---", *tail, ""]))
     return write_state(cell, status="failed", last_action=action, wall_time_s=round(wall, 2),
-                       log=str(err), error=error[:500])
+                       log=str(f.err), error=error[:500])
 
 
 # --------------------------------------------------------------------------- collecting
@@ -481,11 +257,13 @@ def collect(sweep: Sweep) -> Optional[Path]:
     (voxels.csv's own ``dataset``/``backbone`` name the store and the timm model)."""
     import pandas as pd
 
+    from brainenc.results import read_results
+
     frames = []
     for cell in sweep.cells:
         if not cell.voxels.exists():
             continue
-        df = pd.read_csv(cell.voxels, dtype={"subject": str, "roi": str, "run": str})
+        df = read_results(cell.run_dir)
         df["run"] = cell.id
         for i, (k, v) in enumerate([("sweep_cell", cell.index), ("sweep_dataset", cell.dataset["name"]),
                                     ("sweep_encoder", cell.encoder["name"]),
@@ -495,49 +273,32 @@ def collect(sweep: Sweep) -> Optional[Path]:
     if not frames:
         return None
     path = sweep.out / "all_voxels.csv"
-    _atomic_text(path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
+    atomic_write(path, pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6g"))
     return path
 
 
 def build_sweep_report(sweep: Sweep) -> Optional[Path]:
     """Report over every finished cell into ``<out>/report``.
 
-    Each cell's table is staged under a temporary directory with ``model`` = the sweep's
-    encoder name and ``run`` = :func:`report_run_names`: every cell's own ``run`` is "seed<k>",
-    so the report could not tell two backbones' "linear" runs apart otherwise. tables/runs.csv
-    is then pointed back at the real cell directories.
+    Each cell's run is read and given ``model`` = the sweep's encoder name and ``run`` =
+    :func:`report_run_names` before the report sees it: every cell's own ``run`` is "seed<k>",
+    so the report could not tell two backbones' "linear" runs apart otherwise.
     """
-    import pandas as pd
-
     from brainenc.reports import build_report
+    from brainenc.results import read_run
 
     done = [c for c in sweep.cells if c.voxels.exists()]
     if not done:
         return None
     names = report_run_names(done)
     opts = {k: v for k, v in sweep.report.items() if k != "enabled"}
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=sweep.out, prefix=".report-inputs-") as tmp:
-        staged = {}
-        for c in done:
-            d = Path(tmp) / f"cell{c.index:04d}"
-            (d / "results").mkdir(parents=True)
-            df = pd.read_csv(c.voxels, dtype={"subject": str, "roi": str, "run": str})
-            df["run"], df["model"] = names[c.index], c.encoder["name"]
-            df.to_csv(d / "results" / "voxels.csv", index=False)
-            summary_path = c.run_dir / "results" / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            summary.update(run=names[c.index], model=c.encoder["name"])
-            (d / "results" / "summary.json").write_text(json.dumps(summary))
-            staged[str(d)] = str(c.run_dir)
-        html = build_report(list(staged), sweep.out / "report", **opts)
-    runs_csv = sweep.out / "report" / "tables" / "runs.csv"
-    if runs_csv.exists():
-        runs = pd.read_csv(runs_csv)
-        if "path" in runs:
-            runs["path"] = runs["path"].astype(str).map(lambda p: staged.get(p, p))
-            _atomic_text(runs_csv, runs.to_csv(index=False))
-    return Path(html)
+    runs = []
+    for c in done:
+        run = read_run(c.run_dir)
+        run.voxels["run"], run.voxels["model"] = names[c.index], c.encoder["name"]
+        run.summary.update(run=names[c.index], model=c.encoder["name"])
+        runs.append(run)
+    return Path(build_report(runs, sweep.out / "report", **opts))
 
 
 def finish(sweep: Sweep, report: bool = True) -> int:
@@ -563,14 +324,11 @@ def finish(sweep: Sweep, report: bool = True) -> int:
 
 
 def _plan(cell: Cell) -> str:
-    if cell.voxels.exists():
-        return "done, would skip"
-    st = read_state(cell)
-    if st.get("fit_done"):
-        return "fit done, would test"
-    if (cell.ckpt_dir / "last.ckpt").exists():
-        return "would resume fit from checkpoints/last.ckpt"
-    return "would run" + (" (failed before)" if st.get("status") == "failed" else "")
+    step = rundir.next_step(RunDir(cell.run_dir), cell.state_path)
+    if step == "fit":
+        return "would run" + (" (failed before)" if read_state(cell).get("status") == "failed" else "")
+    return {"done": "done, would skip", "test": "fit done, would test",
+            "resume": "would resume fit from checkpoints/last.ckpt"}[step]
 
 
 def _parser() -> argparse.ArgumentParser:

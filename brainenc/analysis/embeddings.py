@@ -238,32 +238,6 @@ def ari_table(labels: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
     return out
 
 
-def add_column_atomic(csv_path: str | Path, column: str, values: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """Set integer ``column`` (e.g. cluster labels) of a per-voxel results table from
-    {"dataset/subject": (n_voxels,)}; atomic rewrite.
-
-    Rows of pairs not in ``values`` get NaN.  Voxels are matched by (dataset, subject, voxel).
-    """
-    from brainenc.data.store import atomic_path
-
-    csv_path = Path(csv_path)
-    df = pd.read_csv(csv_path)
-    col = np.full(len(df), np.nan)
-    keys = (df["dataset"].astype(str) + "/" + df["subject"].astype(str)).to_numpy()
-    for key, v in values.items():
-        rows = np.flatnonzero(keys == key)
-        vox = df["voxel"].to_numpy()[rows]
-        v = np.asarray(v)
-        if len(rows) and vox.max() >= len(v):
-            raise ValueError(f"{csv_path}: {key} has voxel {vox.max()} but {len(v)} values for '{column}'")
-        col[rows] = v[vox]
-    # labels are integers; pairs without labels stay empty (nullable integer column)
-    df[column] = pd.Series(col).round().astype("Int64")
-    with atomic_path(csv_path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return df
-
-
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,
                 method: str = "kmeans", seed: int = 0, extra_embeddings: Optional[str | Path] = None,
                 merge_types: Optional[list[str]] = None, control: str = "position",
@@ -273,7 +247,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     Parameters
     ----------
     run_dir : run directory with ``results/voxels.csv`` (from ``brainenc test``)
-    ckpt : checkpoint (default ``<run_dir>/checkpoints/last.ckpt``)
+    ckpt : checkpoint (default: the run's checkpoint, best else last, see :mod:`brainenc.rundir`)
     extra_embeddings : a transfer run's ``transfer/embeddings.pt`` ({pair: (n_voxels, E)}), clustered
         together with the base embeddings so its labels share their meaning
     merge_types : names of true voxel types to count as one type in an extra score, ``ari_merged``
@@ -291,8 +265,10 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     ``results/embeddings_2d.png`` (PCA and t-SNE coloured by ROI, as they are and with position
     regressed out)
     """
-    from brainenc.data.store import Store, atomic_path
+    from brainenc.data.store import Store
+    from brainenc.ioutil import atomic_path
     from brainenc.recipes.transfer import load_base
+    from brainenc.results import add_column, read_results
 
     if control not in ("position", "none"):
         raise ValueError(f"cluster_run: control must be 'position' or 'none', got {control!r}")
@@ -318,7 +294,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     for k in keys:
         store = Store(stores[k.split("/")[0]], validate=False)
         rows = np.unique(np.linspace(0, store.n_stimuli - 1, min(n_probe_images, store.n_stimuli)).astype(np.int64))
-        feats = base.features_of_rows(store, rows, base.backbone.image_size)
+        feats = base.features_of_rows(store, rows)
         centres[k] = attention_centres(base.readout, k, feats)
     x_all = np.concatenate([emb[k] for k in keys])
     basis = position_basis(np.concatenate([centres[k] for k in keys]))
@@ -333,7 +309,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     labels = split(labels_all)
 
     # truth from the stores named in the results table's pairs
-    df = pd.read_csv(table, usecols=["dataset", "subject"], dtype=str).drop_duplicates()
+    df = read_results(run_dir)[["dataset", "subject"]].drop_duplicates()
     in_table = {f"{d}/{s}" for d, s in zip(df["dataset"], df["subject"])}
     truth, signal, names, rois, roi_names = {}, {}, {}, {}, {}
     for k in keys:
@@ -381,7 +357,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
             merged = {k: np.where(np.isin(truth[k], ids), min(ids), truth[k]) for k in scored}
             result["ari_merged"] = {"types": list(merge_types),
                                     **ari_table(scored, merged, signal)["pooled"]}
-    add_column_atomic(table, "cluster", {k: v for k, v in labels.items() if k in in_table})
+    add_column(run_dir, "cluster", {k: v for k, v in labels.items() if k in in_table})
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
@@ -407,7 +383,7 @@ def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndar
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    from brainenc.data.store import atomic_path
+    from brainenc.ioutil import atomic_path
 
     keys = list(emb)
     raw = np.concatenate([emb[k] for k in keys])

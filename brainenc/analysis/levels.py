@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         frames.append(df)
         print(f"== {run}\n{df.drop(columns='run').to_string(index=False, float_format='%.3f')}")
     if a.out:
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_path
 
         with atomic_path(a.out) as tmp:
             pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.6g")

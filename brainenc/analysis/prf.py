@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 import h5py
 import numpy as np
-import yaml
 
 EARLY_VISUAL = ("V1", "V2", "V3")
 
@@ -44,13 +43,15 @@ def recovery_stats(est: np.ndarray, true: np.ndarray) -> dict:
     Returns ``{"n", "r_x", "r_y", "median_dist_deg"}``; r is NaN for fewer than 3 voxels or a
     constant axis.
     """
+    from brainenc.metrics.correlation import pearson_np
+
     est, true = np.asarray(est, np.float64), np.asarray(true, np.float64)
     ok = np.isfinite(est).all(1) & np.isfinite(true).all(1)
     est, true = est[ok], true[ok]
     out = {"n": int(len(est))}
     for k, axis in (("r_x", 0), ("r_y", 1)):
         a, b = est[:, axis], true[:, axis]
-        out[k] = float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+        out[k] = float(pearson_np(a[:, None], b[:, None])[0]) if len(a) > 2 else float("nan")
     out["median_dist_deg"] = float(np.median(np.hypot(*(est - true).T))) if len(est) else float("nan")
     return out
 
@@ -125,33 +126,18 @@ def summarise(stats: dict[str, dict]) -> dict:
 
 
 def load_tested_run(run: Path):
-    """(model with its best weights in eval mode, datamodule) of a tested run directory.
+    """(model with the weights of its checkpoint in eval mode, datamodule) of a tested run directory.
 
     The model is rebuilt from ``results/config.yaml`` (the resolved config ``brainenc test`` wrote)
-    and the state dict is read without unpickling code (``weights_only=True``).
+    and the weights of :meth:`~brainenc.rundir.RunDir.checkpoint` (best, else last) are read
+    without unpickling code (``weights_only=True``).
     """
-    from brainenc.cli import find_checkpoint
-    from brainenc.lit.checkpoint import load_state_dict
-    from brainenc.recipes.afo import instantiate
+    from brainenc.cli import load_trained
 
     config = run / "results" / "config.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: not found; test the run first (brainenc test or fit --test_after_fit=true)")
-    ckpt = find_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run / 'checkpoints'}: no best.ckpt or last.ckpt")
-    cfg = yaml.safe_load(config.read_text()) or {}
-    extra = sorted(set(cfg) - {"seed_everything", "trainer", "model", "data"})
-    if extra:  # `brainenc test` also saves its own options (ckpt_path, verbose): not the model's or data's
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in extra}))
-            model, dm = instantiate(Path(tmp) / "config.yaml")
-    else:
-        model, dm = instantiate(config)
-    model.load_state_dict(load_state_dict(ckpt, "the run's checkpoint"))
-    return model.eval(), dm
+    return load_trained(run, config)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -173,10 +159,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = json.dumps(doc, indent=2)
     print(text)
     if a.out:
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_write
 
-        with atomic_path(a.out) as tmp:
-            tmp.write_text(text + "\n")
+        atomic_write(a.out, text + "\n")
     return 0
 
 

@@ -22,9 +22,9 @@ import h5py
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .images import read_images
 from .sampling import PairBatchSampler
 from .splits import StimulusSplit, limit_train, split_stimuli
 from .store import Store, StoreError, SubjectInfo, check_scale, scan_responses
@@ -71,15 +71,6 @@ class _Files:
         if path not in self.files:
             self.files[path] = h5py.File(path, "r")
         return self.files[path]
-
-
-def read_images(f: h5py.File, rows: np.ndarray, image_size: int) -> torch.Tensor:
-    """Read sorted ``rows`` of ``images`` and resize. Returns float32 (B, 3, S, S) in [0, 1]."""
-    imgs = torch.from_numpy(f["images"][np.asarray(rows)]).permute(0, 3, 1, 2).float().div_(255.0)
-    if imgs.shape[-1] != image_size or imgs.shape[-2] != image_size:
-        imgs = F.interpolate(imgs, size=(image_size, image_size), mode="bilinear", antialias=True,
-                             align_corners=False).clamp_(0, 1)
-    return imgs
 
 
 class PairBatchDataset(Dataset):

@@ -22,14 +22,9 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from brainenc.ioutil import ddp_world
 
 
 class PairBatchSampler(DistributedSampler):
@@ -50,7 +45,7 @@ class PairBatchSampler(DistributedSampler):
                  weights: Sequence[float] | None = None, pad: bool = True, drop_last: bool = False):
         # DistributedSampler.__init__ needs a dataset and an initialised group; we only need its
         # epoch machinery, so set the fields directly.
-        self.num_replicas, self.rank = _world()
+        self.num_replicas, self.rank = ddp_world()
         self.units = [np.asarray(u, dtype=np.int64) for u in units]
         self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)

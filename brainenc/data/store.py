@@ -15,16 +15,17 @@ expected.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
 import yaml
+
+from brainenc.ioutil import atomic_path, file_digest, tmp_name
 
 STORE_FORMAT_VERSION = 1
 SPLIT_TRAIN = 0
@@ -96,26 +97,7 @@ def scan_responses(block: np.ndarray) -> tuple[int, int]:
     return int(ok.size - ok.sum()), int((~ok.any(axis=1)).sum()) if block.shape[1] else 0
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def tmp_name(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# ----------------------------------------------------------------------------- manifests
 
 
 def write_yaml_atomic(path: str | os.PathLike, data: Mapping) -> None:
@@ -139,12 +121,9 @@ def _plain(obj):
     return obj
 
 
-def file_checksum(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 << 22) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return f"{algo}:{h.hexdigest()}"
+def file_checksum(path: str | os.PathLike, algo: str = "sha256") -> str:
+    """A file's checksum as manifests record it: ``"<algo>:<hex digest>"``."""
+    return f"{algo}:{file_digest(path, algo)}"
 
 
 # ----------------------------------------------------------------------------- writers

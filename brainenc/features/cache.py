@@ -41,8 +41,8 @@ Use from YAML::
           class_path: brainenc.features.cache.FeatureCache
           init_args: {root: .cache/brainenc/features}
 
-and precompute a whole store up front with ``python -m brainenc.features.cache fill -c cfg.yaml``
-(same ``-c`` files and overrides as ``brainenc fit``) or :meth:`FeatureCache.fill`.
+and precompute a whole store up front with ``brainenc cache fill -c cfg.yaml`` (same ``-c`` files
+and overrides as ``brainenc fit``; :func:`brainenc.cli.main_cache`) or :meth:`FeatureCache.fill`.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from brainenc.ioutil import atomic_path, atomic_write, ddp_world
 from brainenc.models.backbones import Backbone, Features
 
-__all__ = ["CacheError", "FeatureCache", "default_root", "main_cache"]
+__all__ = ["CacheError", "FeatureCache", "default_root"]
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ def _flock(path: Path, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 class _CacheFile:
@@ -240,21 +233,16 @@ class _CacheFile:
         """Create the full-size file atomically (caller holds the exclusive lock)."""
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # left by a creator that died: only creators hold the lock
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with h5py.File(tmp, "w", libver="earliest", locking=False) as f:
-                for k, v in arrays.items():
-                    # contiguous and allocated now: later writes change raw bytes, never structure
-                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                    f.create_dataset(k, shape=(self.n, *v.shape[1:]), dtype=self.dtype, dcpl=dcpl)
-                f.create_dataset("filled", data=np.zeros(self.n, dtype=bool))
-                f.create_dataset("row_crc32", data=np.zeros(self.n, dtype=np.uint32))
-                for k, v in self.attrs.items():
-                    f.attrs[k] = v
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w", libver="earliest", locking=False) as f:
+            for k, v in arrays.items():
+                # contiguous and allocated now: later writes change raw bytes, never structure
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                f.create_dataset(k, shape=(self.n, *v.shape[1:]), dtype=self.dtype, dcpl=dcpl)
+            f.create_dataset("filled", data=np.zeros(self.n, dtype=bool))
+            f.create_dataset("row_crc32", data=np.zeros(self.n, dtype=np.uint32))
+            for k, v in self.attrs.items():
+                f.attrs[k] = v
 
     def close(self) -> None:
         if self._reader is not None and self._reader_pid == os.getpid():
@@ -348,12 +336,10 @@ class FeatureCache:
             if saved["signature"] == sig:
                 checksum = saved["checksum"]
         if checksum is None:
-            from brainenc.data.store import atomic_path, file_checksum
+            from brainenc.data.store import file_checksum
 
             checksum = file_checksum(p)
-            side.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(side) as tmp:
-                tmp.write_text(json.dumps({"signature": sig, "checksum": checksum}))
+            atomic_write(side, json.dumps({"signature": sig, "checksum": checksum}))
         self._checksums[memo] = checksum
         return checksum
 
@@ -437,7 +423,7 @@ class FeatureCache:
         if not hit.all():
             miss = np.flatnonzero(~hit)
             if images is None:
-                from brainenc.data.datamodule import read_images
+                from brainenc.data.images import read_images
 
                 with h5py.File(store.stimuli_path, "r") as f:
                     batch = read_images(f, rows[miss], size).to(next(backbone.parameters()).device)
@@ -462,7 +448,7 @@ class FeatureCache:
         at a different offset so the ranks mostly split the work, and every chunk re-checks
         ``filled`` first so finished rows are skipped.
         """
-        from brainenc.data.datamodule import read_images
+        from brainenc.data.images import read_images
 
         if not backbone.frozen:
             raise ValueError(f"FeatureCache.fill: backbone {backbone.name!r} is not frozen")
@@ -472,7 +458,7 @@ class FeatureCache:
             return cf.path
         bs = int(batch_size or self.fill_batch_size)
         chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
-        world, rank = _world()
+        world, rank = ddp_world()
         start = len(chunks) * rank // world
         chunks = chunks[start:] + chunks[:start]
         device = next(backbone.parameters()).device
@@ -490,48 +476,3 @@ class FeatureCache:
         """Close the read handles of completed files (they are reopened on demand)."""
         for cf in self._files.values():
             cf.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# command line: precompute from the same YAML configs as `brainenc fit`
-# ------------------------------------------------------------------------------------------------
-USAGE = """usage: python -m brainenc.features.cache fill -c CONFIG.yaml [-c OVERLAY.yaml] [--key value ...]
-
-Precompute the feature cache of every store in the config's data section with the config's
-backbone (which must be frozen).  The cache is the model's `feature_cache` when the config sets
-one, else FeatureCache() (default root).  Other arguments are those of `brainenc fit`."""
-
-
-def main_cache(argv: Optional[list[str]] = None) -> int:
-    """``fill`` subcommand (see :data:`USAGE`); returns an exit code."""
-    import sys
-    import time
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "fill":
-        print(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from jsonargparse import set_parsing_settings
-
-    from brainenc.cli import BrainencCLI
-    from brainenc.data.datamodule import BrainDataModule
-    from brainenc.lit.encoder_module import EncoderModule
-
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    cli = BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=argv[1:], run=False,
-                      parser_kwargs={"parser_mode": "omegaconf+"}, seed_everything_default=0,
-                      auto_configure_optimizers=False, save_config_callback=None)
-    model, dm = cli.model, cli.datamodule
-    cache = getattr(model, "feature_cache", None) or FeatureCache()
-    dm.prepare_data()
-    dm.setup("fit")
-    stores = {str(p.store.root): p.store for p in dm.pairs}
-    for store in stores.values():
-        t0 = time.perf_counter()
-        path = cache.fill(model.backbone, store, int(dm.hparams.image_size))
-        print(f"{store.root}: {store.n_stimuli} stimuli -> {path} ({time.perf_counter() - t0:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_cache())

@@ -135,8 +135,7 @@ class DistillModule(EncoderModule):
         j = int(self._extra_source[torch.randint(len(self._extra_source), (1,))])
         pool = torch.nonzero(self._extra_source == j).squeeze(1)
         sel = pool[torch.randperm(len(pool))[:m]].sort().values
-        size = self.trainer.datamodule.hparams.image_size
-        feats = self.features_of_rows(self._extra_stores[j], self._extra_row[sel], size)
+        feats = self.features_of_rows(self._extra_stores[j], self._extra_row[sel])
         x_dark = self._extra_pred[pair][sel].to(self.device)
         if voxels is not None:
             x_dark = x_dark[:, voxels]

@@ -113,28 +113,28 @@ class EncoderModule(L.LightningModule):
             raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
                                "to find the store of batch['pair']")
         # images may be absent (None) when the loader skips them; the cache then reads its misses
-        return self.features_of_rows(dm.pair(batch["pair"]).store, batch["stimulus"], dm.hparams.image_size,
-                                     batch.get("images"))
+        return self.features_of_rows(dm.pair(batch["pair"]).store, batch["stimulus"], images=batch.get("images"))
 
-    def features_of_rows(self, store, rows, image_size: int, images: Optional[Tensor] = None) -> Features:
+    def features_of_rows(self, store, rows, *, images: Optional[Tensor] = None) -> Features:
         """Features of stimulus ``rows`` (int (B,)) of ``store`` (anything with ``stimuli_path``,
-        ``n_stimuli`` and ``root``, e.g. a :class:`~brainenc.data.store.Store`) at ``image_size``.
+        ``n_stimuli`` and ``root``, e.g. a :class:`~brainenc.data.store.Store`), the images resized
+        to the backbone's ``image_size`` (which the CLI links from ``data.image_size``).
 
         From the feature cache when there is one and the backbone is frozen (``images``, when
         given, spare reading the misses); else the images are read, resized and run through the backbone.
         """
         rows = torch.as_tensor(rows)
         if self.feature_cache is not None and self.backbone.frozen:
-            return self.feature_cache.lookup(self.backbone, store, rows, images, image_size=image_size,
-                                             device=self.device)
+            return self.feature_cache.lookup(self.backbone, store, rows, images,
+                                             image_size=self.backbone.image_size, device=self.device)
         if images is None:
             import h5py
 
-            from brainenc.data.datamodule import read_images
+            from brainenc.data.images import read_images
 
             uniq, inv = np.unique(rows.cpu().numpy(), return_inverse=True)
             with h5py.File(store.stimuli_path, "r") as f:
-                images = read_images(f, uniq, image_size)[torch.from_numpy(inv.ravel())]
+                images = read_images(f, uniq, self.backbone.image_size)[torch.from_numpy(inv.ravel())]
         return self.backbone(images.to(self.device))
 
     def forward(self, images: Tensor, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
@@ -248,7 +248,7 @@ class EncoderModule(L.LightningModule):
         ``stimulus_id`` (n,), ``pred`` float32 (n, n_voxels); one file per rank under DDP."""
         import h5py
 
-        from brainenc.data.store import atomic_path
+        from brainenc.ioutil import atomic_path
 
         dm = getattr(self.trainer, "datamodule", None)
         out_dir = Path(self.trainer.default_root_dir) / "predictions"

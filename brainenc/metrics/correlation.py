@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["pearson_np", "pearson_torch", "VoxelPearson"]
+__all__ = ["pearson_columns", "pearson_np", "pearson_torch", "VoxelPearson"]
 
 
 def pearson_np(pred: np.ndarray, target: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -58,6 +58,28 @@ def pearson_np(pred: np.ndarray, target: np.ndarray, axis: int = 0) -> np.ndarra
     bad |= (np.ptp(x, axis=0) == 0) | (np.ptp(y, axis=0) == 0)
     r = np.where(bad, np.nan, r)
     return np.asarray(r, dtype=np.float64)
+
+
+def pearson_columns(a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Column-wise Pearson r of two (n, v) arrays in float64; NaN for constant columns.
+
+    The wide-array variant of :func:`pearson_np` (simbrain's oracle over every voxel): it works on
+    blocks of ``block`` columns so temporaries stay small, and counts a column whose variance is
+    zero to rounding as constant.
+    """
+    out = np.empty(a.shape[1])
+    for c in range(0, a.shape[1], block):
+        x = a[:, c:c + block].astype(np.float64)
+        y = b[:, c:c + block].astype(np.float64)
+        x -= x.mean(0)
+        y -= y.mean(0)
+        sxx, syy = (x * x).sum(0), (y * y).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (x * y).sum(0) / np.sqrt(sxx * syy)
+        # constant columns (exactly, or to rounding) have no defined correlation
+        r[(sxx <= 1e-24 * len(x)) | (syy <= 1e-24 * len(y))] = np.nan
+        out[c:c + block] = r
+    return out
 
 
 def _valid_pairs(pred: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

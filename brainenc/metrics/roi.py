@@ -1,12 +1,14 @@
-"""Summaries of a per-voxel results table by ROI (or any grouping)."""
+"""Summaries of a per-voxel results table by ROI (or any grouping): the one per-ROI aggregation
+(``brainenc compare`` prints it; the report adds intervals and tests on the same groups)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["roi_summary"]
+__all__ = ["ORACLE_MIN", "frac_oracle", "roi_summary"]
 
 
 def roi_summary(
@@ -47,3 +49,17 @@ def roi_summary(
     out = grouped.agg(median="median", mean="mean", count="count", size="size").reset_index()
     out["n_nan"] = out.pop("size") - out["count"]
     return out[by + ["metric", "median", "mean", "count", "n_nan"]]
+
+
+#: Below this oracle r the ratio r / oracle is noise (voxels with almost no signal to predict)
+ORACLE_MIN = 0.1
+
+
+def frac_oracle(pearson, oracle) -> np.ndarray:
+    """The share of the attainable correlation a model reached: r / oracle r per voxel where the
+    oracle exceeds :data:`ORACLE_MIN`, else NaN.  ``pearson``, ``oracle``: (n_voxels,) -> float64
+    (n_voxels,)."""
+    r = np.asarray(pearson, dtype=np.float64)
+    o = np.asarray(oracle, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(o > ORACLE_MIN, r / o, np.nan)

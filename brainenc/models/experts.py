@@ -59,7 +59,7 @@ class ExpertsReadout(Readout):
     Parameters
     ----------
     voxel_counts, spec : as for every readout
-    partitions : path of a partitions HDF5 file (``brainenc.recipes.partitions.write_partitions``)
+    partitions : path of a partitions HDF5 file (:mod:`brainenc.models.partition_file`)
     only : train only these partitions (for running partitions as separate processes); None = all
     expert : keyword arguments of each expert's :class:`RetinotopicReadout` (e.g. ``{"width": 16}``)
     init_from : checkpoint of the whole-brain model (a :class:`RetinotopicReadout` built with the
@@ -72,7 +72,7 @@ class ExpertsReadout(Readout):
                  only: Optional[list[str]] = None, expert: Optional[dict] = None,
                  init_from: Optional[str] = None):
         super().__init__(voxel_counts, spec)
-        from brainenc.recipes.partitions import read_partitions
+        from brainenc.models.partition_file import read_partitions
 
         parts = read_partitions(partitions)
         if only:

@@ -10,14 +10,14 @@ Stages, each in its own directory under the recipe's ``out``:
                   partition-averaged ensemble.  ``--only-expert PARTITION`` trains one partition in
                   ``experts-<PARTITION>/`` so a cluster can run partitions in parallel;
 4. ``dark``       the experts' stitched predictions, averaged over partitions, for the training
-                  images (and extra unlabelled images) -> ``dark_targets.h5``;
+                  images (and extra unlabelled images) -> ``dark_targets.h5`` (:mod:`.dark`);
 5. ``student``    one whole-brain model distilled from measured + dark targets
                   (:class:`~brainenc.lit.distill.DistillModule`).
 
 ``fit``/``test`` stages are ``python -m brainenc.cli fit|test`` subprocesses (exactly what a user
 would type, with isolated state); their configs are written to ``<stage>/stage.yaml``.  A stage
 is finished when ``<stage>/results/voxels.csv`` or ``<stage>/DONE`` exists and is then skipped;
-an interrupted fit resumes from ``<stage>/checkpoints/last.ckpt``.
+an interrupted fit resumes from ``<stage>/checkpoints/last.ckpt`` (:mod:`.stages`).
 
 Recipe YAML::
 
@@ -35,28 +35,22 @@ Recipe YAML::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import h5py
 import numpy as np
 import yaml
 
-from brainenc.data.store import atomic_path
-from brainenc.models.readout import pair_slot
+from brainenc.ioutil import atomic_write
+from brainenc.rundir import RunDir
+
+from .dark import run_dark
+from .stages import STAGE_CONFIG, load_trained, log, run_fit_test, stage_config, stage_done
 
 STAGES = ("whole", "partitions", "experts", "dark", "student")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-STAGE_CONFIG = "stage.yaml"
-
-
-def _log(msg: str) -> None:
-    print(f"[afo] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -80,110 +74,22 @@ def load_recipe(path: str | Path) -> dict:
     return recipe
 
 
-def stage_config(base: dict, root: Path, max_epochs: Optional[int] = None, model_class: Optional[str] = None,
-                 readout: Optional[dict] = None, init_args: Optional[dict] = None) -> dict:
-    """A copy of the base fit config with the stage's directory, epochs, model class and readout."""
-    cfg = copy.deepcopy(base)
-    trainer = cfg.setdefault("trainer", {})
-    trainer["default_root_dir"] = str(root)
-    if max_epochs is not None:
-        trainer["max_epochs"] = int(max_epochs)
-    model = cfg.setdefault("model", {})
-    if model_class:
-        model["class_path"] = model_class
-    args = model.setdefault("init_args", {})
-    if readout is not None:
-        args["readout"] = readout
-    args.update(init_args or {})
-    return cfg
-
-
-# ----------------------------------------------------------------------------- running stages
-def stage_done(root: Path) -> bool:
-    return (root / "results" / "voxels.csv").exists() or (root / "DONE").exists()
-
-
-def _cli(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "brainenc.cli", *args]
-    _log("$ brainenc " + " ".join(args))
-    from brainenc.subprocs import die_with_parent
-
-    subprocess.run(cmd, check=True, preexec_fn=die_with_parent())  # the stage dies with the recipe
-
-
-def best_checkpoint(root: Path) -> Path:
-    from brainenc.cli import find_checkpoint
-
-    found = find_checkpoint(root / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"{root / 'checkpoints'}: no best.ckpt or last.ckpt (did the fit of stage "
-                                f"{root.name} run?)")
-    return found
-
-
-def run_fit_test(root: Path, cfg: dict, cli_args: list[str], test: bool = True) -> None:
-    """Fit (resuming from ``last.ckpt`` when present) and test one stage; skip it when finished."""
-    if stage_done(root):
-        _log(f"{root.name}: finished, skipped")
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    # not "config.yaml": LightningCLI saves its own resolved config under that name in the run dir
-    config = root / STAGE_CONFIG
-    with atomic_path(config) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    if not (root / "fit.done").exists():
-        # fit and test in one process (one start-up); a test that failed after a finished fit is
-        # re-run on its own below on the next call
-        args = ["fit", "-c", str(config), *cli_args, f"--test_after_fit={str(test).lower()}"]
-        last = root / "checkpoints" / "last.ckpt"
-        if last.exists():
-            _log(f"{root.name}: resuming from {last}")
-            args += ["--ckpt_path", str(last)]
-        _cli(args)
-        (root / "fit.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    if test and not stage_done(root):
-        _cli(["test", "-c", str(config), "--ckpt_path", str(best_checkpoint(root)), *cli_args])
-    elif not test:
-        (root / "DONE").write_text("ok\n")
-
-
-def instantiate(config: Path, cli_args: list[str] = ()):
-    """Build (model, datamodule) from a fit config in-process, as ``brainenc fit`` would, without running."""
-    from jsonargparse import set_parsing_settings
-
-    from brainenc.cli import BrainencCLI
-    from brainenc.data.datamodule import BrainDataModule
-    from brainenc.lit.encoder_module import EncoderModule
-
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    cli = BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, run=False,
-                      args=["-c", str(config), *[a for a in cli_args if not a.startswith("--trainer.")]],
-                      parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None,
-                      seed_everything_default=0, auto_configure_optimizers=False)
-    cli.datamodule.setup("fit")
-    return cli.model, cli.datamodule
-
-
-def load_trained(root: Path, cli_args: list[str] = ()):
-    """The stage's model with its best weights (eval mode), and its datamodule."""
-    from brainenc.lit.checkpoint import load_into
-
-    model, dm = instantiate(root / STAGE_CONFIG, cli_args)
-    load_into(model, best_checkpoint(root), f"the best checkpoint of stage {root.name}")
-    return model.eval(), dm
-
-
 # ----------------------------------------------------------------------------- stage 2
 def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str]) -> Path:
-    from .partitions import build_partitions, readout_weights_from_checkpoint, write_partitions
+    from brainenc.models.partition_file import write_partitions
+
+    from .partitions import build_partitions, readout_weights_from_checkpoint
 
     out = root / "partitions.h5"
     if stage_done(root) and out.exists():
-        _log("partitions: finished, skipped")
+        log("partitions: finished, skipped")
         return out
+    from brainenc.cli import instantiate
+
     _, dm = instantiate(whole / STAGE_CONFIG, cli_args)
     kmeans = list(settings.get("kmeans", [8]))
-    weights = readout_weights_from_checkpoint(best_checkpoint(whole), [p.key for p in dm.pairs]) if kmeans else None
+    weights = (readout_weights_from_checkpoint(RunDir(whole).require_checkpoint(), [p.key for p in dm.pairs])
+               if kmeans else None)
     parts = build_partitions(dm.pairs, weights, atlases=tuple(settings.get("atlases", ["simbrain"])),
                              kmeans=kmeans, n_random=int(settings.get("n_random", 2)),
                              random_k=int(settings.get("random_k", 8)), seed=int(settings.get("seed", 0)))
@@ -191,219 +97,10 @@ def run_partitions(root: Path, whole: Path, settings: dict, cli_args: list[str])
     summary = {name: {"rois": names, "voxels_per_roi": np.bincount(np.concatenate(list(lab.values())),
                                                                    minlength=len(names)).tolist()}
                for name, (names, lab) in parts.items()}
-    (root / "partitions.json").write_text(json.dumps(summary, indent=2))
-    (root / "DONE").write_text("ok\n")
-    _log(f"partitions: {', '.join(f'{k} ({len(v[0])} ROIs)' for k, v in parts.items())} -> {out}")
+    atomic_write(root / "partitions.json", json.dumps(summary, indent=2))
+    atomic_write(root / "DONE", "ok\n")
+    log(f"partitions: {', '.join(f'{k} ({len(v[0])} ROIs)' for k, v in parts.items())} -> {out}")
     return out
-
-
-# ----------------------------------------------------------------------------- stage 4
-def extra_stores(sources: list[str], root: Path, image_size: int) -> list:
-    """Stores whose images serve as extra, unlabelled dark-knowledge images.
-
-    ``sources`` are canonical store directories (their stimuli are used, e.g. another dataset's
-    or another subject's images) or folders of PNG/JPG images; the folders' images are written,
-    resized to ``image_size``, into one subject-less store ``root/extra_images`` (atomically), so
-    every extra image is a (store, row) whose frozen features the feature cache can hold.
-    """
-    from brainenc.data.store import MANIFEST, Store, StimuliWriter, write_manifest
-
-    stores, files, at = [], [], None
-    for src in sources:
-        p = Path(src)
-        if (p / MANIFEST).exists():
-            stores.append(Store(p, validate=False))
-        elif p.is_dir():
-            at = len(stores) if at is None else at  # the folders' store takes the first folder's place
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"{p}: expected PNG/JPG images for extra dark-knowledge targets, found none")
-            files += found
-        else:
-            raise FileNotFoundError(f"extra images: {p} is neither a store (manifest.yaml) nor a folder of images")
-    if files:
-        from PIL import Image
-
-        out = root / "extra_images"
-        if not (out / MANIFEST).exists():
-            w = StimuliWriter(out / "stimuli.h5", len(files), (image_size, image_size), visual_angle_deg=8.4,
-                              attrs={"source": "afo extra images"})
-            with w:
-                for q in files:
-                    img = np.asarray(Image.open(q).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                    w.write(img[None], [f"extra-{q.name}"])
-            write_manifest(out, {"dataset": "afo-extra", "subjects": [], "source": "image folders",
-                                 "files": [str(q) for q in files]})
-        stores.insert(at, Store(out, validate=False))
-    return stores
-
-
-def predict_rows(model, pairs: list[str], store, rows: np.ndarray, image_size: int, batch_size: int,
-                 partitions: bool = False) -> dict[str, np.ndarray]:
-    """Predictions of every pair's voxels for sorted stimulus rows of ``store``; each batch's
-    features are read once for all ``pairs``.
-
-    Returns {pair: float32 (n, n_voxels)}, or (n, P, n_voxels) per partition of an experts model
-    with ``partitions=True``.
-    """
-    import torch
-
-    outs: dict[str, list] = {k: [] for k in pairs}
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            feats = model.features_of_rows(store, rows[i:i + batch_size], image_size)
-            for k in pairs:
-                pred = model.readout.forward_partitions(feats, k) if partitions else model.predict_all(feats, k)
-                outs[k].append(pred.float().cpu())
-    return {k: torch.cat(v).numpy() for k, v in outs.items()}
-
-
-def predict_extras(model, pairs: list[str], extras: list, image_size: int, batch_size: int,
-                   partitions: bool = False) -> dict[str, np.ndarray]:
-    """:func:`predict_rows` over every stimulus of every extra store, concatenated in store order
-    ({} without extras)."""
-    per = [predict_rows(model, pairs, s, np.arange(s.n_stimuli), image_size, batch_size, partitions)
-           for s in extras]
-    return {k: np.concatenate([d[k] for d in per]) for k in pairs} if per else {}
-
-
-def expert_check(val_pred: np.ndarray, whole_pred: np.ndarray, target: np.ndarray, labels: np.ndarray,
-                 names: list[str]) -> tuple[np.ndarray, list[dict]]:
-    """Which experts of one partition beat the whole-brain model inside their ROI, on validation images.
-
-    Parameters
-    ----------
-    val_pred, whole_pred, target : (n_val, n_voxels) the partition's stitched experts, the
-        whole-brain model, the measured responses
-    labels : (n_voxels,) ROI index of each voxel in this partition; names : ROI names
-
-    Returns
-    -------
-    keep : bool (n_voxels,), True where the voxel's expert wins (its median r over the ROI's
-        voxels exceeds the whole-brain model's), and rows ``{"roi", "n_voxels", "r_expert",
-        "r_whole", "wins"}`` per ROI for the report
-    """
-    from brainenc.metrics.correlation import pearson_np
-
-    r_e, r_w = pearson_np(val_pred, target), pearson_np(whole_pred, target)
-    keep = np.zeros(len(labels), bool)
-    rows = []
-    for r, name in enumerate(names):
-        sel = labels == r
-        if not sel.any():
-            continue
-        me, mw = float(np.nanmedian(r_e[sel])), float(np.nanmedian(r_w[sel]))
-        wins = bool(me > mw)
-        keep[sel] = wins
-        rows.append({"roi": name, "n_voxels": int(sel.sum()), "r_expert": round(me, 4), "r_whole": round(mw, 4),
-                     "wins": wins})
-    return keep, rows
-
-
-def run_dark(root: Path, expert_runs: list[tuple[Path, int]], settings: dict, cli_args: list[str],
-             whole: Optional[Path] = None) -> Path:
-    """Stitched, partition-averaged expert predictions for every training image -> ``dark_targets.h5``.
-
-    ``expert_runs``: (run dir, number of partitions it holds).  With ``whole`` (the whole-brain
-    stage) and ``settings["check_experts"]`` (default true), every expert is first scored against
-    the whole-brain model on the validation images inside its ROI; where it does not beat it, its
-    voxels take the whole-brain prediction instead (reported in ``experts_vs_whole.json``), so the
-    targets are never worse than the model being distilled.  Extra unlabelled images
-    (``settings["extra_images"]``: store dirs or image folders, see :func:`extra_stores`) get
-    targets too.
-    """
-    from brainenc.data.store import Store
-
-    out = root / "dark_targets.h5"
-    if stage_done(root) and out.exists():
-        _log("dark: finished, skipped")
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    bs = int(settings.get("batch_size", 128))
-    check = bool(settings.get("check_experts", True)) and whole is not None
-    whole_model = load_trained(whole, cli_args)[0] if check else None
-    acc: dict[str, np.ndarray] = {}
-    extra_acc: dict[str, np.ndarray] = {}
-    rows_of: dict[str, np.ndarray] = {}
-    report: list[dict] = []
-    extras: Optional[list] = None
-    whole_memo: dict = {}
-
-    def whole_pred(tag: str, key: str, compute):
-        """The whole-brain model's predictions, computed once per (what, pair) over all runs."""
-        if (tag, key) not in whole_memo:
-            whole_memo[(tag, key)] = compute(whole_model)
-        return whole_memo[(tag, key)]
-
-    total = 0
-    for run, _ in expert_runs:
-        model, dm = load_trained(run, cli_args)
-        size = dm.hparams.image_size
-        if extras is None:
-            extras = extra_stores(list(settings.get("extra_images") or []), root, size)
-        names = model.readout.partition_names
-        total += len(names)
-        x_pred = predict_extras(model, [p.key for p in dm.pairs], extras, size, bs, partitions=True)
-        for p in dm.pairs:
-            rows = np.sort(p.split.train)
-            rows_of[p.key] = rows
-            pred = predict_rows(model, [p.key], p.store, rows, size, bs, partitions=True)[p.key]  # (n, P, V)
-            xp = x_pred.get(p.key)  # (M, P, V) or None
-            if check:
-                val = np.sort(p.split.val)
-                v_pred = predict_rows(model, [p.key], p.store, val, size, bs, partitions=True)[p.key]
-                v_whole = whole_pred("val", p.key, lambda m: predict_rows(m, [p.key], p.store, val, size, bs)[p.key])
-                target = _responses(dm, p, val)
-                for i, part in enumerate(names):
-                    lab = model.readout.labels(part, p.key)
-                    keep, table = expert_check(v_pred[:, i], v_whole, target, lab, model.readout.roi_names[part])
-                    report += [{"partition": part, "pair": p.key, **row} for row in table]
-                    if keep.all():
-                        continue  # the whole-brain predictions are needed only where an expert lost
-                    pred[:, i] = np.where(keep, pred[:, i], whole_pred(
-                        "train", p.key, lambda m: predict_rows(m, [p.key], p.store, rows, size, bs)[p.key]))
-                    if xp is not None:
-                        xp[:, i] = np.where(keep, xp[:, i], whole_pred(
-                            "extra", p.key, lambda m: predict_extras(m, [p.key], extras, size, bs)[p.key]))
-            acc[p.key] = acc.get(p.key, 0) + pred.sum(axis=1)
-            if xp is not None:
-                extra_acc[p.key] = extra_acc.get(p.key, 0) + xp.sum(axis=1)
-        _log(f"dark: predicted with {run}")
-    if report:
-        (root / "experts_vs_whole.json").write_text(json.dumps(report, indent=1))
-        wins = sum(r["wins"] for r in report)
-        _log(f"dark: {wins} of {len(report)} experts beat the whole-brain model on validation images inside "
-             "their ROI; the others' voxels take the whole-brain prediction (experts_vs_whole.json)")
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["expert_runs"] = json.dumps([str(r) for r, _ in expert_runs])
-            f.attrs["n_partitions"] = total
-            for key, pred in acc.items():
-                g = f.create_group(f"pairs/{pair_slot(key)}")
-                g.attrs["pair"] = key
-                g.create_dataset("stimulus", data=rows_of[key].astype(np.int64))
-                g.create_dataset("pred", data=(pred / total).astype(np.float32), chunks=True)
-            if extras:
-                g = f.create_group("extra")
-                g.attrs["stores"] = json.dumps([str(Path(s.root).resolve()) for s in extras])
-                g.create_dataset("source", data=np.concatenate([np.full(s.n_stimuli, j) for j, s in enumerate(extras)]))
-                g.create_dataset("row", data=np.concatenate([np.arange(s.n_stimuli) for s in extras]))
-                for key, pred in extra_acc.items():
-                    g.create_dataset(f"pred/{pair_slot(key)}", data=(pred / total).astype(np.float32))
-    (root / "DONE").write_text("ok\n")
-    n_extra = sum(s.n_stimuli for s in extras or [])
-    _log(f"dark: targets for {sum(len(v) for v in rows_of.values())} (pair, image) rows"
-         f" and {n_extra} extra images -> {out}")
-    return out
-
-
-def _responses(dm, pair, rows: np.ndarray) -> np.ndarray:
-    """Repeat-averaged measured responses (n, n_voxels) of ``pair`` for sorted stimulus ``rows``."""
-    from brainenc.data.datamodule import PairBatchDataset
-
-    ds = PairBatchDataset(dm.pairs, dm.hparams.image_size, "stimuli", load_images=False)
-    index = [q.key for q in dm.pairs].index(pair.key)
-    return ds[(index, rows)]["responses"].numpy()
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -440,7 +137,7 @@ class AFORecipe:
             # the whole-brain model's architecture; `expert` may only change training-time options
             base_readout = ((self.base.get("model") or {}).get("init_args") or {}).get("readout") or {}
             expert = {**dict(base_readout.get("init_args") or {}), **expert}
-            init_from = str(best_checkpoint(self.dir("whole")).resolve())
+            init_from = str(RunDir(self.dir("whole")).require_checkpoint().resolve())
         elif init != "scratch":
             raise ValueError(f"recipe field 'stages.experts.init': expected 'scratch' or 'whole', got {init!r}")
         readout = {"class_path": "brainenc.models.experts.ExpertsReadout",
@@ -451,7 +148,7 @@ class AFORecipe:
                             readout, extra)
 
     def partition_names(self) -> list[str]:
-        from .partitions import read_partitions
+        from brainenc.models.partition_file import read_partitions
 
         return list(read_partitions(self.dir("partitions") / "partitions.h5"))
 
@@ -487,7 +184,7 @@ class AFORecipe:
             args["loss"] = {"class_path": "brainenc.models.losses.SmoothL1Loss", "init_args": {"beta": 0.01}}
         init = s.get("init", "scratch")
         if init == "whole":  # start from the whole-brain model (same base config, same shapes)
-            args["init_from"] = str(best_checkpoint(self.dir("whole")).resolve())
+            args["init_from"] = str(RunDir(self.dir("whole")).require_checkpoint().resolve())
         elif init != "scratch":
             raise ValueError(f"recipe field 'stages.student.init': expected 'scratch' or 'whole', got {init!r}")
         cfg = stage_config(self.base, self.dir("student"), s.get("max_epochs"),
@@ -504,8 +201,8 @@ class AFORecipe:
             if only_stage is None or only_stage == stage:
                 t = time.time()
                 getattr(self, stage)()
-                _log(f"stage {stage}: {time.time() - t:.0f} s")
-        _log(f"done in {time.time() - t0:.0f} s; compare with: brainenc compare "
+                log(f"stage {stage}: {time.time() - t:.0f} s")
+        log(f"done in {time.time() - t0:.0f} s; compare with: brainenc compare "
              + " ".join(str(r) for r, _ in [(self.dir('whole'), 0), *self.expert_runs(), (self.dir('student'), 0)]))
 
 
@@ -523,10 +220,10 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
     out: dict = {}
     runs = {s: recipe.dir(s) for s in ("whole", "student")}
     runs.update({r.name: r for r, _ in recipe.expert_runs()})
-    tables = [read_results(r) for r in runs.values() if (r / "results" / "voxels.csv").exists()]
+    tables = [read_results(r) for r in runs.values() if RunDir(r).tested()]
     table = roi_table(tables)
     out["roi_frac_oracle"] = {str(k): v for k, v in table.xs("frac_oracle", axis=1, level=1).round(4).to_dict().items()}
-    if all((runs[s] / "results" / "voxels.csv").exists() for s in ("whole", "student")):
+    if all(RunDir(runs[s]).tested() for s in ("whole", "student")):
         keys = ["dataset", "subject", "voxel"]
         m = read_results(runs["whole"]).merge(read_results(runs["student"]), on=keys, suffixes=("_w", "_s"))
         m = m[np.isfinite(m["pearson_w"]) & np.isfinite(m["pearson_s"])]
@@ -557,8 +254,8 @@ def summarise(recipe: "AFORecipe", stage: str = "student") -> dict:
         out["experts_beat_whole"] = {"wins": sum(r["wins"] for r in rows), "experts": len(rows),
                                      "losers": [f"{r['partition']}/{r['roi']} ({r['pair']})"
                                                 for r in rows if not r["wins"]]}
-    (recipe.out / "summary.json").write_text(json.dumps(out, indent=2))
-    _log("summary -> " + str(recipe.out / "summary.json"))
+    atomic_write(recipe.out / "summary.json", json.dumps(out, indent=2))
+    log("summary -> " + str(recipe.out / "summary.json"))
     print(json.dumps(out, indent=2))
     return out
 

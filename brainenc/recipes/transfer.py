@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from brainenc.ioutil import atomic_path, atomic_write
 from brainenc.models.universal import UniversalReadout
+from brainenc.rundir import RunDir
 
 INIT_MODES = ("random", "coords", "fit")
 
@@ -48,17 +50,13 @@ def base_fingerprint(module) -> dict[str, str]:
 
 
 def load_base(ckpt: str | Path):
-    """The crowd EncoderModule from a checkpoint written by ``brainenc fit`` (on CPU, frozen, eval)."""
+    """The crowd EncoderModule from a checkpoint written by ``brainenc fit``, or from a run
+    directory's :meth:`~brainenc.rundir.RunDir.checkpoint` (best, else last); on CPU, frozen, eval."""
     from brainenc.lit.encoder_module import EncoderModule
 
     ckpt = Path(ckpt)
-    if ckpt.is_dir():  # a run directory
-        for cand in ("checkpoints/last.ckpt", "checkpoints/best.ckpt"):
-            if (ckpt / cand).exists():
-                ckpt = ckpt / cand
-                break
-        else:
-            raise FileNotFoundError(f"{ckpt}: no checkpoints/last.ckpt or checkpoints/best.ckpt")
+    if ckpt.is_dir():  # a run directory: the checkpoint its test used
+        ckpt = RunDir(ckpt).require_checkpoint()
     if not ckpt.exists():
         raise FileNotFoundError(f"base checkpoint not found: {ckpt}")
     base = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu")
@@ -161,7 +159,10 @@ def transfer(base_ckpt: str | Path, stores: Sequence[str], subject: str, out: st
     hp = base.hparams
     if lr is None:
         lr = float(base.lr)
-    size = image_size or base.backbone.image_size
+    size = base.backbone.image_size  # the base backbone was built for its image size
+    if image_size not in (None, size):
+        raise ValueError(f"transfer: --image-size {image_size}: the base model's backbone takes {size} px "
+                         f"images ({base_ckpt}); leave --image-size out")
     dm = BrainDataModule(stores=list(stores), subjects=[subject], image_size=size, batch_size=batch_size,
                          eval_batch_size=128, train_limit=n_images, seed=seed)
     dm.setup()
@@ -211,14 +212,14 @@ def transfer(base_ckpt: str | Path, stores: Sequence[str], subject: str, out: st
     if changed:  # cannot happen with requires_grad off; fail loudly if it ever does
         raise RuntimeError(f"transfer changed base weights: {changed[:5]}")
     tdir = out / "transfer"
-    tdir.mkdir(parents=True, exist_ok=True)
-    torch.save({subject: readout.new_embedding[_slot(subject)].detach().cpu()}, tdir / "embeddings.pt")
+    with atomic_path(tdir / "embeddings.pt") as tmp:
+        torch.save({subject: readout.new_embedding[_slot(subject)].detach().cpu()}, tmp)
     r = model.test_results["pearson"][subject]
     summary = {"base": str(base_ckpt), "subject": subject, "n_images": n_images,
                "n_train_images": int(len(pair.split.train)), "init": init, "k": k, "epochs": epochs, "lr": lr,
                "pearson_median": float(np.nanmedian(r)), "base_unchanged": True,
                "retrieval": {kk: float(v) for kk, v in model.test_results["retrieval"][subject].items()}}
-    (tdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(tdir / "summary.json", json.dumps(summary, indent=2))
     return (summary, model) if return_model else summary
 
 
@@ -258,7 +259,8 @@ def main_transfer(argv: list[str]) -> int:
                     help="learning rate of the new embeddings (default: the base model's lr)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--voxels-per-step", type=int, default=None)
-    ap.add_argument("--image-size", type=int, default=None, help="default: the base backbone's")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="the base backbone's image size (the only one it takes; may be left out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit-train-batches", type=float, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

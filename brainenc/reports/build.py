@@ -16,14 +16,15 @@ Output layout (``OUT``)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from brainenc.ioutil import atomic_write
+from brainenc.results import Run, read_run
 
 from . import html as render
 from . import plots, tables
@@ -85,22 +86,8 @@ def retrieval_pivot(ret: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file in the same directory, then rename (never a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    _atomic_write(path, df.to_csv(index=False))
+    atomic_write(path, df.to_csv(index=False))
 
 
 def _save_figure(fig, out: Path, name: str) -> str:
@@ -110,7 +97,7 @@ def _save_figure(fig, out: Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     rel = f"figures/{name}.png"
-    _atomic_write(out / rel, buf.getvalue())
+    atomic_write(out / rel, buf.getvalue())
     return rel
 
 
@@ -138,7 +125,8 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
 
     Parameters
     ----------
-    run_dirs : sequence of paths, each holding results/voxels.csv (+ summary.json)
+    run_dirs : sequence of run directories, each holding results/voxels.csv (+ summary.json), or
+        of :class:`~brainenc.results.Run` already read (a sweep renames its cells' runs so)
     out : output directory (created; existing report files are replaced)
     threshold_p : one-sided p threshold for "voxel significantly > 0" (and FDR q)
     n_boot : bootstrap resamples for the CIs of medians (0 disables CIs)
@@ -156,15 +144,15 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     ------
     ReportInputError for unusable inputs (missing file/column, duplicate rows).
     """
-    run_dirs = [Path(p) for p in run_dirs]
-    if not run_dirs:
+    given = [r if isinstance(r, Run) else Path(r) for r in run_dirs]
+    if not given:
         raise ReportInputError("no run directories given; expected at least one RUN_DIR")
-    resolved = [p.resolve() for p in run_dirs]
-    if len(set(resolved)) != len(resolved):
-        raise ReportInputError(f"the same run directory was given twice: {[str(p) for p in run_dirs]}")
+    paths = [r.path if isinstance(r, Run) else r for r in given]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise ReportInputError(f"the same run directory was given twice: {[str(p) for p in paths]}")
     out = Path(out)
 
-    runs = tables.assign_labels([tables.load_run(p) for p in run_dirs])
+    runs = tables.assign_labels([r if isinstance(r, Run) else read_run(r) for r in given])
     notes = tables.attach_n_test(runs)
     df = tables.concat_runs(runs)
     notes += roi_mismatch_notes(df)
@@ -267,9 +255,9 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         if dnotes:
             blocks.append(("notes", dnotes))
 
-    _atomic_write(out / "report.md", render.render_markdown(title, blocks))
+    atomic_write(out / "report.md", render.render_markdown(title, blocks))
     html_path = out / "report.html"
-    _atomic_write(html_path, render.render_html(title, blocks, out))
+    atomic_write(html_path, render.render_html(title, blocks, out))
     return html_path
 
 
@@ -317,7 +305,7 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
         png = res / "embeddings_2d.png"
         if figures and png.exists():
             rel = f"figures/{_slug('embeddings', r.name)}.png"
-            _atomic_write(out / rel, png.read_bytes())
+            atomic_write(out / rel, png.read_bytes())
             figs.append(("figure", rel, f"{r.name}: voxel embeddings in 2-D (PCA, t-SNE), coloured by ROI"))
     if not rows:
         return []

@@ -1,8 +1,10 @@
-"""Load run directories and derive the per-ROI and paired comparison tables.
+"""The report's per-ROI and paired comparison tables, derived from runs read by
+:func:`brainenc.results.read_run`.
 
 Everything here works on the tidy per-voxel table every run writes
-(``RUN_DIR/results/voxels.csv``, see docs/reports.md) plus the small
-``results/summary.json``; nothing reads model checkpoints or the data store.
+(``RUN_DIR/results/voxels.csv``, schema in :mod:`brainenc.results`) plus the small
+``results/summary.json``; nothing reads model checkpoints or the data store.  The statistics
+(p-values, FDR, bootstrap, Wilcoxon) live in :mod:`brainenc.metrics.stats`.
 
 Vocabulary used in the output tables
 ------------------------------------
@@ -17,150 +19,19 @@ group
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-#: Columns voxels.csv must have, with what each holds (used in error messages).
-REQUIRED_COLUMNS: dict[str, str] = {
-    "run": "run name (str)",
-    "model": "model name (str)",
-    "backbone": "backbone name (str)",
-    "seed": "integer seed",
-    "dataset": "dataset name (str)",
-    "subject": "subject id (str or int)",
-    "voxel": "integer voxel index within the subject",
-    "roi": 'ROI name from the primary atlas ("none" if unlabelled)',
-    "x": "x coordinate in mm",
-    "y": "y coordinate in mm",
-    "z": "z coordinate in mm",
-    "space": 'coordinate space, e.g. "MNI152", "func1pt8mm", "fsaverage", "simbrain-flat"',
-    "pearson": "per-voxel Pearson r on the test set (float, NaN allowed)",
-    "noise_ceiling": "noise ceiling in percent (float, NaN allowed)",
-    "normalised": "noise-normalised score in percent (float, NaN allowed)",
-    "oracle": "simbrain oracle Pearson (float; NaN for real data)",
-}
-NUMERIC_COLUMNS = ("voxel", "x", "y", "z", "pearson", "noise_ceiling", "normalised", "oracle")
+from brainenc.metrics.roi import frac_oracle
+from brainenc.metrics.stats import bh_reject, bootstrap_median_ci, pearson_p_one_sided, stable_seed, wilcoxon_or_nan
+from brainenc.results import ResultsError, Run
+
+#: The report's input is a set of results tables: one error class for both
+ReportInputError = ResultsError
 ALL = "all"
-
-
-class ReportInputError(ValueError):
-    """Bad report input: the message names the file, the field and what was expected."""
-
-    input_error = True  # the CLI prints it without a traceback
-
-
-@dataclass
-class Run:
-    """One run directory as the report sees it.
-
-    Attributes
-    ----------
-    path : Path
-        The run directory.
-    voxels : DataFrame (n_rows, n_columns)
-        voxels.csv with ``subject`` and ``roi`` as str and ``label`` added.
-    summary : dict
-        results/summary.json ({} if absent).
-    """
-
-    path: Path
-    voxels: pd.DataFrame
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return str(self.summary.get("run") or self.voxels["run"].iloc[0])
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read and validate ``RUN_DIR/results/voxels.csv`` (+ summary.json if present).
-
-    Raises
-    ------
-    ReportInputError
-        Missing file, missing column, non-numeric numeric column, or duplicate
-        (run, model, dataset, subject, voxel) rows.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "results" / "voxels.csv"
-    if not path.is_file():
-        raise ReportInputError(
-            f"{path}: file not found; expected the run's per-voxel table "
-            f"(RUN_DIR/results/voxels.csv with columns {', '.join(REQUIRED_COLUMNS)})"
-        )
-    try:
-        # subject/roi/run are identifiers: keep them as strings ("01" must stay "01").
-        df = pd.read_csv(path, dtype={"subject": str, "roi": str, "run": str, "model": str,
-                                      "dataset": str, "space": str, "backbone": str},
-                         keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{path}: could not be parsed as CSV ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        expected = "; ".join(f"'{c}' ({REQUIRED_COLUMNS[c]})" for c in missing)
-        raise ReportInputError(f"{path}: missing column(s) {expected}; found columns {list(df.columns)}")
-    if df.empty:
-        raise ReportInputError(f"{path}: has a header but no rows; expected one row per voxel")
-    for col in NUMERIC_COLUMNS + tuple(c for c in ("n_test", "flat_x", "flat_y") if c in df.columns):
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
-            example = df.loc[bad, col].iloc[0]
-            raise ReportInputError(
-                f"{path}: column '{col}' must be numeric; row {int(bad.idxmax()) + 2} holds {example!r}"
-            )
-    # A row with fewer fields than the header (a truncated write, a hand edit) would otherwise
-    # be padded with NaN by pandas and silently drop out of medians.
-    import csv
-
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        width = len(next(reader))
-        for lineno, row in enumerate(reader, start=2):
-            if row and len(row) != width:
-                raise ReportInputError(f"{path}: line {lineno} has {len(row)} fields; expected {width} "
-                                       "(one per column of the header)")
-    for col in ("pearson", "noise_ceiling", "normalised", "oracle", "x", "y", "z"):
-        vals = df[col].to_numpy(dtype=np.float64)
-        if np.isinf(vals).any():
-            raise ReportInputError(f"{path}: column '{col}' holds Inf in row "
-                                   f"{int(np.flatnonzero(np.isinf(vals))[0]) + 2}; expected finite numbers or NaN")
-    for col in ("pearson", "oracle"):
-        vals = df[col].to_numpy(dtype=np.float64)
-        out = np.abs(vals) > 1 + 1e-6
-        if out.any():
-            raise ReportInputError(f"{path}: column '{col}' holds {vals[out][0]} in row "
-                                   f"{int(np.flatnonzero(out)[0]) + 2}; expected a correlation in [-1, 1] or NaN")
-    # A missing ROI label is the same thing as an unlabelled voxel.
-    df["roi"] = df["roi"].fillna("none")
-    df["subject"] = df["subject"].astype(str)
-    key = ["run", "model", "dataset", "subject", "voxel"]
-    dup = df.duplicated(key)
-    if dup.any():
-        row = df.loc[dup].iloc[0]
-        raise ReportInputError(
-            f"{path}: duplicate rows for {dict(row[key])}; expected one row per "
-            "(run, model, dataset, subject, voxel)"
-        )
-    summary: dict = {}
-    spath = run_dir / "results" / "summary.json"
-    if spath.is_file():
-        try:
-            summary = json.loads(spath.read_text())
-        except json.JSONDecodeError as exc:
-            raise ReportInputError(f"{spath}: not valid JSON ({exc})") from None
-        if not isinstance(summary, dict):
-            raise ReportInputError(f"{spath}: expected a JSON object, got {type(summary).__name__}")
-    return Run(path=run_dir, voxels=df, summary=summary)
 
 
 def assign_labels(runs: list[Run]) -> list[Run]:
@@ -226,91 +97,6 @@ def attach_n_test(runs: list[Run]) -> list[str]:
 def concat_runs(runs: list[Run]) -> pd.DataFrame:
     """All runs' voxel rows in one frame (n_rows_total, n_columns)."""
     return pd.concat([r.voxels for r in runs], ignore_index=True, sort=False)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def pearson_p_one_sided(r: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """One-sided p-value of H1: rho > 0 for sample correlations.
-
-    Uses t = r * sqrt((n - 2) / (1 - r^2)) with n - 2 degrees of freedom, the
-    exact null distribution of r for bivariate normal data.
-
-    Parameters
-    ----------
-    r : array (n_voxels,)
-    n : array (n_voxels,)  number of test images per voxel
-    Returns
-    -------
-    p : array (n_voxels,), NaN where r or n is NaN or n < 3.
-    """
-    r = np.asarray(r, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rc = np.clip(r, -1.0, 1.0)
-        t = rc * np.sqrt((n - 2.0) / (1.0 - rc**2))
-        p = stats.t.sf(t, n - 2.0)
-    p = np.where(rc >= 1.0, 0.0, np.where(rc <= -1.0, 1.0, p))
-    p[~np.isfinite(r) | ~np.isfinite(n) | (n < 3)] = np.nan
-    return p
-
-
-def bh_reject(p: np.ndarray, alpha: float) -> np.ndarray:
-    """Benjamini-Hochberg FDR rejections over the finite entries of ``p`` (NaN -> False)."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.zeros(p.shape, dtype=bool)
-    ok = np.isfinite(p)
-    if ok.any():
-        q = stats.false_discovery_control(p[ok], method="bh")
-        out[ok] = q <= alpha
-    return out
-
-
-def stable_seed(seed: int, *key: object) -> int:
-    """A seed derived from ``seed`` and a group key, independent of group order.
-
-    Why: each cell's bootstrap must not change when another run is added to
-    the report, so the generator is keyed by the cell, not by iteration order.
-    """
-    text = "\x1f".join(map(str, key)).encode()
-    return (int(seed) * 1_000_003 + zlib.crc32(text)) % (2**63)
-
-
-def bootstrap_median_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator,
-                        level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the median over voxels.
-
-    Parameters
-    ----------
-    values : array (n_voxels,) finite values (NaNs must be removed by the caller)
-    n_boot : number of resamples (0 -> no CI)
-    Returns
-    -------
-    (low, high) : floats, NaN when there are no values or n_boot == 0.
-    """
-    # Sorting once lets each resample's median be read off the order statistics of
-    # its *indices* (x sorted => order of x[idx] = order of idx): partitioning int32
-    # indices is ~2x faster than gathering floats and calling np.median, same result.
-    xs = np.sort(np.asarray(values, dtype=np.float64))
-    n = xs.size
-    if n == 0 or n_boot <= 0:
-        return (math.nan, math.nan)
-    k = n // 2
-    meds = np.empty(n_boot)
-    # Resample in blocks so memory stays ~ 8M indices whatever the voxel count.
-    block = max(1, min(n_boot, 8_000_000 // n))
-    for start in range(0, n_boot, block):
-        stop = min(n_boot, start + block)
-        idx = rng.integers(0, n, size=(stop - start, n), dtype=np.int32 if n < 2**31 else np.int64)
-        if n % 2:
-            meds[start:stop] = xs[np.partition(idx, k, axis=1)[:, k]]
-        else:
-            part = np.partition(idx, (k - 1, k), axis=1)
-            meds[start:stop] = 0.5 * (xs[part[:, k - 1]] + xs[part[:, k]])
-    a = (1.0 - level) / 2.0
-    lo, hi = np.percentile(meds, [100 * a, 100 * (1 - a)])
-    return (float(lo), float(hi))
 
 
 def _finite(a: pd.Series) -> np.ndarray:
@@ -386,7 +172,7 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
                 "median_normalised_ci_low": nlo, "median_normalised_ci_high": nhi,
                 "median_noise_ceiling": _nanmedian(g["noise_ceiling"]),
                 "median_oracle": _nanmedian(g["oracle"]),
-                "median_frac_oracle": _nanmedian(_frac_oracle(g)),
+                "median_frac_oracle": _nanmedian(pd.Series(frac_oracle(g["pearson"], g["oracle"]))),
                 "n_test": np.median(ntest) if ntest.size else np.nan,
                 # Denominator: voxels with a defined p (finite r and n); NaN voxels are
                 # counted in n_nan instead so a model is not rewarded for them.
@@ -394,13 +180,6 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
                 "frac_sig_fdr": g["_fdr"].to_numpy()[valid_p].mean() if valid_p.any() else np.nan,
             })
     return pd.DataFrame(rows)
-
-
-def _frac_oracle(g: pd.DataFrame) -> pd.Series:
-    """r / oracle where the oracle is > 0.1 (below that the ratio is noise), else NaN."""
-    o = g["oracle"].to_numpy(dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return pd.Series(np.where(o > 0.1, g["pearson"].to_numpy(dtype=np.float64) / o, np.nan))
 
 
 def _nanmedian(s: pd.Series) -> float:
@@ -451,14 +230,6 @@ def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[
         "model_a", "model_b", "dataset", "subject", "roi", "n_pairs", "median_a", "median_b",
         "median_diff", "mean_diff", "win_frac_a", "wilcoxon_stat", "wilcoxon_p"])
-
-
-def wilcoxon_or_nan(d: np.ndarray) -> tuple[float, float]:
-    """scipy.stats.wilcoxon(d) (two-sided, zero_method="wilcox"), or (NaN, NaN) if undefined."""
-    if d.size == 0 or not np.any(d != 0):
-        return (math.nan, math.nan)
-    res = stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided")
-    return (float(res.statistic), float(res.pvalue))
 
 
 def retrieval_table(runs: list[Run]) -> pd.DataFrame:

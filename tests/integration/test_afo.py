@@ -138,7 +138,7 @@ def test_interrupted_stage_resumes_from_last_checkpoint(afo, capsys):
     assert first["epoch"] == 0  # max_epochs 1
     # an interruption after the first epoch: checkpoint present, no results, no fit marker
     (whole / "results" / "voxels.csv").unlink()
-    (whole / "fit.done").unlink()
+    (whole / "run_state.json").unlink()
     r = copy.deepcopy(recipe)
     r["stages"]["whole"]["max_epochs"] = 2
     capsys.readouterr()
@@ -200,7 +200,7 @@ def test_experts_with_their_own_lora_adapters_run_and_feed_the_dark_stage(afo, t
     rec["stages"]["experts"]["init_args"] = {
         "expert_adapters": True,
         "backbone": {"class_path": "brainenc.models.backbones.Backbone",
-                     "init_args": {"name": "test_vit", "image_size": 32, "trainable": "lora"}}}
+                     "init_args": {"name": "test_vit", "trainable": "lora"}}}  # image size: the data's
     for stage in ("whole", "partitions"):  # reuse the finished stages
         shutil.copytree(out / stage, tmp_path / "run" / stage)
     r = AFORecipe(rec)

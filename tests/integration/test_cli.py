@@ -31,8 +31,39 @@ def test_print_config_resolves_interpolation():
                           str(REPO / "experiments/quickstart/linear.yaml")],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     cfg = yaml.safe_load(out)
-    assert cfg["model"]["init_args"]["backbone"]["init_args"]["image_size"] == cfg["data"]["image_size"]
+    # the backbone's image size is linked from the data: one value, printed once
+    assert cfg["data"]["image_size"] == 224
+    assert "image_size" not in cfg["model"]["init_args"]["backbone"]["init_args"]
     assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == "runs/quickstart/linear/checkpoints"
+
+
+def test_image_size_is_linked_from_data_to_backbone(tiny_brain, tmp_path):
+    from brainenc.cli import build_cli
+    from tests.helpers import smoke_fit_args
+
+    cli = build_cli(smoke_fit_args(tiny_brain, tmp_path / "run", "--data.image_size=40"), run=False,
+                    save_config_callback=None)
+    assert cli.datamodule.hparams.image_size == 40 and cli.model.backbone.image_size == 40
+    # and the checkpoint's hyperparameters hold it, so load_from_checkpoint rebuilds the same backbone
+    assert cli.model.hparams["backbone"]["init_args"]["image_size"] == 40
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_backbone_image_size_cannot_be_given(tiny_brain, tmp_path, where):
+    """A linked argument given as well would be silently dropped by jsonargparse: refuse it."""
+    from brainenc.errors import ConfigError
+    from tests.helpers import smoke_fit_args
+
+    if where == "config":
+        cfg = yaml.safe_load((SMOKE / "linear.yaml").read_text())
+        cfg["model"]["init_args"]["backbone"]["init_args"]["image_size"] = "${data.image_size}"
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump(cfg))
+        extra, match = ["-c", str(tmp_path / "old.yaml")], r"old.yaml: model.init_args.backbone.init_args.image_size'"
+    else:
+        extra, match = ["--model.init_args.backbone.init_args.image_size=48"], r"linked from data.image_size.*'48'"
+    with pytest.raises(ConfigError, match=match):
+        main(["fit", *smoke_fit_args(tiny_brain, tmp_path / "run", *extra)])
+    assert not (tmp_path / "run").exists()
 
 
 def _fit_test(config, tmp_path, brain, run, extra=()):
@@ -51,6 +82,24 @@ def runs(tiny_brain, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     return {"linear": _fit_test(SMOKE / "linear.yaml", tmp, tiny_brain, "linear"),
             "ridge": _fit_test(SMOKE / "ridge.yaml", tmp, tiny_brain, "ridge")}
+
+
+def test_a_tested_run_is_rebuilt_from_its_saved_config_with_its_best_weights(runs):
+    """The config `brainenc test` saved (with its own ckpt_path/verbose) rebuilds the model; the
+    weights are the run's best checkpoint (best before last: rundir.find_checkpoint)."""
+    import torch
+
+    from brainenc.cli import load_trained
+    from brainenc.lit.checkpoint import load_state_dict
+
+    run = runs["linear"].parent  # the fixture gives the results directory
+    saved = yaml.safe_load((run / "results" / "config.yaml").read_text())
+    assert "ckpt_path" in saved
+    model, dm = load_trained(run, run / "results" / "config.yaml")
+    assert model.backbone.image_size == dm.hparams.image_size == saved["data"]["image_size"]
+    best = load_state_dict(run / "checkpoints" / "best.ckpt")
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)
+    assert not model.training
 
 
 @pytest.mark.parametrize("model", ["linear", "ridge"])
@@ -187,19 +236,16 @@ def test_spatial_banded_pca_ridge_round_trips_through_the_cli(tiny_brain, tmp_pa
     np.testing.assert_allclose(one["pearson"], df["pearson"], atol=1e-6)
 
 
-def test_a_run_tested_by_brainenc_test_loads_for_analysis(runs):
-    """results/config.yaml of `brainenc test` also holds the test command's own options
-    (ckpt_path, verbose); the analyses rebuild the model from it all the same."""
-    import torch
+def test_cache_fill_precomputes_every_stimulus_at_the_linked_image_size(tiny_brain, tmp_path, monkeypatch, capsys):
+    import h5py
 
-    from brainenc.analysis.prf import load_tested_run
-    from brainenc.lit.checkpoint import load_state_dict
+    from tests.helpers import smoke_fit_args
 
-    run = runs["linear"].parent
-    assert "ckpt_path" in yaml.safe_load((run / "results" / "config.yaml").read_text())
-    model, dm = load_tested_run(run)
-    state = load_state_dict(run / "checkpoints" / "best.ckpt", "best")
-    got = model.state_dict()
-    assert {p.key for p in dm.pairs} == set(model.readout.voxel_counts)
-    for k, v in state.items():
-        assert torch.equal(got[k], v), k
+    monkeypatch.setenv("BRAINENC_CACHE", str(tmp_path / "cache"))
+    assert main(["cache", "fill", *smoke_fit_args(tiny_brain, tmp_path / "run", "--data.image_size=24")]) == 0
+    files = sorted((tmp_path / "cache" / "features").glob("*.h5"))
+    assert len(files) == 1 and "_24px_" in files[0].name
+    with h5py.File(files[0], "r") as f:
+        assert f["filled"][:].all() and f.attrs["image_size"] == 24
+    assert str(files[0]) in capsys.readouterr().out
+    assert main(["cache"]) == 2 and "usage: brainenc cache fill" in capsys.readouterr().out

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainenc.cli import RunFolderError, main
+from brainenc.cli import main
+from brainenc.rundir import RunFolderError
 
 from tests.helpers import REPO, smoke_fit_args as _args
 from tests.helpers import SMOKE_LINEAR as SMOKE
@@ -83,7 +84,8 @@ def test_afo_stage_child_dies_with_its_parent(tiny_brain, tmp_path):
     fit = ["fit", *_args(tiny_brain, tmp_path / "stage")]
     fit[2] = str(config)
     # the recipe's own launcher, in a parent process that the test then kills
-    parent = subprocess.Popen([sys.executable, "-c", f"from brainenc.recipes.afo import _cli; _cli({fit!r})"],
+    launch = f"from brainenc.recipes.stages import brainenc_command; brainenc_command({fit!r})"
+    parent = subprocess.Popen([sys.executable, "-c", launch],
                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = None
     try:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from brainenc.models.backbones import Backbone, Features, load_weights_file, resolve_weights
+from brainenc.models.backbone_weights import load_weights_file, resolve_weights
+from brainenc.models.backbones import Backbone, Features
 from brainenc.models.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, use_adapter
 
 SIZE = 64

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainenc.data.datamodule import read_images
+from brainenc.data.images import read_images
 from brainenc.data.store import Store
 from brainenc.features.cache import FeatureCache
 from brainenc.models.backbones import Backbone

@@ -104,7 +104,8 @@ def test_checkpoints_are_loaded_without_running_their_objects(tmp_path):
     assert not canary.exists()
 
 
-def test_afo_stage_checkpoint_is_loaded_weights_only(tmp_path):
+def test_afo_stage_checkpoint_is_loaded_weights_only(tmp_path, monkeypatch):
+    from brainenc import cli
     from brainenc.lit.checkpoint import CheckpointError
     from brainenc.recipes import afo
 
@@ -112,13 +113,10 @@ def test_afo_stage_checkpoint_is_loaded_weights_only(tmp_path):
     stage = tmp_path / "whole"
     (stage / "checkpoints").mkdir(parents=True)
     _evil_checkpoint(stage / "checkpoints" / "best.ckpt", canary)
-    orig = afo.instantiate
-    afo.instantiate = lambda *a, **k: (torch.nn.Linear(2, 2), None)  # the stage config is not the point
-    try:
-        with pytest.raises(CheckpointError, match="best.ckpt"):
-            afo.load_trained(stage)
-    finally:
-        afo.instantiate = orig
+    # the stage config is not the point: the model is rebuilt by brainenc.cli.instantiate
+    monkeypatch.setattr(cli, "instantiate", lambda *a, **k: (torch.nn.Linear(2, 2), None))
+    with pytest.raises(CheckpointError, match="best.ckpt"):
+        afo.load_trained(stage)
     assert not canary.exists()
 
 

@@ -19,7 +19,7 @@ from scipy import stats
 from brainenc.reports import ReportInputError, build_report, main_report
 from brainenc.reports.demo import write_demo_runs
 from brainenc.reports.brainmaps import infer_spacing, surface_values, volume_image
-from brainenc.reports.tables import bootstrap_median_ci, pearson_p_one_sided
+from brainenc.metrics.stats import bootstrap_median_ci, pearson_p_one_sided
 
 N_BOOT = 200
 N_TEST = 50

@@ -17,8 +17,8 @@ from brainenc.lit.experts import ExpertsModule
 from brainenc.models.experts import ExpertFeatures, ExpertsReadout
 from brainenc.models.retinotopic import (RetinotopicReadout, fourier_encode, normalise_coords, normalise_levels,
                                          read_level, sample_at)
-from brainenc.recipes.partitions import (kmeans_partition, random_partition, read_partitions,
-                                         write_partitions)
+from brainenc.models.partition_file import read_partitions, write_partitions
+from brainenc.recipes.partitions import kmeans_partition, random_partition
 
 SHAPES = ((6, 8, 8), (10, 4, 4))
 PAIR = "sim/subj01"

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from scipy.spatial import cKDTree
 
-from brainenc.data.simbrain import PRESETS, oracle_ceiling, pearson_columns, planned_shapes, simulate
+from brainenc.data.simbrain import PRESETS, oracle_ceiling, planned_shapes, simulate
+from brainenc.metrics.correlation import pearson_columns
 from brainenc.data.store import Store
 
 ROIS = {1: "V1", 2: "V2", 3: "V3", 4: "hV4", 5: "FFA", 6: "PPA"}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brainenc.analysis.embeddings import add_column_atomic, ari_table, cluster_embeddings
+from brainenc.analysis.embeddings import ari_table, cluster_embeddings
 from brainenc.lit.encoder_module import EncoderModule
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
@@ -174,14 +174,21 @@ def test_clustering_recovers_separated_groups_and_ari():
     assert abs(shuffled["a/s"]["ari"]) < 0.1
 
 
-def test_add_column_atomic(tmp_path):
-    p = tmp_path / "voxels.csv"
-    pd.DataFrame({"dataset": ["d"] * 3 + ["e"] * 2, "subject": ["s1"] * 3 + ["s1"] * 2,
-                  "voxel": [0, 1, 2, 1, 0], "pearson": [0.1] * 5}).to_csv(p, index=False)
-    add_column_atomic(p, "cluster", {"d/s1": np.array([5, 6, 7]), "e/s1": np.array([1, 2])})
-    df = pd.read_csv(p)
-    assert df["cluster"].tolist() == [5, 6, 7, 2, 1] and "pearson" in df
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["voxels.csv"]  # no temporary left behind
+def test_add_column_sets_labels_by_pair_and_voxel_atomically(tmp_path):
+    from brainenc.reports.demo import write_demo_runs
+    from brainenc.results import add_column, read_results
+
+    run = write_demo_runs(tmp_path / "runs", models=("universal",), subjects=("01", "02"), n_voxels=12)[0]
+    before = read_results(run)
+    labels = {"simbrain/01": np.arange(12) % 5}  # subject 02 gets no labels
+    add_column(run, "cluster", labels)
+    after = read_results(run)
+    assert after["subject"].tolist() == before["subject"].tolist() and set(after["subject"]) == {"01", "02"}
+    one = after[after["subject"] == "01"]
+    assert (one["cluster"].to_numpy() == labels["simbrain/01"][one["voxel"].to_numpy()]).all()
+    assert after.loc[after["subject"] == "02", "cluster"].isna().all()
+    np.testing.assert_array_equal(after["pearson"], before["pearson"])
+    assert sorted(x.name for x in (run / "results").iterdir()) == ["summary.json", "voxels.csv"]
 
 
 # ----------------------------------------------------------------------------- transfer initialisation

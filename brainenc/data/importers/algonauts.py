@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brainenc.data.importers.base import Importer, SourceError, StimulusPlan, SubjectPlan, load_image_file
+from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
+from brainenc.data.importers.source_files import SourceError, load_image_file
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 HEMIS = ("lh", "rh")

@@ -11,6 +11,8 @@ store of :mod:`brainenc.data.store`.  Everything dataset-specific lives in a sub
   of the import options, and a re-run skips subjects whose file is complete and matches;
 * recording source files with sizes and checksums;
 * streaming stimuli into ``stimuli.h5``, resized to a configurable square size.
+
+Reading the source files themselves (images, MATLAB, NIfTI) is :mod:`.source_files`'s job.
 """
 
 from __future__ import annotations
@@ -20,22 +22,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
 import yaml
 
+from brainenc.data.images import to_rgb_square
+from brainenc.data.importers.source_files import SourceError
 from brainenc.data.store import (MANIFEST, STIMULI, SPLIT_TEST, SPLIT_TRAIN, RoiAtlas, StimuliWriter,
-                                 StoreError, SubjectWriter, check_name, file_checksum, write_manifest)
+                                 SubjectWriter, check_name, file_checksum, write_manifest)
 
 ENV_DATA = "BRAINENC_DATA"
 ENV_MANIFESTS = "BRAINENC_MANIFESTS"
-
-
-class SourceError(StoreError):
-    """A *source* dataset file is missing or malformed (a :class:`StoreError`, so callers that
-    catch store problems catch these too).  The message names file, field and expectation."""
 
 
 # ----------------------------------------------------------------------------- source manifests
@@ -79,133 +78,6 @@ def store_subject_name(number: int) -> str:
 def fingerprint(obj) -> str:
     """Stable short hash of a JSON-able description of the import options."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def to_rgb_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop to a square, resize and return uint8 (size, size, 3).
-
-    ``img`` is (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1] / [0, 255].
-    Cropping (rather than stretching) keeps object proportions as seen by the subject for the
-    datasets whose images were square on screen.
-    """
-    from PIL import Image
-
-    a = np.asarray(img)
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        if np.nanmax(a) <= 1.0 + 1e-6:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"image of shape {a.shape}: expected (H, W[, 1|3|4])")
-    a = a[..., :3]
-    h, w = a.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    a = a[top:top + s, left:left + s]
-    if s != size:
-        a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC))
-    return np.ascontiguousarray(a, dtype=np.uint8)
-
-
-def load_image_file(path: Path, size: int) -> np.ndarray:
-    """Read an image file (any PIL format) -> uint8 (size, size, 3)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return to_rgb_square(np.asarray(im.convert("RGB")), size)
-    except (OSError, ValueError) as e:
-        raise SourceError(path, "<image>", "a readable image file", str(e)) from None
-
-
-def image_folder_stimuli(index: Mapping[str, Path], names, test, image_size: int, folder: Path, what: str):
-    """Stimuli that are image files named by the trial tables (GOD, THINGS).
-
-    index : {name: image path}; names : every name the trials use; test : names of test stimuli.
-    Returns (sorted names, split uint8 (n,), load(rows) -> iterator of uint8 (S, S, 3)).
-    """
-    missing = sorted(n for n in names if n not in index)
-    if missing:
-        raise SourceError(folder, "<image>", f"an image file for every {what}",
-                          f"{len(missing)} missing, e.g. {missing[0]}")
-    ids = sorted(names)
-    split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
-
-    def load(rows):
-        for r in rows:
-            yield load_image_file(index[ids[r]], image_size)
-
-    return ids, split, load
-
-
-def zscore_rows(x: np.ndarray, block: int = 128) -> np.ndarray:
-    """Z-score each column of ``x`` float32 (n_trials, n_voxels) over its rows, **in place**.
-
-    Statistics accumulate in float64 but over blocks of rows, so memory stays at one float32
-    copy of ``x`` (a float64 copy of a 750 x 15,000 session would double the importer's peak).
-    Constant columns become 0 (not NaN): a voxel with no variance in a session carries no signal.
-    NaNs are ignored when computing mean and sd and stay NaN.  Returns ``x``.
-    """
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    n, v = x.shape
-    s1 = np.zeros(v)
-    cnt = np.zeros(v)
-    for i in range(0, n, block):
-        b = x[i:i + block].astype(np.float64)
-        ok = np.isfinite(b)
-        s1 += np.where(ok, b, 0).sum(0)
-        cnt += ok.sum(0)
-    mu = s1 / np.maximum(cnt, 1)
-    s2 = np.zeros(v)
-    for i in range(0, n, block):
-        b = x[i:i + block].astype(np.float64) - mu
-        s2 += np.where(np.isfinite(b), b * b, 0).sum(0)
-    sd = np.sqrt(s2 / np.maximum(cnt, 1))
-    good = sd > 0
-    inv = np.where(good, 1.0 / np.where(good, sd, 1.0), 0.0)
-    for i in range(0, n, block):
-        b = (x[i:i + block].astype(np.float64) - mu) * inv
-        x[i:i + block] = b  # NaN stays NaN; constant columns become 0
-    return x
-
-
-def affine_coords(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    """Voxel indices ``ijk`` int (n, 3) -> millimetres float32 (n, 3) through a 4x4 affine."""
-    ijk = np.asarray(ijk, dtype=np.float64)
-    return (ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]).astype(np.float32)
-
-
-def read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read variables from a MATLAB file, v5 (scipy) or v7.3 (HDF5, h5py).
-
-    v7.3 files store arrays column-major, so h5py returns them transposed; they are transposed back
-    here so both versions give MATLAB's shape.
-    """
-    out: dict[str, np.ndarray] = {}
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            for n in names:
-                if n not in f:
-                    raise SourceError(path, n, "a variable of this MATLAB file", "missing")
-                out[n] = np.asarray(f[n][()]).T
-        return out
-    import scipy.io
-
-    try:
-        m = scipy.io.loadmat(path, variable_names=list(names))
-    except (ValueError, OSError, NotImplementedError) as e:
-        raise SourceError(path, "<file>", "a MATLAB .mat file", str(e)) from None
-    for n in names:
-        if n not in m:
-            raise SourceError(path, n, "a variable of this MATLAB file", "missing")
-        out[n] = np.asarray(m[n])
-    return out
 
 
 # ----------------------------------------------------------------------------- plan objects
@@ -402,7 +274,10 @@ class Importer:
     def plan_subject(self, subject: str, stimuli: StimulusPlan) -> SubjectPlan:
         raise NotImplementedError
 
-    def split_rule(self) -> dict:
+    def split_description(self) -> dict:
+        """The split rule as the source manifest describes it (``split``: prose and parameters),
+        recorded in the store's manifest. The rule itself is coded in each importer's
+        :meth:`plan_stimuli`, which sets every stimulus' split."""
         return dict(self.manifest["split"])
 
     # ---------------------------------------------------------------- orchestration
@@ -515,7 +390,7 @@ class Importer:
             "image_size": self.image_size,
             "roi_selection": self.roi,
             "options": self.options,
-            "split": {**self.split_rule(), "n_train": int((stim.split == SPLIT_TRAIN).sum()),
+            "split": {**self.split_description(), "n_train": int((stim.split == SPLIT_TRAIN).sum()),
                       "n_test": int((stim.split == SPLIT_TEST).sum())},
             "citation": self.manifest["citation"],
         })
@@ -537,42 +412,6 @@ class Importer:
             if batch:
                 w.write(np.stack(batch), ids)
             w.write_array("split", stim.split.astype(np.uint8),
-                          attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_rule())})
+                          attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_description())})
             for k, v in stim.labels.items():
                 w.write_array(f"labels/{k}", v)
-
-
-def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
-                      block_bytes: float = 64 * 2**20, int_scale: float = 1.0) -> np.ndarray:
-    """Values of voxels ``ijk`` (n_voxels, 3) in every volume of a 4-D NIfTI, float32 (n_vol, n_voxels).
-
-    Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
-    ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
-    """
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for bad headers
-        raise SourceError(path, "<file>", "a readable NIfTI file", str(e)) from None
-    if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
-        raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
-    n = img.shape[3]
-    if n_volumes is not None and n != n_volumes:
-        raise SourceError(path, "<volume>", f"{n_volumes} volumes (trials)", str(n))
-    slope = getattr(img.dataobj, "slope", 1.0)
-    inter = getattr(img.dataobj, "inter", 0.0)
-    raw_int = np.issubdtype(img.get_data_dtype(), np.integer) and slope in (1.0, None) and inter in (0.0, None)
-    i, j, k = np.asarray(ijk).T
-    out = np.empty((n, len(i)), np.float32)
-    block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
-    for sl in iter_blocks(n, block):
-        out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
-    if raw_int and int_scale != 1.0:
-        out /= np.float32(int_scale)
-    return out
-
-
-def iter_blocks(n: int, block: int) -> Iterator[slice]:
-    for start in range(0, n, block):
-        yield slice(start, min(n, start + block))

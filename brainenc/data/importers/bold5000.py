@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan, affine_coords,
-                                          load_image_file, read_nifti_masked, zscore_rows)
+from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
+from brainenc.data.importers.source_files import (SourceError, affine_coords, load_image_file, read_nifti_masked,
+                                                  zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 

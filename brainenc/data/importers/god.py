@@ -21,8 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan,
-                                          image_folder_stimuli)
+from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
+from brainenc.data.importers.source_files import SourceError, image_folder_stimuli
 from brainenc.data.store import RoiAtlas
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from brainenc.data.importers.base import (Importer, SourceError, StimulusPlan, SubjectPlan, affine_coords,
-                                          iter_blocks, read_mat, zscore_rows)
+from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
+from brainenc.data.importers.source_files import SourceError, affine_coords, iter_blocks, read_mat, zscore_rows
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 TRIALS_PER_SESSION = 750

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from brainenc.data.importers.base import Importer, SourceError, StimulusPlan, SubjectPlan, read_mat
+from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
+from brainenc.data.importers.source_files import SourceError, read_mat
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 

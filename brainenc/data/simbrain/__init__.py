@@ -9,7 +9,7 @@ See docs/simbrain.md for what is simulated.
 
 from .generate import simulate
 from .presets import PRESETS, Preset, DatasetSpec, planned_shapes, stimulus_plan
-from .responses import oracle_ceiling, pearson_columns
+from .responses import oracle_ceiling
 
 __all__ = ["simulate", "PRESETS", "Preset", "DatasetSpec", "planned_shapes", "stimulus_plan",
-           "oracle_ceiling", "pearson_columns"]
+           "oracle_ceiling"]

@@ -268,24 +268,6 @@ def oracle_ceiling(store, subject: str, stimulus_rows: np.ndarray,
             sums += ind @ block
         truth = f["truth/responses"][rows]  # float32; rows are sorted and unique
     sums /= counts[:, None]  # repeat-averaged measured responses
+    from brainenc.metrics.correlation import pearson_columns
+
     return pearson_columns(truth, sums)
-
-
-def pearson_columns(a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
-    """Column-wise Pearson r of two (n, v) arrays in float64; NaN for constant columns.
-
-    Works on blocks of ``block`` columns so temporaries stay small for wide arrays.
-    """
-    out = np.empty(a.shape[1])
-    for c in range(0, a.shape[1], block):
-        x = a[:, c:c + block].astype(np.float64)
-        y = b[:, c:c + block].astype(np.float64)
-        x -= x.mean(0)
-        y -= y.mean(0)
-        sxx, syy = (x * x).sum(0), (y * y).sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = (x * y).sum(0) / np.sqrt(sxx * syy)
-        # constant columns (exactly, or to rounding) have no defined correlation
-        r[(sxx <= 1e-24 * len(x)) | (syy <= 1e-24 * len(y))] = np.nan
-        out[c:c + block] = r
-    return out

@@ -1,0 +1,154 @@
+"""Reading the files source datasets come in: images, MATLAB files, masked NIfTI volumes.
+
+Every problem with a source file is a :class:`SourceError` naming the file, the field and what was
+expected.  The importers (:mod:`brainenc.data.importers`) call these; the shared import machinery
+is in :mod:`.base`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from brainenc.data.images import to_rgb_square
+from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, StoreError
+
+
+class SourceError(StoreError):
+    """A *source* dataset file is missing or malformed (a :class:`StoreError`, so callers that
+    catch store problems catch these too).  The message names file, field and expectation."""
+
+
+def load_image_file(path: Path, size: int) -> np.ndarray:
+    """Read an image file (any PIL format) -> uint8 (size, size, 3)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return to_rgb_square(np.asarray(im.convert("RGB")), size)
+    except (OSError, ValueError) as e:
+        raise SourceError(path, "<image>", "a readable image file", str(e)) from None
+
+
+def image_folder_stimuli(index: Mapping[str, Path], names, test, image_size: int, folder: Path, what: str):
+    """Stimuli that are image files named by the trial tables (GOD, THINGS).
+
+    index : {name: image path}; names : every name the trials use; test : names of test stimuli.
+    Returns (sorted names, split uint8 (n,), load(rows) -> iterator of uint8 (S, S, 3)).
+    """
+    missing = sorted(n for n in names if n not in index)
+    if missing:
+        raise SourceError(folder, "<image>", f"an image file for every {what}",
+                          f"{len(missing)} missing, e.g. {missing[0]}")
+    ids = sorted(names)
+    split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
+
+    def load(rows):
+        for r in rows:
+            yield load_image_file(index[ids[r]], image_size)
+
+    return ids, split, load
+
+
+def zscore_rows(x: np.ndarray, block: int = 128) -> np.ndarray:
+    """Z-score each column of ``x`` float32 (n_trials, n_voxels) over its rows, **in place**.
+
+    Statistics accumulate in float64 but over blocks of rows, so memory stays at one float32
+    copy of ``x`` (a float64 copy of a 750 x 15,000 session would double the importer's peak).
+    Constant columns become 0 (not NaN): a voxel with no variance in a session carries no signal.
+    NaNs are ignored when computing mean and sd and stay NaN.  Returns ``x``.
+    """
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    n, v = x.shape
+    s1 = np.zeros(v)
+    cnt = np.zeros(v)
+    for i in range(0, n, block):
+        b = x[i:i + block].astype(np.float64)
+        ok = np.isfinite(b)
+        s1 += np.where(ok, b, 0).sum(0)
+        cnt += ok.sum(0)
+    mu = s1 / np.maximum(cnt, 1)
+    s2 = np.zeros(v)
+    for i in range(0, n, block):
+        b = x[i:i + block].astype(np.float64) - mu
+        s2 += np.where(np.isfinite(b), b * b, 0).sum(0)
+    sd = np.sqrt(s2 / np.maximum(cnt, 1))
+    good = sd > 0
+    inv = np.where(good, 1.0 / np.where(good, sd, 1.0), 0.0)
+    for i in range(0, n, block):
+        b = (x[i:i + block].astype(np.float64) - mu) * inv
+        x[i:i + block] = b  # NaN stays NaN; constant columns become 0
+    return x
+
+
+def affine_coords(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Voxel indices ``ijk`` int (n, 3) -> millimetres float32 (n, 3) through a 4x4 affine."""
+    ijk = np.asarray(ijk, dtype=np.float64)
+    return (ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]).astype(np.float32)
+
+
+def read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Read variables from a MATLAB file, v5 (scipy) or v7.3 (HDF5, h5py).
+
+    v7.3 files store arrays column-major, so h5py returns them transposed; they are transposed back
+    here so both versions give MATLAB's shape.
+    """
+    out: dict[str, np.ndarray] = {}
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            for n in names:
+                if n not in f:
+                    raise SourceError(path, n, "a variable of this MATLAB file", "missing")
+                out[n] = np.asarray(f[n][()]).T
+        return out
+    import scipy.io
+
+    try:
+        m = scipy.io.loadmat(path, variable_names=list(names))
+    except (ValueError, OSError, NotImplementedError) as e:
+        raise SourceError(path, "<file>", "a MATLAB .mat file", str(e)) from None
+    for n in names:
+        if n not in m:
+            raise SourceError(path, n, "a variable of this MATLAB file", "missing")
+        out[n] = np.asarray(m[n])
+    return out
+
+
+def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
+                      block_bytes: float = 64 * 2**20, int_scale: float = 1.0) -> np.ndarray:
+    """Values of voxels ``ijk`` (n_voxels, 3) in every volume of a 4-D NIfTI, float32 (n_vol, n_voxels).
+
+    Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
+    ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise SourceError(path, "<file>", "a readable NIfTI file", str(e)) from None
+    if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
+        raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
+    n = img.shape[3]
+    if n_volumes is not None and n != n_volumes:
+        raise SourceError(path, "<volume>", f"{n_volumes} volumes (trials)", str(n))
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    raw_int = np.issubdtype(img.get_data_dtype(), np.integer) and slope in (1.0, None) and inter in (0.0, None)
+    i, j, k = np.asarray(ijk).T
+    out = np.empty((n, len(i)), np.float32)
+    block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
+    for sl in iter_blocks(n, block):
+        out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+    if raw_int and int_scale != 1.0:
+        out /= np.float32(int_scale)
+    return out
+
+
+def iter_blocks(n: int, block: int) -> Iterator[slice]:
+    for start in range(0, n, block):
+        yield slice(start, min(n, start + block))
