@@ -209,9 +209,16 @@ def instantiate(config: str | Path, cli_args: list[str] = ()):
     so are a saved config's sections other than :data:`MODEL_SECTIONS`."""
     cfg = yaml.safe_load(Path(config).read_text())
     extra = sorted(set(cfg) - set(MODEL_SECTIONS)) if isinstance(cfg, dict) else []
-    if extra:
+    backbone = _get(cfg, "model", "init_args", "backbone", "init_args")
+    # configs saved before image_size was linked repeat data.image_size in the backbone: the same
+    # value the link now gives it (a different value is still refused by refuse_linked_image_size)
+    stale = (isinstance(backbone, dict) and "image_size" in backbone
+             and backbone["image_size"] == _get(cfg, "data", "image_size"))
+    if extra or stale:
         import tempfile
 
+        if stale:
+            del backbone["image_size"]
         with tempfile.TemporaryDirectory() as tmp:
             kept = Path(tmp) / "config.yaml"
             kept.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in extra}, sort_keys=False))

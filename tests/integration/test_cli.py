@@ -102,6 +102,25 @@ def test_a_tested_run_is_rebuilt_from_its_saved_config_with_its_best_weights(run
     assert not model.training
 
 
+def test_a_config_saved_before_the_image_size_link_still_rebuilds_its_run(runs, tmp_path):
+    """Runs saved before data.image_size was linked repeat it in the backbone: the same value
+    is accepted (the link gives it anyway), a different one is refused with the field named."""
+    from brainenc.cli import instantiate
+    from brainenc.errors import ConfigError
+
+    run = runs["linear"].parent
+    saved = yaml.safe_load((run / "results" / "config.yaml").read_text())
+    size = saved["data"]["image_size"]
+    saved["model"]["init_args"]["backbone"]["init_args"]["image_size"] = size
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(saved))
+    model, dm = instantiate(tmp_path / "old.yaml")
+    assert model.backbone.image_size == dm.hparams.image_size == size
+    saved["model"]["init_args"]["backbone"]["init_args"]["image_size"] = size + 8
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="image_size"):
+        instantiate(tmp_path / "other.yaml")
+
+
 @pytest.mark.parametrize("model", ["linear", "ridge"])
 def test_fit_test_writes_results_for_every_voxel(runs, tiny_brain, model):
     from brainenc.data.store import Store
