@@ -222,7 +222,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
                    f"{dataset}: median noise-normalised score (%) per ROI with bootstrap CI")
         figure(lambda: plots.score_histograms(dd, dataset, colours), _slug("hist", dataset),
                f"{dataset}: distributions of per-voxel scores")
-        grid_blocks(blocks, ds[ds["subject"] == top], out, dataset, top, figure)
+        grid_blocks(blocks, ds[ds["subject"] == top], out, dataset, top, figure, list(dict.fromkeys(dd["run"])))
         pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
                  if (dd["label"] == a).any() and (dd["label"] == b).any()]
         if len(pairs) > max_pairs:
@@ -261,9 +261,11 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     return html_path
 
 
-def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, subject: str, figure) -> None:
+def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, subject: str, figure,
+                runs: list) -> None:
     """A run x model table and heat map when the runs form a grid (a sweep: one run name per
-    backbone, the same encoders in several runs); written to ``tables/grid_<dataset>.csv``.
+    backbone, the same encoders in several runs); written to ``tables/grid_<dataset>.csv``, rows in
+    ``runs`` order (the order the run directories were given).
 
     The score is the median r / oracle where the dataset has an oracle (simulated), else the
     median Pearson r.
@@ -273,7 +275,7 @@ def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, su
     metric, name = (("median_frac_oracle", "median r / oracle")
                     if np.isfinite(summary["median_frac_oracle"].to_numpy(dtype=np.float64)).any()
                     else ("median_pearson", "median Pearson r"))
-    table = plots.grid_table(summary, metric)
+    table = plots.grid_table(summary, metric, runs)
     flat = table.copy()
     flat.columns = [f"{m} {r}" for m, r in flat.columns]
     _write_csv(flat.reset_index(), out / "tables" / f"grid_{_slug(dataset)}.csv")

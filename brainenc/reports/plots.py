@@ -6,6 +6,8 @@ so a model is recognisable from figure to figure.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pandas as pd
 
@@ -150,19 +152,22 @@ def score_histograms(df: pd.DataFrame, dataset: str, colours: dict):
     return fig
 
 
-def grid_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+def grid_table(summary: pd.DataFrame, metric: str, runs: Optional[list] = None) -> pd.DataFrame:
     """``metric`` as a run x (model, ROI) table: the layout of a sweep (runs = backbones).
 
     Parameters
     ----------
     summary : roi_summary() rows of one dataset and subject (run, model, roi, <metric>)
+    runs : row order (e.g. the order the runs were given; a sweep's backbone order); default the
+        order of first appearance in ``summary``
     Returns
     -------
-    DataFrame indexed by run (first-seen order), columns a (model, roi) MultiIndex, ROIs in
+    DataFrame indexed by run, columns a (model, roi) MultiIndex, ROIs in
     :func:`_roi_order` without "none"; missing cells (a failed sweep cell) stay NaN.
     """
     d = summary[summary["roi"] != "none"]
-    runs = list(dict.fromkeys(d["run"]))
+    present = list(dict.fromkeys(d["run"]))
+    runs = [r for r in runs or [] if r in present] + [r for r in present if r not in (runs or [])]
     models = list(dict.fromkeys(d["model"]))
     rois = [r for r in _roi_order(d["roi"]) if r != "none"]
     t = d.pivot_table(index="run", columns=["model", "roi"], values=metric, aggfunc="first", dropna=False)

@@ -389,7 +389,7 @@ def test_runs_that_form_a_grid_get_a_run_by_model_table_and_heat_map(tmp_path):
     one encoder) gives tables/grid_<dataset>.csv equal to the per-cell medians of r / oracle."""
     runs = write_demo_runs(tmp_path / "runs", models=("ridge", "ridge", "retino", "retino", "retino"),
                            subjects=("01",), n_voxels=80)
-    backbones = ["lite0", "lite1", "lite0", "lite1", "vit"]
+    backbones = ["lite1", "lite0", "lite1", "lite0", "vit"]  # not alphabetical: rows keep this order
     raw = []
     for d, bb in zip(runs, backbones):
         path = d / "results" / "voxels.csv"
@@ -400,7 +400,7 @@ def test_runs_that_form_a_grid_get_a_run_by_model_table_and_heat_map(tmp_path):
         raw.append(df)
     build_report(runs, tmp_path / "out", n_boot=0, brainmaps=False)
     grid = pd.read_csv(tmp_path / "out" / "tables" / "grid_simbrain.csv")
-    assert list(grid["run"]) == ["lite0", "lite1", "vit"]
+    assert list(grid["run"]) == ["lite1", "lite0", "vit"]
     raw = pd.concat(raw)
     for (bb, model), g in raw.groupby(["run", "model"]):
         for roi, gr in g.groupby("roi"):
