@@ -118,6 +118,13 @@ class VoxelCrossAttention(nn.Module):
         return h * (keep / (1 - p))
 
 
+def token_grid(h: int, w: int, max_grid: Optional[int] = None) -> tuple[int, int]:
+    """(H', W'): a level's (H, W) map as :func:`level_tokens` lays out its spatial tokens,
+    each side capped at ``max_grid`` (None = no cap)."""
+    h, w = int(h), int(w)
+    return (h, w) if max_grid is None else (min(h, max_grid), min(w, max_grid))
+
+
 def level_tokens(fmap: Tensor, cls: Optional[Tensor], max_grid: Optional[int] = None) -> Tensor:
     """Tokens of one level: (B, 1 + H'*W', C).
 
@@ -125,8 +132,9 @@ def level_tokens(fmap: Tensor, cls: Optional[Tensor], max_grid: Optional[int] = 
     "global" token, so CNNs also offer whole-image context); the rest are the map positions,
     average-pooled to at most ``max_grid`` per side (bounds the attention cost of fine levels).
     """
-    if max_grid is not None and max(fmap.shape[-2:]) > max_grid:
-        fmap = F.adaptive_avg_pool2d(fmap, (min(fmap.shape[-2], max_grid), min(fmap.shape[-1], max_grid)))
+    grid = token_grid(*fmap.shape[-2:], max_grid)
+    if grid != tuple(fmap.shape[-2:]):
+        fmap = F.adaptive_avg_pool2d(fmap, grid)
     first = cls if cls is not None else fmap.mean(dim=(2, 3))
     return torch.cat([first[:, None, :], fmap.flatten(2).transpose(1, 2)], dim=1)
 
@@ -186,8 +194,7 @@ class UniversalReadout(Readout):
         self.attn = nn.ModuleList()
         for l in self.levels:
             c, h, w = spec.shapes[l]
-            if max_grid is not None:
-                h, w = min(h, max_grid), min(w, max_grid)
+            h, w = token_grid(h, w, max_grid)
             self.attn.append(VoxelCrossAttention(c, 1 + h * w, width, embed_dim, mlp_ratio, dropout,
                                                  shared_dropout_mask))
         # initial predictions ~0.1 sd for LayerNormed features: a large random start would make the

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brainenc.analysis.embeddings import ari_table, cluster_embeddings
+from brainenc.analysis.embedding_space import ari_table, cluster_embeddings
 from brainenc.lit.encoder_module import EncoderModule
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
@@ -245,7 +245,7 @@ def test_trained_embeddings_separate_voxel_types_better_than_their_start(tiny_br
     import h5py
     import lightning as L
 
-    from brainenc.analysis.embeddings import nn_same_label
+    from brainenc.analysis.embedding_space import nn_same_label
     from brainenc.data.datamodule import BrainDataModule
 
     L.seed_everything(0, verbose=False)
@@ -299,7 +299,7 @@ def test_balanced_initial_scale_of_the_two_readout_factors():
 
 
 def test_nn_same_label_and_embedding_structure():
-    from brainenc.analysis.embeddings import embedding_structure, nn_same_label
+    from brainenc.analysis.embedding_space import embedding_structure, nn_same_label
 
     rng = np.random.default_rng(0)
     labels = np.repeat([1, 2, 3], 50)
@@ -317,7 +317,7 @@ def test_nn_same_label_and_embedding_structure():
 def test_position_control_finds_types_that_position_hides():
     """Embeddings = a small type signal + a large smooth function of the receptive-field centre:
     k-means follows position unless the position basis is regressed out."""
-    from brainenc.analysis.embeddings import position_basis
+    from brainenc.analysis.embedding_space import position_basis
 
     rng = np.random.default_rng(0)
     n = 900
@@ -335,7 +335,7 @@ def test_position_control_finds_types_that_position_hides():
 
 def test_attention_centres_read_where_each_voxel_attends():
     """A readout wired so voxel i attends to token grid cell g_i gives that cell's centre."""
-    from brainenc.analysis.embeddings import attention_centres
+    from brainenc.analysis.embedding_space import attention_centres
 
     spec = FeatureSpec(shapes=((3, 4, 4),), pooled_dim=3, has_cls=False)
     r = UniversalReadout({"d/s": 5}, spec, embed_dim=17, width=17, mlp_ratio=0.0, dropout=0.0).eval()
