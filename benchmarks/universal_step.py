@@ -10,6 +10,9 @@ medians over repeats of about ``--seconds`` each:
 * a training step (forward + MSE - 0.1 cos loss + backward + AdamW) at several
   ``voxels_per_step``, with element-wise dropout 0.1, with one mask per step shared by the
   batch's images (``shared_dropout_mask``) and with dropout off (the mask's cost);
+* a training step of the crowd's size (``--crowd-voxels`` embedding rows, 384 voxels per step)
+  with AdamW's multi-tensor (``foreach``) and ``fused`` kernels: the optimiser updates every
+  row of the table although only the sampled rows have a gradient;
 * evaluation of every voxel of a batch of ``--eval-batch`` images in chunks of ``--chunk``:
   keys/values recomputed per chunk (the old ``predict_all``) vs computed once per batch
   (``Readout.prepare``), and the token preparation alone.
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--steps-voxels", type=int, nargs="+", default=[384, 768, 1536])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--crowd-voxels", type=int, default=9100)
     a = ap.parse_args()
 
     from brainenc.models.backbones import Backbone, Features
@@ -86,6 +90,29 @@ def main() -> None:
 
             row.append(timed(step, a.seconds) * 1e3)
         print(f"| {vps} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} |")
+
+    print(f"\ntraining step of a {a.crowd_voxels}-voxel crowd, 384 voxels per step (ms)")
+    print("| AdamW foreach | AdamW fused | optimiser step alone, foreach | fused |")
+    print("|---|---|---|---|")
+    row = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        r = UniversalReadout({pair: a.crowd_voxels}, spec, embed_dim=256, width=32, mlp_ratio=1.0,
+                             dropout=0.1, max_grid=8).train()
+        opt = torch.optim.AdamW(r.parameters(), lr=1e-3, weight_decay=0.01,
+                                **({"fused": True} if fused else {"foreach": True}))
+        y = torch.randn(a.batch, 384)
+
+        def step():
+            vox = torch.randperm(a.crowd_voxels)[:384]
+            loss = loss_fn(r(f_train, pair, vox), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        row.append(timed(step, a.seconds) * 1e3)
+        row.append(timed(opt.step, a.seconds) * 1e3)  # the gradients of the last step, again
+    print(f"| {row[0]:.1f} | {row[2]:.1f} | {row[1]:.1f} | {row[3]:.1f} |")
 
     r = UniversalReadout({pair: a.voxels}, spec, embed_dim=256, width=32, mlp_ratio=1.0,
                          dropout=0.1, max_grid=8).eval()

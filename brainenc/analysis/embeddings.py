@@ -25,14 +25,14 @@ import yaml
 from lightning.pytorch import Callback
 
 from brainenc.analysis.embedding_space import (attention_centres, ari_table, cluster_embeddings,
-                                               embedding_features, embedding_structure, nn_same_label,
+                                               decodable_types, embedding_features, embedding_structure, nn_same_label,
                                                position_basis, true_voxel_types)
 
 
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,
                 method: str = "kmeans", seed: int = 0, extra_embeddings: Optional[str | Path] = None,
                 merge_types: Optional[list[str]] = None, control: str = "position",
-                n_probe_images: int = 256) -> dict:
+                n_probe_images: int = 256, type_information: bool = True) -> dict:
     """Cluster a universal run's embeddings (all pairs pooled), write ``cluster`` and the ARI.
 
     Parameters
@@ -48,6 +48,9 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
         function of each voxel's receptive-field centre (:func:`attention_centres` on
         ``n_probe_images`` images of the pair's store, :func:`position_basis`); "none" clusters
         the embeddings as they are. Both scores are reported either way.
+    type_information : also score the supervised reference of :func:`type_information_of` (where
+        the store has truth): how much of the true types the embeddings and the measured
+        responses hold at all
     Returns
     -------
     dict: ARI per pair and pooled (all voxels, and signal voxels only) of the written clusters,
@@ -147,10 +150,63 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
             merged = {k: np.where(np.isin(truth[k], ids), min(ids), truth[k]) for k in scored}
             result["ari_merged"] = {"types": list(merge_types),
                                     **ari_table(scored, merged, signal)["pooled"]}
+        if type_information:
+            result["type_information"] = type_information_of(
+                {k: emb[k] for k in scored}, truth, stores, _data_config(run_dir), seed=seed)
     add_column(run_dir, "cluster", {k: v for k, v in labels.items() if k in in_table})
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
+
+
+def training_responses(store, subject: str, val_fraction: float = 0.1,
+                       test_fraction: float = 0.1) -> np.ndarray:
+    """Repeat-averaged responses to a subject's training stimuli, (n_train, n_voxels) float32,
+    read exactly as the datamodule reads them for training (the same split)."""
+    from brainenc.data.datamodule import PairBatchDataset, PairData
+
+    pair = PairData.build(store, subject, val_fraction, test_fraction)
+    return PairBatchDataset([pair], 0, "stimuli", load_images=False)[(0, pair.split.train)]["responses"].numpy()
+
+
+def type_information_of(emb: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
+                        stores: Mapping[str, str], data_config: Optional[Mapping] = None,
+                        seed: int = 0) -> dict:
+    """The supervised reference for the clustering ARI, per pair and pooled.
+
+    For each pair a linear classifier (:func:`decodable_types`, 5-fold cross-validated over
+    voxels) reads the true types from (a) the embedding directions and (b) each voxel's measured
+    response profile over the training stimuli (repeat-averaged, z-scored per voxel: the data
+    the embedding was fitted to). The ARI of its held-out predictions bounds, in practice, what
+    unsupervised clustering of that representation can reach; (b) below the clustering target
+    means the data, not the encoder, limit it.
+
+    Parameters
+    ----------
+    emb : {pair: (n_voxels, E)}; truth : {pair: int (n_voxels,)} true types
+    stores : {dataset: store dir}; data_config : the run's ``data`` section (split fractions)
+    Returns
+    -------
+    {"embeddings": ari_table, "responses": ari_table} (per pair and "pooled", ``ari`` only)
+    """
+    from brainenc.data.store import Store
+
+    cfg = data_config or {}
+    fractions = {"val_fraction": float(cfg.get("val_fraction", 0.1)),
+                 "test_fraction": float(cfg.get("test_fraction", 0.1))}
+    from_emb, from_resp = {}, {}
+    for key in emb:
+        ds, subject = key.split("/")
+        from_emb[key] = decodable_types(embedding_features(emb[key], standardise=False), truth[key], seed=seed)
+        y = training_responses(Store(stores[ds], validate=False), subject, **fractions).T  # (V, n_train)
+        y = (y - np.nanmean(y, 1, keepdims=True)) / np.maximum(np.nanstd(y, 1, keepdims=True), 1e-12)
+        from_resp[key] = decodable_types(y, truth[key], seed=seed)
+    return {"embeddings": ari_table(from_emb, truth), "responses": ari_table(from_resp, truth)}
+
+
+def _data_config(run_dir: Path) -> dict:
+    cfg = run_dir / "results" / "config.yaml"
+    return (yaml.safe_load(cfg.read_text()).get("data") or {}) if cfg.exists() else {}
 
 
 def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray],
@@ -285,10 +341,7 @@ def _stores_of(base, run_dir: Path) -> dict[str, str]:
     """{dataset name: store dir} from the run's datamodule hyperparameters."""
     from brainenc.data.store import Store
 
-    cfg = run_dir / "results" / "config.yaml"
-    dirs = []
-    if cfg.exists():
-        dirs = (yaml.safe_load(cfg.read_text()).get("data") or {}).get("stores") or []
+    dirs = _data_config(run_dir).get("stores") or []
     out = {}
     for d in dirs:
         try:
@@ -312,11 +365,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "the embeddings before clustering (default), or cluster them as they are")
     ap.add_argument("--merge-types", nargs="*", default=None,
                     help="true type names to count as one in the extra score ari_merged (e.g. V1 V2 V3)")
+    ap.add_argument("--no-type-information", action="store_true",
+                    help="skip the supervised reference (types read by a classifier from the embeddings "
+                         "and from the measured responses)")
     a = ap.parse_args(argv)
     res = cluster_run(a.run_dir, a.ckpt, a.n_clusters, a.method, a.seed, merge_types=a.merge_types,
-                      control=a.control)
+                      control=a.control, type_information=not a.no_type_information)
     print(json.dumps({k: res[k] for k in ("ari", "uncontrolled", "position_controlled", "ari_merged",
-                                          "nn_same_roi", "sizes") if k in res}, indent=2))
+                                          "type_information", "nn_same_roi", "sizes") if k in res}, indent=2))
     return 0
 
 

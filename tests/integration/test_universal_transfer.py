@@ -67,6 +67,11 @@ def test_crowd_fit_test_writes_all_pairs_and_clusters(crowd):
     # both clusterings are scored; the written one is the position-controlled clustering
     assert saved["position_controlled"]["ari"]["ari"] == pytest.approx(res["ari"]["pooled"]["ari"])
     assert -1 <= saved["uncontrolled"]["ari"]["ari"] <= 1
+    # the supervised reference reads the true types from embeddings and from measured responses;
+    # the tiny store's responses carry its types well above chance
+    info = saved["type_information"]
+    assert set(info["embeddings"]) == set(info["responses"]) == pairs | {"pooled"}
+    assert info["responses"]["pooled"]["ari"] > 0.2
 
 
 def test_transfer_trains_only_new_embeddings(stores, crowd, tmp_path):

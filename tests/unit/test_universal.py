@@ -236,6 +236,35 @@ def test_predict_all_computes_keys_values_once_per_batch(monkeypatch):
     assert pred.shape == (2, 23) and len(calls) == 1
 
 
+def test_fused_adamw_takes_the_same_steps_as_foreach():
+    """The module's optimiser uses the fused AdamW kernel; over sparse-row steps of the crowd
+    readout (only the sampled embedding rows have a gradient, weight decay on all) it follows
+    the multi-tensor update to float32 rounding."""
+    from brainenc.lit.encoder_module import adamw
+
+    def run(fused: bool) -> UniversalReadout:
+        r = _readout(dropout=0.0).train()
+        groups = [{"params": list(r.parameters()), "lr": 3e-3}]
+        opt = adamw(groups, 0.01) if fused else torch.optim.AdamW(groups, weight_decay=0.01, foreach=True)
+        assert opt.defaults["fused"] is (True if fused else None)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            vox = torch.randperm(COUNTS["dsA/subj01"], generator=g)[:4]
+            y = torch.randn(3, 4, generator=g)
+            loss = ((r(_features(seed=step), "dsA/subj01", vox) - y) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return r
+
+    a, b = run(True), run(False)
+    start = _readout()
+    moved = (a.embedding - start.embedding).abs().max()
+    assert moved > 1e-3  # the steps did something
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- embeddings learn function
 def test_trained_embeddings_separate_voxel_types_better_than_their_start(tiny_brain):
     """Tiny simbrain, one 7T-like subject: after a short fit, a voxel's nearest neighbours in
@@ -331,6 +360,23 @@ def test_position_control_finds_types_that_position_hides():
     ari = lambda lab: ari_table({"a/s": lab}, {"a/s": truth})["a/s"]["ari"]  # noqa: E731
     assert ari(plain) < 0.3
     assert ari(controlled) > 0.95
+
+
+def test_decodable_types_reads_types_that_are_there_and_not_those_that_are_not():
+    """The supervised reference: a classifier recovers types that shift the rows (ARI near 1),
+    finds nothing in rows that carry no type (ARI near 0), and predicts every voxel out of fold."""
+    from brainenc.analysis.embedding_space import decodable_types
+
+    rng = np.random.default_rng(1)
+    truth = np.repeat([0, 1, 2, 3], 150)
+    noise = rng.normal(size=(600, 80))
+    informative = noise + np.eye(80)[truth * 7] * 6.0
+    ari = lambda lab: ari_table({"a/s": lab}, {"a/s": truth})["a/s"]["ari"]  # noqa: E731
+    assert ari(decodable_types(informative, truth)) > 0.9
+    assert abs(ari(decodable_types(noise, truth))) < 0.05
+    # cross-validation needs every type in at least two folds
+    with pytest.raises(ValueError, match="fewer than 2 voxels"):
+        decodable_types(noise[:5], np.array([0, 0, 1, 1, 2]))
 
 
 def test_attention_centres_read_where_each_voxel_attends():
