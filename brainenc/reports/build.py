@@ -289,8 +289,11 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
     """An "Embeddings" section for runs clustered by ``python -m brainenc.analysis.embeddings``.
 
     Per run with ``results/clusters.json``: the pooled ARI against the true voxel types (of the
-    written clusters, and of the clustering without the position control), the fraction of embedding-space nearest neighbours in the same ROI, and the run's
-    ``results/embeddings_2d.png`` (copied into figures/). Runs without them add nothing.
+    written clusters, and of the clustering without the position control), the fraction of
+    embedding-space nearest neighbours in the same ROI, the supervised reference (types read by a
+    classifier from the embeddings and from the measured responses; empty for files written
+    before it existed), and the run's ``results/embeddings_2d.png`` (copied into figures/). Runs
+    without them add nothing.
     """
     rows, figs = [], []
     for r in runs:
@@ -299,11 +302,14 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
             continue
         c = json.loads((res / "clusters.json").read_text())
         pooled = (c.get("ari") or {}).get("pooled", {})
+        info = c.get("type_information") or {}
         rows.append({"run": r.name, "clusters": c.get("n_clusters"), "method": c.get("method"),
                      "control": c.get("control", "none"),
                      "ARI (all voxels)": pooled.get("ari"), "ARI (signal voxels)": pooled.get("ari_signal"),
                      "ARI uncontrolled": ((c.get("uncontrolled") or {}).get("ari") or {}).get("ari"),
-                     "NN same ROI": (c.get("nn_same_roi") or {}).get("fraction")})
+                     "NN same ROI": (c.get("nn_same_roi") or {}).get("fraction"),
+                     **{f"ARI supervised, {src}": ((info.get(src) or {}).get("pooled") or {}).get("ari")
+                        for src in ("embeddings", "responses")}})
         png = res / "embeddings_2d.png"
         if figures and png.exists():
             rel = f"figures/{_slug('embeddings', r.name)}.png"
@@ -313,8 +319,10 @@ def embedding_blocks(runs, out: Path, figures: bool = True) -> list:
         return []
     return [("h", 2, "Embeddings"),
             ("table", pd.DataFrame(rows), "Clusters of the voxel embeddings vs the true voxel types "
-             "(adjusted Rand index) and the fraction of each voxel's 10 nearest embedding-space "
-             "neighbours in its ROI (results/clusters.json)"), *figs]
+             "(adjusted Rand index), the fraction of each voxel's 10 nearest embedding-space "
+             "neighbours in its ROI, and the ARI a classifier trained on the true types reaches, "
+             "out of fold, from the embeddings and from the measured responses: what the "
+             "representation and the data hold (results/clusters.json)"), *figs]
 
 
 def _shared_vmax(values: np.ndarray) -> float:

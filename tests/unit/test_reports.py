@@ -370,13 +370,15 @@ def test_embedding_section_from_clustered_runs_only(tmp_path):
     res = runs[0] / "results"
     (res / "clusters.json").write_text(json.dumps(
         {"method": "kmeans", "n_clusters": 7, "ari": {"pooled": {"ari": 0.271, "ari_signal": 0.254}},
-         "nn_same_roi": {"k": 10, "fraction": 0.763}}))
+         "nn_same_roi": {"k": 10, "fraction": 0.763},
+         "type_information": {"embeddings": {"pooled": {"ari": 0.658}}, "responses": {"pooled": {"ari": 0.644}}}}))
     fig = plt.figure(figsize=(2, 2))
     fig.savefig(res / "embeddings_2d.png")
     plt.close(fig)
     html = build_report(runs, tmp_path / "out", n_boot=0, brainmaps=False)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Embeddings" in md and "0.763" in md and "0.271" in md
+    assert "ARI supervised, responses" in md and "0.644" in md and "0.658" in md
     emb = list((tmp_path / "out" / "figures").glob("embeddings_*.png"))
     assert len(emb) == 1 and emb[0].read_bytes() == (res / "embeddings_2d.png").read_bytes()
     assert html.read_text().count("<img") == len(list((tmp_path / "out" / "figures").glob("*.png")))
