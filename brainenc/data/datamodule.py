@@ -14,6 +14,7 @@ HDF5 files are opened lazily, once per worker process, and every batch is one so
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -200,7 +201,9 @@ class BrainDataModule(L.LightningDataModule):
     batch_size, eval_batch_size : images per batch
     train_unit : "stimuli" (repeat-averaged responses per image) or "trials" (single trials)
     val_fraction, test_fraction : hash-based fractions (test only when the store has no split)
-    sampling_weights : {"dataset" or "dataset/subject": weight} for mixing pairs in training
+    sampling_weights : {"dataset" or "dataset/subject": weight >= 0} for mixing pairs in training
+        (a pair's own entry wins over its dataset's; pairs not named weigh 1; names that match no
+        pair of the run are warned about)
     simulate : simbrain preset to generate missing stores with (e.g. "quickstart"), or None
     load_images : read and resize images for every batch; set False when the model reads
         features from a filled feature cache (the cache reads its own misses)
@@ -234,6 +237,9 @@ class BrainDataModule(L.LightningDataModule):
             raise ConfigError("data.train_limit", "a positive integer or null", train_limit)
         if not stores:
             raise ConfigError("data.stores", "at least one store directory", stores)
+        for key, value in (sampling_weights or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ConfigError(f"data.sampling_weights[{key!r}]", "a finite number >= 0", value)
         self.save_hyperparameters()
         self.store_dirs = [Path(s) for s in stores]
         self.pairs: list[PairData] = []
@@ -343,10 +349,13 @@ class BrainDataModule(L.LightningDataModule):
         w = self.hparams.sampling_weights
         if not w:
             return None
-        out = []
-        for p in self.pairs:
-            out.append(float(w.get(p.key, w.get(p.info.dataset, 1.0))))
-        return out
+        known = {p.key for p in self.pairs} | {p.info.dataset for p in self.pairs}
+        unknown = sorted(set(w) - known)
+        if unknown:
+            # e.g. a crowd config's weights after --data.subjects dropped a dataset, or a typo
+            warnings.warn(f"data.sampling_weights: {unknown} name no dataset or dataset/subject of this "
+                          f"run (have {sorted(known)}); those weights are not used", stacklevel=2)
+        return [float(w.get(p.key, w.get(p.info.dataset, 1.0))) for p in self.pairs]
 
     # ---------------------------------------------------------------- loaders
     def _units(self, split: str) -> list[np.ndarray]:

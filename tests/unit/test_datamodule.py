@@ -128,3 +128,24 @@ def test_missing_store_without_simulate_is_a_clear_error(tmp_path):
     dm = BrainDataModule(stores=[str(tmp_path / "nowhere")])
     with pytest.raises(StoreError, match="nowhere"):
         dm.setup()
+
+
+def test_sampling_weights_by_dataset_and_pair_and_their_checks(tiny_brain):
+    """A dataset's weight applies to its subjects, a pair's own weight overrides it; a weight
+    that is not a finite number >= 0 is refused; a name matching no pair is reported, not
+    silently dropped."""
+    from brainenc.errors import ConfigError
+
+    stores = [str(tiny_brain["simbrain7t"]), str(tiny_brain["simbrain3t"])]
+    dm = BrainDataModule(stores=stores, sampling_weights={"simbrain3t": 2.0, "simbrain3t/subj02": 0.5})
+    dm.setup("fit")
+    got = dict(zip([p.key for p in dm.pairs], dm._weights()))
+    assert got == {"simbrain7t/subj01": 1.0, "simbrain7t/subj02": 1.0,
+                   "simbrain3t/subj01": 2.0, "simbrain3t/subj02": 0.5}
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ConfigError, match="sampling_weights"):
+            BrainDataModule(stores=stores, sampling_weights={"simbrain3t": bad})
+    typo = BrainDataModule(stores=stores, sampling_weights={"simbrian3t": 2.0})
+    typo.setup("fit")
+    with pytest.warns(UserWarning, match="simbrian3t"):
+        assert typo._weights() == [1.0] * len(typo.pairs)
