@@ -25,8 +25,8 @@ import yaml
 from lightning.pytorch import Callback
 
 from brainenc.analysis.embedding_space import (attention_centres, ari_table, cluster_embeddings,
-                                               decodable_types, embedding_features, embedding_structure, nn_same_label,
-                                               position_basis, true_voxel_types)
+                                               decodable_types, embedding_features, embedding_structure,
+                                               nn_same_label, position_basis, true_voxel_types)
 
 
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,

@@ -294,4 +294,3 @@ def adamw(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
     except RuntimeError:  # "fused=True requires all the params to be floating point Tensors of supported devices"
         return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
-
