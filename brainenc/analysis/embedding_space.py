@@ -94,7 +94,7 @@ def attention_centres(readout, pair: str, features, chunk: int = 1024) -> np.nda
                 a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
                 gy, gx = torch.meshgrid((torch.arange(hh) + 0.5) / hh * 2 - 1,
                                         (torch.arange(ww) + 0.5) / ww * 2 - 1, indexing="ij")
-                grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(a.dtype)  # (H*W, 2)
+                grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(a.device, a.dtype)  # (H*W, 2)
                 cents.append(a @ grid)                                            # (V, 2)
                 shares.append((h * w[:, li][None]).sum(-1).var(0))                # (V,)
             share = torch.stack(shares, 1)                                        # (V, L)
@@ -102,7 +102,7 @@ def attention_centres(readout, pair: str, features, chunk: int = 1024) -> np.nda
             # a voxel whose prediction does not vary (dead or constant) weighs its levels equally
             share = torch.where(total > 0, share / total.clamp_min(1e-30), torch.full_like(share, 1 / share.shape[1]))
             out.append((torch.stack(cents, 1) * share[..., None]).sum(1))
-    return torch.cat(out).double().numpy()
+    return torch.cat(out).cpu().double().numpy()
 
 
 def cluster_embeddings(emb: np.ndarray, n_clusters: int = 7, method: str = "kmeans", seed: int = 0,
@@ -185,7 +185,7 @@ def decodable_types(x: np.ndarray, types: np.ndarray, folds: int = 5, seed: int 
 def embedding_structure(emb: Mapping[str, np.ndarray], types: Mapping[str, np.ndarray],
                         rois: Optional[Mapping[str, np.ndarray]] = None,
                         initial: Optional[Mapping[str, np.ndarray]] = None, n_clusters: int = 7,
-                        k: int = 10, seed: int = 0) -> dict:
+                        k: int = 10, seed: int = 0, centres: Optional[Mapping[str, np.ndarray]] = None) -> dict:
     """How much function the embeddings encode, pooled over pairs.
 
     Parameters
@@ -195,13 +195,16 @@ def embedding_structure(emb: Mapping[str, np.ndarray], types: Mapping[str, np.nd
     rois : {pair: int (n_voxels,)} ROI labels for the nearest-neighbour score (default ``types``)
     initial : {pair: (n_voxels, E)} the embeddings at initialisation; adds the displacement
         diagnostics below
+    centres : {pair: (n_voxels, 2)} receptive-field centres (:func:`attention_centres`); adds the
+        position-controlled scores below (the default of :func:`~brainenc.analysis.embeddings.cluster_run`)
     Returns
     -------
     dict with ``ari`` (k-means of the embeddings vs ``types``, all voxels), ``ari_signal`` (type != 0
     only), ``nn_same_roi`` (see :func:`nn_same_label`), ``nn_chance``; with ``initial`` also
     ``rel_displacement`` = rms(e - e0) / rms(e0) and ``ari_learned``, the ARI of the
     displacement e - e0 alone: high ``ari_learned`` with low ``ari`` means that training found the
-    structure but the random start hides it
+    structure but the random start hides it; with ``centres`` also ``ari_position_controlled`` and
+    ``nn_same_roi_position_controlled`` (:func:`position_basis` of the centres regressed out)
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -220,6 +223,11 @@ def embedding_structure(emb: Mapping[str, np.ndarray], types: Mapping[str, np.nd
         d = x - x0
         out["rel_displacement"] = float(np.sqrt((d ** 2).mean() / max((x0 ** 2).mean(), 1e-30)))
         out["ari_learned"] = float(adjusted_rand_score(t, cluster_embeddings(d, n_clusters, seed=seed)))
+    if centres is not None:
+        basis = position_basis(np.concatenate([centres[k_] for k_ in keys]))
+        out["ari_position_controlled"] = float(adjusted_rand_score(
+            t, cluster_embeddings(x, n_clusters, seed=seed, control=basis)))
+        out["nn_same_roi_position_controlled"] = nn_same_label(x, r, k, control=basis)
     return out
 
 

@@ -269,10 +269,11 @@ def plot_embeddings_2d(emb: Mapping[str, np.ndarray], rois: Mapping[str, np.ndar
 class EmbeddingProbe(Callback):
     """Lightning callback: after each validation, score the universal readout's embeddings.
 
-    Logs ``embed/ari``, ``embed/ari_signal``, ``embed/nn_same_roi``, ``embed/rel_displacement``
-    and ``embed/ari_learned`` (see :func:`embedding_structure`) for the pairs whose store has
-    simbrain's ``truth/voxel_type``; ROI labels for the neighbour score come from the first ROI
-    atlas of each subject. Does nothing for other readouts or stores without truth.
+    Logs ``embed/ari``, ``embed/ari_signal``, ``embed/nn_same_roi``, ``embed/rel_displacement``,
+    ``embed/ari_learned`` and, with ``n_probe_images`` > 0, ``embed/ari_position_controlled`` and
+    ``embed/nn_same_roi_position_controlled`` (see :func:`embedding_structure`) for the pairs
+    whose store has simbrain's ``truth/voxel_type``; ROI labels for the neighbour score come from
+    the first ROI atlas of each subject. Does nothing for other readouts or stores without truth.
 
     Parameters
     ----------
@@ -280,10 +281,14 @@ class EmbeddingProbe(Callback):
     k : neighbours for ``nn_same_roi``
     every_n_epochs : score after every n-th validation (k-means of a few thousand voxels takes
         seconds)
+    n_probe_images : images per store from which the receptive-field centres of the position
+        control are read (:func:`attention_centres`; fewer than the analysis' 256 to keep the
+        probe cheap); 0 logs the uncontrolled scores only
     """
 
-    def __init__(self, n_clusters: int = 7, k: int = 10, every_n_epochs: int = 1):
+    def __init__(self, n_clusters: int = 7, k: int = 10, every_n_epochs: int = 1, n_probe_images: int = 64):
         self.n_clusters, self.k, self.every_n_epochs = n_clusters, k, every_n_epochs
+        self.n_probe_images = int(n_probe_images)
         self._initial: Optional[dict] = None
         self._truth: Optional[dict] = None
         self._seen = 0
@@ -308,6 +313,21 @@ class EmbeddingProbe(Callback):
             rois[p.key] = atlas.values.astype(np.int64) if atlas is not None else types[p.key]
         return {"types": types, "rois": rois}
 
+    def _centres(self, trainer, pl_module, readout) -> dict:
+        """{pair: (n_voxels, 2)} receptive-field centres on ``n_probe_images`` of each store."""
+        import torch
+
+        pairs = [p for p in trainer.datamodule.pairs if p.key in self._truth["types"]]
+        prepared, out = {}, {}
+        with torch.no_grad():
+            for p in pairs:
+                if p.store.root not in prepared:  # the subjects of one store share its probe images
+                    n = min(self.n_probe_images, p.store.n_stimuli)
+                    rows = np.unique(np.linspace(0, p.store.n_stimuli - 1, n).astype(np.int64))
+                    prepared[p.store.root] = readout.prepare(pl_module.features_of_rows(p.store, rows))
+                out[p.key] = attention_centres(readout, p.key, prepared[p.store.root])
+        return out
+
     def on_fit_start(self, trainer, pl_module) -> None:
         r = self._readout(pl_module)
         if r is not None:
@@ -325,8 +345,9 @@ class EmbeddingProbe(Callback):
         if not self._truth["types"]:
             return
         emb = {p: r.voxel_weights(p).cpu().numpy() for p in self._truth["types"]}
+        centres = self._centres(trainer, pl_module, r) if self.n_probe_images > 0 else None
         res = embedding_structure(emb, self._truth["types"], self._truth["rois"], self._initial,
-                                  self.n_clusters, self.k)
+                                  self.n_clusters, self.k, centres=centres)
         for name, v in res.items():
             pl_module.log(f"embed/{name}", v, sync_dist=False)
 

@@ -74,6 +74,20 @@ def test_crowd_fit_test_writes_all_pairs_and_clusters(crowd):
     assert info["responses"]["pooled"]["ari"] > 0.2
 
 
+def test_embedding_probe_logs_position_controlled_scores_during_fit(stores, tmp_path):
+    """The probe overlay scores the embeddings after each validation, the position-controlled
+    clustering (the analysis' default) included, from the model's own receptive-field centres."""
+    probe = str(Path(CFG).parents[1] / "universal" / "probe.yaml")
+    run = tmp_path / "probe"
+    assert brainenc(["fit", "-c", CFG, "-c", probe, "--data.stores", json.dumps(stores),
+                     "--trainer.default_root_dir", str(run), *FAST]) == 0
+    metrics = pd.concat(pd.read_csv(f) for f in run.glob("logs/*/metrics.csv"))
+    for name, lo in (("embed/ari", -1), ("embed/ari_position_controlled", -1),
+                     ("embed/nn_same_roi", 0), ("embed/nn_same_roi_position_controlled", 0)):
+        v = metrics[name].dropna()
+        assert len(v) == 1 and lo <= v.iloc[0] <= 1, name
+
+
 def test_transfer_trains_only_new_embeddings(stores, crowd, tmp_path):
     from brainenc.recipes.transfer import load_base, transfer
 
