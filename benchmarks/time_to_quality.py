@@ -4,9 +4,10 @@
         after=runs/real/crowd_holdout --out docs/figures/universal_time_to_quality.png
 
 Reads each run's CSVLogger ``logs/version_*/metrics.csv`` (``time/fit_s``, logged by
-``EncoderModule`` after every validation, and ``val/pearson_median``; ``embed/ari`` and
-``embed/nn_same_roi`` when the run had the ``EmbeddingProbe``). Prints a markdown table (per
-epoch: wall seconds, validation median, ARI) and the first time each run reached given fractions
+``EncoderModule`` after every validation, and ``val/pearson_median``; ``embed/ari``,
+``embed/ari_position_controlled`` and ``embed/nn_same_roi`` when the run had the
+``EmbeddingProbe``). Prints a markdown table (per epoch: wall seconds, validation median, ARI
+as they are and position-controlled, NN same ROI) and the first time each run reached given fractions
 of the best validation median over all runs; writes a figure with two panels (validation median and
 ARI vs wall time).
 """
@@ -25,8 +26,8 @@ def load(run: str | Path) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"{run}: no logs/version_*/metrics.csv")
     df = pd.read_csv(files[-1])
-    keep = [c for c in ("epoch", "time/fit_s", "val/pearson_median", "embed/ari", "embed/nn_same_roi")
-            if c in df]
+    keep = [c for c in ("epoch", "time/fit_s", "val/pearson_median", "embed/ari",
+                        "embed/ari_position_controlled", "embed/nn_same_roi") if c in df]
     df = df[keep].dropna(subset=["val/pearson_median"])
     return df.groupby("epoch", as_index=False).first()
 
@@ -41,10 +42,13 @@ def main() -> None:
     best = max(float(d["val/pearson_median"].max()) for d in runs.values())
     for label, d in runs.items():
         print(f"\n{label}")
-        print("| epoch | wall s | val median | ARI | NN same ROI |\n|---|---|---|---|---|")
+        print("| epoch | wall s | val median | ARI | ARI position-controlled | NN same ROI |\n"
+              "|---|---|---|---|---|---|")
+        nan = float("nan")
         for _, r in d.iterrows():
             print(f"| {int(r['epoch'])} | {r['time/fit_s']:.0f} | {r['val/pearson_median']:.3f} | "
-                  f"{r.get('embed/ari', float('nan')):.3f} | {r.get('embed/nn_same_roi', float('nan')):.3f} |")
+                  f"{r.get('embed/ari', nan):.3f} | {r.get('embed/ari_position_controlled', nan):.3f} | "
+                  f"{r.get('embed/nn_same_roi', nan):.3f} |")
     print(f"\nfirst wall time (s) at which the validation median reached a fraction of {best:.3f} "
           "(the best of all runs)")
     print("| run | " + " | ".join(f"{f:.0%}" for f in a.fractions) + " | best (epoch) |")
@@ -68,6 +72,9 @@ def main() -> None:
             axes[0].plot(d["time/fit_s"], d["val/pearson_median"], "o-", ms=3, label=label)
             if "embed/ari" in d:
                 axes[1].plot(d["time/fit_s"], d["embed/ari"], "o-", ms=3, label=label)
+            if "embed/ari_position_controlled" in d:
+                axes[1].plot(d["time/fit_s"], d["embed/ari_position_controlled"], "s--", ms=3,
+                             label=f"{label}, position-controlled")
         axes[0].set(xlabel="wall time since fit start (s)", ylabel="validation median r")
         axes[1].set(xlabel="wall time since fit start (s)", ylabel="k-means ARI vs true voxel types")
         for ax in axes:
