@@ -187,21 +187,29 @@ def type_information_of(emb: Mapping[str, np.ndarray], truth: Mapping[str, np.nd
     stores : {dataset: store dir}; data_config : the run's ``data`` section (split fractions)
     Returns
     -------
-    {"embeddings": ari_table, "responses": ari_table} (per pair and "pooled", ``ari`` only)
+    {"embeddings": ari_table, "responses": ari_table} (per pair and "pooled", ``ari`` only), and
+    ``skipped`` {pair: reason} for pairs without two true types (left out of the tables)
     """
     from brainenc.data.store import Store
 
     cfg = data_config or {}
     fractions = {"val_fraction": float(cfg.get("val_fraction", 0.1)),
                  "test_fraction": float(cfg.get("test_fraction", 0.1))}
-    from_emb, from_resp = {}, {}
+    from_emb, from_resp, skipped = {}, {}, {}
     for key in emb:
         ds, subject = key.split("/")
-        from_emb[key] = decodable_types(embedding_features(emb[key], standardise=False), truth[key], seed=seed)
+        try:
+            e = decodable_types(embedding_features(emb[key], standardise=False), truth[key], seed=seed)
+        except ValueError as err:  # e.g. a subject whose voxels are all of one type
+            skipped[key] = str(err)
+            continue
         y = training_responses(Store(stores[ds], validate=False), subject, **fractions).T  # (V, n_train)
         y = (y - np.nanmean(y, 1, keepdims=True)) / np.maximum(np.nanstd(y, 1, keepdims=True), 1e-12)
-        from_resp[key] = decodable_types(y, truth[key], seed=seed)
-    return {"embeddings": ari_table(from_emb, truth), "responses": ari_table(from_resp, truth)}
+        from_emb[key], from_resp[key] = e, decodable_types(y, truth[key], seed=seed)
+    if not from_emb:
+        return {"skipped": skipped}
+    out = {"embeddings": ari_table(from_emb, truth), "responses": ari_table(from_resp, truth)}
+    return {**out, "skipped": skipped} if skipped else out
 
 
 def _data_config(run_dir: Path) -> dict:

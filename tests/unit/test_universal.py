@@ -379,6 +379,11 @@ def test_decodable_types_reads_types_that_are_there_and_not_those_that_are_not()
     assert rare.shape == (301,) and (rare[:300] == truth[:300]).mean() > 0.95
     with pytest.raises(ValueError, match="at least two true types"):
         decodable_types(noise[:5], np.zeros(5, dtype=int))
+    # the analysis leaves such a subject out of its tables and says why, instead of failing
+    from brainenc.analysis.embeddings import type_information_of
+
+    info = type_information_of({"ds/subj01": noise[:40]}, {"ds/subj01": np.zeros(40, dtype=int)}, stores={})
+    assert set(info) == {"skipped"} and "two true types" in info["skipped"]["ds/subj01"]
 
 
 def test_attention_centres_read_where_each_voxel_attends():
