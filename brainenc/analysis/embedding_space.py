@@ -150,45 +150,6 @@ def nn_same_label(emb: np.ndarray, labels: np.ndarray, k: int = 10, directions: 
     return float((labels[nb] == labels[query][:, None]).mean())
 
 
-def decodable_types(x: np.ndarray, types: np.ndarray, folds: int = 5, seed: int = 0,
-                    n_components: int = 50) -> np.ndarray:
-    """Cross-validated predictions of a linear classifier that reads true voxel types from rows of x.
-
-    A supervised reference for the unsupervised clustering: how much of the type information a
-    representation holds at all. Rows (n_voxels, D) are z-scored per column, reduced to their
-    first ``n_components`` principal components (fitted within each training fold) and read by
-    an L2-regularised multinomial logistic regression; every voxel is predicted by the fold
-    that did not see it. Applied alike to embeddings and to measured response profiles, the
-    two scores say whether the embeddings or the data limit what clustering can recover.
-
-    Returns int (n_voxels,) predicted types; score them with :func:`ari_table`.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    import warnings
-
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64))
-    types = np.asarray(types)
-    counts = np.bincount(types - types.min())
-    folds = int(min(folds, counts.max()))
-    if folds < 2 or (counts > 0).sum() < 2:
-        raise ValueError(f"decodable_types: need at least two true types and one with 2 or more voxels "
-                         f"(voxels per type: {counts[counts > 0].tolist()})")
-    k = int(min(n_components, x.shape[1], len(x) * (folds - 1) // folds))
-    model = make_pipeline(StandardScaler(), PCA(k, random_state=seed),
-                          LogisticRegression(C=0.1, max_iter=3000))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        # a type with fewer voxels than folds is simply missing from some training folds (its
-        # held-out voxels then count as misread), which sklearn would warn about every time
-        warnings.filterwarnings("ignore", message="The least populated class")
-        return cross_val_predict(model, x, types, cv=cv)
-
-
 def embedding_structure(emb: Mapping[str, np.ndarray], types: Mapping[str, np.ndarray],
                         rois: Optional[Mapping[str, np.ndarray]] = None,
                         initial: Optional[Mapping[str, np.ndarray]] = None, n_clusters: int = 7,

@@ -25,8 +25,9 @@ import yaml
 from lightning.pytorch import Callback
 
 from brainenc.analysis.embedding_space import (attention_centres, ari_table, cluster_embeddings,
-                                               decodable_types, embedding_features, embedding_structure,
-                                               nn_same_label, position_basis, true_voxel_types)
+                                               embedding_features, embedding_structure, nn_same_label,
+                                               position_basis, true_voxel_types)
+from brainenc.analysis.type_information import type_information_of
 
 
 def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_clusters: int = 7,
@@ -59,7 +60,6 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     ``results/embeddings_2d.png`` (PCA and t-SNE coloured by ROI, as they are and with position
     regressed out)
     """
-    from brainenc.data.store import Store
     from brainenc.ioutil import atomic_path
     from brainenc.recipes.transfer import load_base
     from brainenc.results import add_column, read_results
@@ -78,7 +78,8 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
             if not base.readout.has_pair(k):  # so its receptive fields can be read like the base's
                 base.readout.add_pair(k, len(v), init=v)
     keys = list(emb)
-    stores = _stores_of(base, run_dir)
+    data_config = _data_config(run_dir)
+    stores = _stores_of(data_config)
     missing = sorted({k.split("/")[0] for k in keys} - set(stores))
     if missing:
         raise ValueError(f"{run_dir / 'results' / 'config.yaml'}: no readable store for dataset(s) {missing} "
@@ -86,7 +87,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
                          "(--control none) to cluster without it")
     probe_features = {}  # per dataset: the subjects of one store share its probe images
     for ds in sorted({k.split("/")[0] for k in keys}):
-        store = Store(stores[ds], validate=False)
+        store = stores[ds]
         rows = np.unique(np.linspace(0, store.n_stimuli - 1, min(n_probe_images, store.n_stimuli)).astype(np.int64))
         probe_features[ds] = base.readout.prepare(base.features_of_rows(store, rows))
     centres = {k: attention_centres(base.readout, k, probe_features[k.split("/")[0]]) for k in keys}
@@ -108,7 +109,7 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
     truth, signal, names, rois, roi_names = {}, {}, {}, {}, {}
     for k in keys:
         ds, s = k.split("/")
-        info = Store(stores[ds]).subject(s)
+        info = stores[ds].subject(s)
         if info.rois:  # the first atlas: the neighbour score and the figure's colours
             atlas = next(iter(info.rois.values()))
             rois[k], roi_names = atlas.values.astype(np.int64), atlas.labels
@@ -152,64 +153,11 @@ def cluster_run(run_dir: str | Path, ckpt: Optional[str | Path] = None, n_cluste
                                     **ari_table(scored, merged, signal)["pooled"]}
         if type_information:
             result["type_information"] = type_information_of(
-                {k: emb[k] for k in scored}, truth, stores, _data_config(run_dir), seed=seed)
+                {k: emb[k] for k in scored}, truth, stores, data_config, seed=seed)
     add_column(run_dir, "cluster", {k: v for k, v in labels.items() if k in in_table})
     with atomic_path(run_dir / "results" / "clusters.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
-
-
-def training_responses(store, subject: str, val_fraction: float = 0.1,
-                       test_fraction: float = 0.1) -> np.ndarray:
-    """Repeat-averaged responses to a subject's training stimuli, (n_train, n_voxels) float32,
-    read exactly as the datamodule reads them for training (the same split)."""
-    from brainenc.data.datamodule import PairBatchDataset, PairData
-
-    pair = PairData.build(store, subject, val_fraction, test_fraction)
-    return PairBatchDataset([pair], 0, "stimuli", load_images=False)[(0, pair.split.train)]["responses"].numpy()
-
-
-def type_information_of(emb: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
-                        stores: Mapping[str, str], data_config: Optional[Mapping] = None,
-                        seed: int = 0) -> dict:
-    """The supervised reference for the clustering ARI, per pair and pooled.
-
-    For each pair a linear classifier (:func:`decodable_types`, 5-fold cross-validated over
-    voxels) reads the true types from (a) the embedding directions and (b) each voxel's measured
-    response profile over the training stimuli (repeat-averaged, z-scored per voxel: the data
-    the embedding was fitted to). The ARI of its held-out predictions bounds, in practice, what
-    unsupervised clustering of that representation can reach; (b) below the clustering target
-    means the data, not the encoder, limit it.
-
-    Parameters
-    ----------
-    emb : {pair: (n_voxels, E)}; truth : {pair: int (n_voxels,)} true types
-    stores : {dataset: store dir}; data_config : the run's ``data`` section (split fractions)
-    Returns
-    -------
-    {"embeddings": ari_table, "responses": ari_table} (per pair and "pooled", ``ari`` only), and
-    ``skipped`` {pair: reason} for pairs without two true types (left out of the tables)
-    """
-    from brainenc.data.store import Store
-
-    cfg = data_config or {}
-    fractions = {"val_fraction": float(cfg.get("val_fraction", 0.1)),
-                 "test_fraction": float(cfg.get("test_fraction", 0.1))}
-    from_emb, from_resp, skipped = {}, {}, {}
-    for key in emb:
-        ds, subject = key.split("/")
-        try:
-            e = decodable_types(embedding_features(emb[key], standardise=False), truth[key], seed=seed)
-        except ValueError as err:  # e.g. a subject whose voxels are all of one type
-            skipped[key] = str(err)
-            continue
-        y = training_responses(Store(stores[ds], validate=False), subject, **fractions).T  # (V, n_train)
-        y = (y - np.nanmean(y, 1, keepdims=True)) / np.maximum(np.nanstd(y, 1, keepdims=True), 1e-12)
-        from_emb[key], from_resp[key] = e, decodable_types(y, truth[key], seed=seed)
-    if not from_emb:
-        return {"skipped": skipped}
-    out = {"embeddings": ari_table(from_emb, truth), "responses": ari_table(from_resp, truth)}
-    return {**out, "skipped": skipped} if skipped else out
 
 
 def _data_config(run_dir: Path) -> dict:
@@ -366,15 +314,16 @@ def torch_load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _stores_of(base, run_dir: Path) -> dict[str, str]:
-    """{dataset name: store dir} from the run's datamodule hyperparameters."""
+def _stores_of(data_config: Mapping) -> dict:
+    """{dataset name: opened :class:`~brainenc.data.store.Store`} of the run's ``data.stores``,
+    opened once for the probe images, the truth and the supervised reference."""
     from brainenc.data.store import Store
 
-    dirs = _data_config(run_dir).get("stores") or []
     out = {}
-    for d in dirs:
+    for d in data_config.get("stores") or []:
         try:
-            out[Store(d, validate=False).name] = d
+            store = Store(d, validate=False)
+            out[store.name] = store
         except Exception:  # a moved store: clustering still works, only the ARI is skipped
             continue
     return out

@@ -365,7 +365,7 @@ def test_position_control_finds_types_that_position_hides():
 def test_decodable_types_reads_types_that_are_there_and_not_those_that_are_not():
     """The supervised reference: a classifier recovers types that shift the rows (ARI near 1),
     finds nothing in rows that carry no type (ARI near 0), and predicts every voxel out of fold."""
-    from brainenc.analysis.embedding_space import decodable_types
+    from brainenc.analysis.type_information import decodable_types, type_information_of
 
     rng = np.random.default_rng(1)
     truth = np.repeat([0, 1, 2, 3], 150)
@@ -380,8 +380,6 @@ def test_decodable_types_reads_types_that_are_there_and_not_those_that_are_not()
     with pytest.raises(ValueError, match="at least two true types"):
         decodable_types(noise[:5], np.zeros(5, dtype=int))
     # the analysis leaves such a subject out of its tables and says why, instead of failing
-    from brainenc.analysis.embeddings import type_information_of
-
     info = type_information_of({"ds/subj01": noise[:40]}, {"ds/subj01": np.zeros(40, dtype=int)}, stores={})
     assert set(info) == {"skipped"} and "two true types" in info["skipped"]["ds/subj01"]
 
