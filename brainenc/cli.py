@@ -68,7 +68,43 @@ class BrainencCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and str(ckpt) not in LIGHTNING_SHORTCUTS:
             check_checkpoint_file(Path(ckpt))
-        super()._parse_ckpt_path()
+        import pickle
+
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as e:  # its hyperparameters hold objects: refused, not run
+            from brainenc.lit.checkpoint import CheckpointError
+
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(ckpt, "hyper_parameters", "plain values (brainenc never unpickles "
+                                  "objects from checkpoints)", first) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        import pickle
+
+        try:
+            super()._run_subcommand(subcommand)
+        except pickle.UnpicklingError as e:  # torch's weights-only reader refused an object
+            from brainenc.lit.checkpoint import CheckpointError
+
+            ckpt = self.config[subcommand].get("ckpt_path") or "--ckpt_path"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(ckpt, "<pickle>", "a checkpoint holding tensors and plain values "
+                                  "(brainenc never unpickles objects from checkpoints)", first) from None
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # Lightning passes weights_only=None to torch.load, which an environment variable
+        # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) turns into full unpickling: a checkpoint is data, so
+        # it is always read weights-only, and asking for anything else is refused
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            if kwargs.get("weights_only") is False:
+                from brainenc.errors import ConfigError
+
+                raise ConfigError("--weights_only", "true (brainenc never unpickles objects from "
+                                  "checkpoints)", "false")
+            kwargs["weights_only"] = True
+        return kwargs
 
     def before_fit(self) -> None:
         ckpt = self.config[self.subcommand].get("ckpt_path")
@@ -119,7 +155,8 @@ class BrainencCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint_to_test(self.trainer))
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint_to_test(self.trainer),
+                          weights_only=True)
         self._write_results_config()
 
     def after_test(self) -> None:

@@ -309,9 +309,10 @@ class EmbeddingProbe(Callback):
 
 
 def torch_load(path):
-    import torch
+    """{name: Tensor} of a torch.save file, read without unpickling (a clear error names a bad file)."""
+    from brainenc.lit.checkpoint import load_state_dict
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_state_dict(path, "a torch.save file of {name: Tensor}")
 
 
 def _stores_of(data_config: Mapping) -> dict:

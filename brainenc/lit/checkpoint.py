@@ -45,7 +45,14 @@ def load_state_dict(path: str | os.PathLike, what: str = "a Lightning checkpoint
         except pickle.UnpicklingError:
             # weights_only refuses the whole file when any part (typically hyper_parameters built
             # in Python, e.g. a FeatureCache) holds an object; the tensors are still wanted, so
-            # read again with every such object replaced by an inert stand-in
+            # read again with every such object replaced by an inert stand-in.  Only a zip
+            # checkpoint gets that second reading: torch's legacy (non-zip) reader calls the
+            # pickle module's plain ``load`` for its header records, outside any Unpickler we
+            # could restrict, so such a file is refused instead
+            if not zipfile.is_zipfile(p):
+                raise pickle.UnpicklingError(
+                    "a legacy (non-zip) pickle holding objects other than tensors; brainenc reads "
+                    "only torch.save zip checkpoints beyond plain tensors") from None
             obj = _load_with_inert_objects(p)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
@@ -101,8 +108,13 @@ def _load_with_inert_objects(path: Path):
         def find_class(self, module, name):
             return allowed.get(f"{module}.{name}", _Inert)
 
+    def load(file, **kwargs):  # never pickle.load: every pickle in the file goes through find_class above
+        return Unpickler(file, **kwargs).load()
+
+    if not zipfile.is_zipfile(path):  # the legacy format would read records through ``load``
+        raise pickle.UnpicklingError("not a torch.save zip file")
     module = types.ModuleType("brainenc_inert_pickle")
-    module.Unpickler, module.load, module.__version__ = Unpickler, pickle.load, "1"
+    module.Unpickler, module.load, module.__version__ = Unpickler, load, "1"
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
 
 

@@ -8,9 +8,11 @@ expert when each expert runs the backbone with its own LoRA adapter.  The predic
 
 from __future__ import annotations
 
+import pickle
 from typing import Callable, Optional
 
 import numpy as np
+
 import torch
 from torch import Tensor, nn
 
@@ -119,7 +121,12 @@ class ExpertsReadout(Readout):
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"ExpertsReadout: init_from checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        try:  # weights only: an object in the file is refused by torch, never called
+            state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"{path}: field '<file>': expected a whole-brain checkpoint of tensors and "
+                             f"plain values (brainenc never unpickles objects), found: {first}") from None
         sub = {k[len("readout."):]: v for k, v in state.items() if k.startswith("readout.")}
         whole = RetinotopicReadout(self.voxel_counts, self.spec, **expert)
         try:

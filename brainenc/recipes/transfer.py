@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,7 +60,14 @@ def load_base(ckpt: str | Path):
         ckpt = RunDir(ckpt).require_checkpoint()
     if not ckpt.exists():
         raise FileNotFoundError(f"base checkpoint not found: {ckpt}")
-    base = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu")
+    try:
+        base = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # an object in the file: refused by torch, never run
+        from brainenc.lit.checkpoint import CheckpointError
+
+        raise CheckpointError(ckpt, "<pickle>", "a checkpoint written by brainenc fit (tensors and plain "
+                              "values; brainenc never unpickles objects)",
+                              (str(e).strip().splitlines() or [""])[0][:200]) from None
     if not isinstance(base.readout, UniversalReadout):
         raise ValueError(f"{ckpt}: readout is {type(base.readout).__name__}; transfer needs a UniversalReadout")
     base.requires_grad_(False)

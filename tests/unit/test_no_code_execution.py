@@ -171,3 +171,69 @@ def test_importer_rejects_unsafe_subject_names_in_its_manifest(algonauts_src, tm
         prepare("algonauts2023", algonauts_src.root, tmp_path / "out" / "store", manifest=mpath,
                 image_size=12, checksum="none")
     assert not (tmp_path / "out" / "subj01.h5").exists()
+
+
+def _legacy_pickles(tmp_path: Path, canary: Path) -> dict[str, Path]:
+    """Files that are not torch.save zip archives and would run code when unpickled: a plain
+    pickle, and torch's legacy (pre-1.6) serialisation with an object beside the tensors."""
+    import pickle
+
+    plain = tmp_path / "plain.ckpt"
+    plain.write_bytes(pickle.dumps({"state_dict": {"w": Payload(canary)}}))
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": {"backbone.w": torch.arange(3.0)}, "hyper_parameters": Payload(canary)},
+               legacy, _use_new_zipfile_serialization=False)
+    return {"plain": plain, "legacy": legacy}
+
+
+@pytest.mark.parametrize("kind", ["plain", "legacy"])
+def test_non_zip_pickles_are_refused_without_running_code(tmp_path, kind):
+    """torch's legacy reader reads its header records with the pickle module's plain ``load``;
+    such a file must be refused before that reader ever sees it (it used to run the payload)."""
+    from brainenc.lit.checkpoint import CheckpointError, load_state_dict
+    from brainenc.recipes.partitions import readout_weights_from_checkpoint
+
+    canary = tmp_path / "canary"
+    path = _legacy_pickles(tmp_path, canary)[kind]
+    with pytest.raises(CheckpointError, match=rf"{kind}.ckpt: field '<pickle>'"):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match=rf"{kind}.ckpt"):
+        readout_weights_from_checkpoint(path, ["simbrain7t/subj01"])
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("kind", ["plain", "legacy"])
+def test_every_checkpoint_loader_refuses_a_payload(tmp_path, kind, monkeypatch):
+    """The loaders of user-given weight files (student init_from, experts init_from, extra
+    embeddings, AFO stage checkpoints, backbone weight files) with a file that would create
+    ``canary`` if any code ran; also with torch told to unpickle by default."""
+    import types
+
+    from brainenc import cli
+    from brainenc.analysis.embeddings import torch_load
+    from brainenc.lit.checkpoint import CheckpointError
+    from brainenc.lit.distill import DistillModule
+    from brainenc.models.backbone_weights import load_weights_file
+    from brainenc.models.experts import ExpertsReadout
+    from brainenc.recipes import afo
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    canary = tmp_path / "canary"
+    path = _legacy_pickles(tmp_path, canary)[kind]
+    student = types.SimpleNamespace(state_dict=lambda: {"backbone.w": torch.zeros(3)},
+                                    load_state_dict=lambda sd, strict: None)
+    with pytest.raises(CheckpointError, match=f"{kind}.ckpt"):
+        DistillModule.load_weights(student, str(path))
+    with pytest.raises(CheckpointError, match=f"{kind}.ckpt"):
+        torch_load(path)
+    with pytest.raises(ValueError, match=f"{kind}.ckpt"):
+        ExpertsReadout.warm_start(types.SimpleNamespace(), str(path), {})
+    with pytest.raises(ValueError, match=f"{kind}.ckpt"):
+        load_weights_file(path)
+    stage = tmp_path / "whole"
+    (stage / "checkpoints").mkdir(parents=True)
+    shutil.copy(path, stage / "checkpoints" / "best.ckpt")
+    monkeypatch.setattr(cli, "instantiate", lambda *a, **k: (torch.nn.Linear(2, 2), None))
+    with pytest.raises(CheckpointError, match="best.ckpt"):
+        afo.load_trained(stage)
+    assert not canary.exists()
