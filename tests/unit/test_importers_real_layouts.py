@@ -353,3 +353,18 @@ def test_allow_missing_kind_is_checked(tmp_path):
     with pytest.raises(SourceError, match="--allow-missing.*voxels"):
         prepare("vim-1", fx.root, tmp_path / "o", allow_missing=["voxels"], **FAST)
     assert os.listdir(tmp_path) == ["src"]
+
+
+def test_corrupt_source_files_are_one_line_errors(tmp_path, capsys):
+    fx = write_bold5000(tmp_path / "b")
+    (fx.root / "CSI1_brainmask.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    err = _cli_error(capsys, ["bold5000", "--source", str(fx.root), "--out", str(tmp_path / "o"), "-o", "sessions=2"])
+    assert "CSI1_brainmask.nii.gz: field '<file>'" in err
+    fx = write_things(tmp_path / "t")
+    (fx.root / "betas_csv/sub-01_StimulusMetadata.csv").write_text("session,run\n1,1\n")
+    err = _cli_error(capsys, ["things-fmri", "--source", str(fx.root), "--out", str(tmp_path / "o")])
+    assert "sub-01_StimulusMetadata.csv: field 'trial_type'" in err
+    fx = write_vim1(tmp_path / "v")
+    (fx.root / "Stimuli.mat").write_bytes(b"MATLAB 5.0 MAT-file garbage")
+    err = _cli_error(capsys, ["vim-1", "--source", str(fx.root), "--out", str(tmp_path / "o")])
+    assert "Stimuli.mat: field '<file>'" in err

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import (SourceError, affine_coords, load_image_file, nan_voxel_policy,
+from brainenc.data.importers.source_files import (SourceError, affine_coords, nan_voxel_policy, nifti_image,
                                                   read_nifti_masked, zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
@@ -154,12 +154,10 @@ class BOLD5000Importer(Importer):
         return found
 
     def plan_subject(self, subject, stimuli):
-        import nibabel as nib
-
         src = self.source(subject)
         report: dict = {}
         mpath = self.path("brainmask", subject=src)
-        mimg = nib.load(mpath)
+        mimg = nifti_image(mpath)
         brain = np.asarray(mimg.dataobj) > 0
         shape, affine = brain.shape, mimg.affine
         files = [mpath, self.path("imgnames", subject=src)]
@@ -169,7 +167,7 @@ class BOLD5000Importer(Importer):
         value_of = {v: k for k, v in labels.items()}
         masks = self.roi_masks(subject, report)
         for (h, roi), p in masks.items():
-            m = np.asarray(nib.load(p).dataobj) > 0
+            m = np.asarray(nifti_image(p).dataobj) > 0
             if m.shape != shape:
                 raise SourceError(p, "<volume>", f"shape {shape} like the brain mask", str(m.shape))
             roi_vol[m & (roi_vol == 0)] = value_of[roi]
@@ -189,7 +187,7 @@ class BOLD5000Importer(Importer):
         betas = [self.path("betas", subject=src, session=s) for s in sessions]
         counts = []
         for p in betas:
-            shp = nib.load(p).shape
+            shp = nifti_image(p).shape
             if len(shp) != 4 or tuple(shp[:3]) != shape:
                 raise SourceError(p, "<volume>", f"4-D shape {shape} x trials like the brain mask", str(shp))
             counts.append(int(shp[3]))

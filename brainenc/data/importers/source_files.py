@@ -117,13 +117,25 @@ def read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
 
     try:
         m = scipy.io.loadmat(path, variable_names=list(names))
-    except (ValueError, OSError, NotImplementedError) as e:
-        raise SourceError(path, "<file>", "a MATLAB .mat file", str(e)) from None
+    except Exception as e:  # scipy raises many types (ValueError, IndexError, ...) for a bad file
+        raise SourceError(path, "<file>", "a MATLAB .mat file (v5, or v7.3 = HDF5)",
+                          str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for n in names:
         if n not in m:
             raise SourceError(path, n, "a variable of this MATLAB file", "missing")
         out[n] = np.asarray(m[n])
     return out
+
+
+def nifti_image(path: Path):
+    """``nibabel.load(path)`` with any failure as a one-line SourceError naming the file."""
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise SourceError(path, "<file>", "a readable NIfTI file", str(e).splitlines()[0] if str(e) else
+                          type(e).__name__) from None
 
 
 def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
@@ -133,12 +145,7 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
     ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
     """
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for bad headers
-        raise SourceError(path, "<file>", "a readable NIfTI file", str(e)) from None
+    img = nifti_image(path)
     if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
         raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
     n = img.shape[3]
@@ -151,7 +158,11 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     out = np.empty((n, len(i)), np.float32)
     block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
     for sl in iter_blocks(n, block):
-        out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        try:
+            out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        except (OSError, EOFError, ValueError) as e:  # truncated or corrupt download
+            raise SourceError(path, "<volume>", f"readable volumes {sl.start}..{sl.stop - 1}",
+                              str(e).splitlines()[0]) from None
     if raw_int and int_scale != 1.0:
         out /= np.float32(int_scale)
     return out

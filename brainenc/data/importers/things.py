@@ -123,7 +123,10 @@ class PandasFixedFrame:
     def read_columns(self, block: int, start: int, stop: int) -> np.ndarray:
         """Columns ``start:stop`` of dtype block ``block``: (n_rows, stop - start)."""
         _, ds, transposed = self.blocks[block]
-        return ds[:, start:stop] if transposed else ds[start:stop, :].T
+        try:
+            return ds[:, start:stop] if transposed else ds[start:stop, :].T
+        except OSError as e:  # e.g. a compression filter h5py lacks, or a truncated download
+            raise SourceError(self.path, ds.name.lstrip("/"), "readable values", str(e).splitlines()[0]) from None
 
     def close(self):
         self.f.close()
