@@ -261,6 +261,11 @@ def test_bold5000_missing_sessions_and_images(tmp_path):
     np.testing.assert_allclose(r, fx.betas["CSI1"][shown][:, i, j, k], rtol=1e-6)
     rep = _report(out)
     assert rep["stimuli"]["missing_images"] == [gone] and rep["subj01"]["trials_dropped_missing_image"] == 1
+    # a resumed import keeps every file and still records what was left out
+    lines = []
+    prepare("bold5000", root, tmp_path / "o3", sessions=2, zscore=False, allow_missing=["images"], log=lines.append,
+            **FAST)
+    assert any("complete, kept" in x for x in lines) and _report(out) == rep
 
 
 # ----------------------------------------------------------------------------- vim-1

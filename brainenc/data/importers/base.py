@@ -453,7 +453,7 @@ class Importer:
             rec = self._source_record(stim.sources, {})
             self._write_stimuli(spath, stim, fp_stim, rec)
             sources.update(rec)
-            stim_report = stim.report
+            stim_report = _plain(stim.report)
         if stim_report:
             report["stimuli"] = stim_report
             _log_report(log, self.name, "stimuli", stim_report)
@@ -552,7 +552,8 @@ class Importer:
 
     def _write_stimuli(self, path: Path, stim: StimulusPlan, fp: str, rec: dict) -> None:
         n = len(stim.ids)
-        attrs = {"dataset": self.name, "import_fingerprint": fp, "import_sources": yaml.safe_dump(rec)}
+        attrs = {"dataset": self.name, "import_fingerprint": fp, "import_sources": yaml.safe_dump(rec),
+                 "import_report": yaml.safe_dump(_plain(stim.report))}
         with StimuliWriter(path, n, (self.image_size, self.image_size),
                            float(self.manifest["visual_angle_deg"]), attrs=attrs) as w:
             batch, ids = [], []
@@ -586,10 +587,14 @@ def _plain(obj):
     return obj
 
 
-def _short(v, n: int = 8) -> str:
+def _head(items, n: int = 8) -> str:
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+
+def _short(v) -> str:
+    """One-line rendering of a report value: '3 (a, b, c)' for lists, 'k v, ...' for dicts."""
     if isinstance(v, (list, tuple)):
-        head = ", ".join(map(str, v[:n]))
-        return f"{len(v)} ({head}{', ...' if len(v) > n else ''})"
+        return f"{len(v)} ({_head(v)})"
     if isinstance(v, dict):
         return ", ".join(f"{k} {_short(x)}" for k, x in v.items())
     return str(v)
@@ -597,7 +602,7 @@ def _short(v, n: int = 8) -> str:
 
 def _missing_text(report: dict) -> str:
     miss = report.get("missing_images")
-    return f", {len(miss)} missing ({_short(miss)[len(str(len(miss))) + 1:]})" if miss else ", none missing"
+    return f", {len(miss)} missing ({_head(miss)})" if miss else ", none missing"
 
 
 def _ranges(values) -> str:
