@@ -135,7 +135,7 @@ class SubjectPlan:
     attrs: dict = field(default_factory=dict)
     #: sessions imported (None: the source has no sessions, e.g. averaged responses)
     sessions: list[int] | None = None
-    #: what was found, for the dry run (e.g. ``{"roi_masks": ["LH EarlyVis", ...]}``)
+    #: what was found, for the dry run (e.g. ``{"roi_masks": [mask file names]}``)
     inventory: dict = field(default_factory=dict)
     #: what was missing or dropped (e.g. ``missing_roi_masks``, ``nan_voxels_dropped``)
     report: dict = field(default_factory=dict)
