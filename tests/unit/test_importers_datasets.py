@@ -23,7 +23,7 @@ from tests.fixtures.bold5000 import write_bold5000  # noqa: E402
 from tests.fixtures.god import write_god  # noqa: E402
 from tests.fixtures.stores import (algonauts_prepared, bold5000_prepared, god_prepared,  # noqa: E402,F401
                                    things_prepared, vim1_prepared)
-from tests.fixtures.things import write_things  # noqa: E402
+from tests.fixtures.things import ROI_COLUMNS, write_things  # noqa: E402
 from tests.fixtures.vim1 import GRID, write_vim1  # noqa: E402
 
 
@@ -139,8 +139,8 @@ def test_bold5000_zscore_and_errors(bold5000_prepared, tmp_path):
     with pytest.raises(SourceError, match="ses-03"):
         prepare("bold5000", fx.root, tmp_path / "e1", sessions=3, checksum="none")
     root = _copy(fx.root, tmp_path / "src")
-    names = (root / "CSI1/CSI1_imgnames.txt").read_text().splitlines()
-    (root / "CSI1/CSI1_imgnames.txt").write_text("\n".join(names[:-3]) + "\n")
+    names = (root / "CSI1_imgnames.txt").read_text().splitlines()
+    (root / "CSI1_imgnames.txt").write_text("\n".join(names[:-3]) + "\n")
     with pytest.raises(SourceError, match="imgnames.txt"):
         prepare("bold5000", root, tmp_path / "e2", sessions=2, checksum="none")
 
@@ -174,7 +174,7 @@ def test_god_legacy_names_and_errors(tmp_path):
     with pytest.raises(SourceError, match="Subject1"):
         prepare("god", fx.root, tmp_path / "e1", subjects=["1"], checksum="none")
     next((fx.root / "images/test").glob("*.JPEG")).unlink()
-    with pytest.raises(SourceError, match="image file for every Label"):
+    with pytest.raises(SourceError, match="image file for every stimulus_id.*allow-missing images"):
         prepare("god", fx.root, tmp_path / "e2", checksum="none")
     with h5py.File(fx.root / "Subject3.h5", "a") as f:
         del f["metaData/value"]
@@ -192,12 +192,11 @@ def test_things_values_split_rois(things_prepared):
     store.validate()
     info = store.subject("subj01")
     df, vox = fx.trials["sub-01"], fx.voxels["sub-01"]
-    sel = (vox[["V1", "V2", "hV4", "lFFA", "rFFA", "lPPA", "IT"]].to_numpy() > 0).any(1)  # default 'any'
-    keep = (df.trial_type != "catch").to_numpy()
+    sel = (vox[ROI_COLUMNS].to_numpy() > 0).any(1)  # default 'any': every ROI column is in an atlas
     (r, sess) = _h5(info.path, "responses", "trial_session")
-    np.testing.assert_allclose(r, fx.betas["sub-01"][sel][:, keep].T, rtol=1e-6)
-    assert _ids(store, "subj01") == [f"things-{Path(s).stem}" for s in df.stimulus[keep]]
-    np.testing.assert_array_equal(sess, df.session[keep])
+    np.testing.assert_allclose(r, fx.betas["sub-01"][sel].T, rtol=1e-6)  # trial column t = CSV row t
+    assert _ids(store, "subj01") == [f"things-{Path(s).stem}" for s in df.stimulus]
+    np.testing.assert_array_equal(sess, df.session)
     np.testing.assert_allclose(info.coords, vox[["voxel_x", "voxel_y", "voxel_z"]].to_numpy()[sel] * 2.0)
     cat = info.rois["category-rois"]
     ffa = [k for k, v in cat.labels.items() if v == "FFA"][0]
@@ -241,7 +240,7 @@ def test_vim1_values_nan_voxels_coords(vim1_prepared):
 
 def test_vim1_images_drop_all_and_errors(vim1_prepared, tmp_path):
     _, fx = vim1_prepared
-    out = prepare("vim-1", fx.root, tmp_path / "o", subjects=["S1"], roi="all", drop_nan="all",
+    out = prepare("vim-1", fx.root, tmp_path / "o", subjects=["S1"], roi="all", nan_voxels="keep",
                   image_size=128, checksum="none")
     store = Store(out)
     assert store.subject("subj01").n_voxels == fx.trn["S1"].shape[0] - 1  # only the all-NaN voxel
@@ -255,8 +254,8 @@ def test_vim1_images_drop_all_and_errors(vim1_prepared, tmp_path):
         f.create_dataset("dataValS1", data=np.zeros((4, 7), np.float32))
     with pytest.raises(SourceError, match="dataValS1"):
         prepare("vim-1", root, tmp_path / "e1", subjects=["S1"], checksum="none")
-    with pytest.raises(SourceError, match="drop_nan"):
-        prepare("vim-1", root, tmp_path / "e2", drop_nan="some", checksum="none")
+    with pytest.raises(SourceError, match="nan_voxels"):
+        prepare("vim-1", root, tmp_path / "e2", nan_voxels="some", checksum="none")
 
 
 # ----------------------------------------------------------------------------- CLI for every dataset

@@ -12,6 +12,8 @@ Python API::
 Command line (dispatched by ``brainenc prepare``)::
 
     brainenc prepare nsd --source /data/nsd --out /stores/nsd --subjects subj01 subj02 --roi nsdgeneral
+    brainenc prepare bold5000 --source /data/bold5000 --dry-run        # what would be imported; writes nothing
+    brainenc prepare bold5000 --source /data/bold5000 --out /stores/b5k --allow-missing rois
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 
 from brainenc.data.importers.algonauts import Algonauts2023Importer
-from brainenc.data.importers.base import ENV_DATA, Importer, SourceError
+from brainenc.data.importers.base import ALLOW_MISSING, ENV_DATA, Importer, SourceError
 from brainenc.data.importers.bold5000 import BOLD5000Importer
 from brainenc.data.importers.god import GODImporter
 from brainenc.data.importers.nsd import NSDImporter
@@ -40,7 +42,7 @@ IMPORTERS: dict[str, type[Importer]] = {
     "vim-1": Vim1Importer,
 }
 
-__all__ = ["IMPORTERS", "Importer", "SourceError", "prepare", "main_prepare"]
+__all__ = ["IMPORTERS", "Importer", "SourceError", "prepare", "dry_run", "main_prepare"]
 
 
 def get_importer(name: str) -> type[Importer]:
@@ -65,6 +67,17 @@ def prepare(name: str, source: str | os.PathLike | None, out: str | os.PathLike,
     return importer.run(log=log)
 
 
+def dry_run(name: str, source: str | os.PathLike | None, subjects: list[str] | None = None,
+            roi: str | None = None, log=None, **options) -> dict:
+    """What ``prepare`` would import from ``source``, printed through ``log``; writes nothing.
+
+    Returns the summary of :meth:`Importer.dry_run` (subjects, sessions, trials, images and ROI
+    masks found/missing, voxels per ROI, split, and ``would_fail``).
+    """
+    importer = get_importer(name)(source=source, out=None, subjects=subjects, roi=roi, **options)
+    return importer.dry_run(log=log)
+
+
 def _parse_value(text: str):
     """``--option key=value`` values: YAML scalars (true, 3, 1.5, null) or strings."""
     import yaml
@@ -81,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a real fMRI dataset into a brainenc canonical store.")
     p.add_argument("name", choices=sorted(IMPORTERS), help="dataset (see data_manifests/)")
     p.add_argument("--source", default=None, help=f"dataset root (default ${ENV_DATA}/<name>)")
-    p.add_argument("--out", required=True, help="store directory to create or resume")
+    p.add_argument("--out", default=None, help="store directory to create or resume (not needed with --dry-run)")
     p.add_argument("--subjects", nargs="+", default=None, help="subjects (subj01, 1, or source names)")
     p.add_argument("--roi", default=None, help="voxel selection: ATLAS or ATLAS:LABEL1,LABEL2")
     p.add_argument("--image-size", type=int, default=None, help="side of the stored square images")
@@ -89,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checksum", choices=["sha256", "none"], default="sha256",
                    help="checksum source files (none: sizes only)")
     p.add_argument("--restart", action="store_true", help="discard a previous partial import")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be imported (subjects, sessions, trials, images and ROI masks "
+                        "found/missing, voxels per ROI, split) and write nothing")
+    p.add_argument("--allow-missing", nargs="+", default=[], choices=list(ALLOW_MISSING), metavar="KIND",
+                   help=f"import without missing {', '.join(ALLOW_MISSING)} instead of failing; what is "
+                        "left out is printed and recorded in the store manifest")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset-specific option, e.g. -o space=func1mm -o zscore=false")
     p.add_argument("--quiet", action="store_true")
@@ -106,9 +125,16 @@ def main_prepare(argv: list[str]) -> int:
             return 2
         options[key.replace("-", "_")] = _parse_value(value)
     try:
+        if args.dry_run:
+            dry_run(args.name, args.source, subjects=args.subjects, roi=args.roi,
+                              allow_missing=args.allow_missing, log=print, **options)
+            return 0
+        if args.out is None:
+            raise SourceError("<command line>", "--out", "an output store directory (or --dry-run)", "missing")
         out = prepare(args.name, args.source, args.out, subjects=args.subjects, roi=args.roi,
                       image_size=args.image_size, dtype=args.dtype, checksum=args.checksum,
-                      restart=args.restart, log=None if args.quiet else print, **options)
+                      restart=args.restart, allow_missing=args.allow_missing,
+                      log=None if args.quiet else print, **options)
     except StoreError as e:
         print(f"brainenc prepare: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,14 @@ store of :mod:`brainenc.data.store`.  Everything dataset-specific lives in a sub
   interrupted run never leaves a store that validates; each subject file records a fingerprint
   of the import options, and a re-run skips subjects whose file is complete and matches;
 * recording source files with sizes and checksums;
-* streaming stimuli into ``stimuli.h5``, resized to a configurable square size.
+* streaming stimuli into ``stimuli.h5``, resized to a configurable square size;
+* nothing missing is silent: :meth:`Importer.missing` turns a missing ROI mask, image or session
+  into an error naming it unless the user allowed that kind (``--allow-missing rois``), and
+  whatever was missing or dropped is printed and recorded under ``import_report`` in the store's
+  manifest (and in each subject file, so a resumed import keeps it);
+* ``--dry-run`` (:meth:`Importer.dry_run`): plan everything, print what would be imported
+  (subjects, sessions, trials, images found/missing, ROI masks found/missing, voxels per ROI,
+  split) and write nothing.
 
 Reading the source files themselves (images, MATLAB, NIfTI) is :mod:`.source_files`'s job.
 """
@@ -29,12 +36,14 @@ import numpy as np
 import yaml
 
 from brainenc.data.images import to_rgb_square
-from brainenc.data.importers.source_files import SourceError
+from brainenc.data.importers.source_files import SourceError, load_image_file
 from brainenc.data.store import (MANIFEST, STIMULI, SPLIT_TEST, SPLIT_TRAIN, RoiAtlas, StimuliWriter,
                                  SubjectWriter, check_name, file_checksum, write_manifest)
 
 ENV_DATA = "BRAINENC_DATA"
 ENV_MANIFESTS = "BRAINENC_MANIFESTS"
+#: kinds of missing source parts a user may explicitly accept (``--allow-missing``)
+ALLOW_MISSING = ("rois", "images", "sessions")
 
 
 # ----------------------------------------------------------------------------- source manifests
@@ -92,6 +101,8 @@ class StimulusPlan:
     load : callable(rows) -> iterator of uint8 (H, W, 3) images (any size, resized later) in the
            order of ``rows``; importers read their source in whatever batches suit its layout.
     sources : source files the images come from (recorded with checksums)
+    report : what was missing or dropped while planning (e.g. ``missing_images``), printed and
+             recorded in the store manifest
     """
 
     ids: list[str]
@@ -99,6 +110,7 @@ class StimulusPlan:
     load: Callable[[Sequence[int]], Iterable[np.ndarray]]
     sources: list[Path] = field(default_factory=list)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.row = {s: i for i, s in enumerate(self.ids)}
@@ -121,6 +133,12 @@ class SubjectPlan:
     sources: list[Path]
     write: Callable[[SubjectWriter], None]
     attrs: dict = field(default_factory=dict)
+    #: sessions imported (None: the source has no sessions, e.g. averaged responses)
+    sessions: list[int] | None = None
+    #: what was found, for the dry run (e.g. ``{"roi_masks": [mask file names]}``)
+    inventory: dict = field(default_factory=dict)
+    #: what was missing or dropped (e.g. ``missing_roi_masks``, ``nan_voxels_dropped``)
+    report: dict = field(default_factory=dict)
 
     @property
     def n_voxels(self) -> int:
@@ -143,6 +161,9 @@ class Importer:
     checksum : 'sha256' (default) or 'none' (record sizes only; for very large sources)
     dtype : 'float32' or 'float16' responses
     restart : delete any previous (partial) store content instead of resuming
+    allow_missing : kinds of missing source parts to accept instead of failing, among
+                    :data:`ALLOW_MISSING` (``rois``, ``images``, ``sessions``); what is skipped is
+                    still printed and recorded in the store manifest
     options : dataset-specific keyword options (documented on each subclass)
     """
 
@@ -152,7 +173,8 @@ class Importer:
 
     def __init__(self, source=None, out=None, subjects=None, roi=None, image_size=None,
                  checksum: str = "sha256", dtype: str = "float32", restart: bool = False,
-                 manifest: str | os.PathLike | None = None, **options):
+                 manifest: str | os.PathLike | None = None, allow_missing: Iterable[str] = (),
+                 **options):
         self.manifest = load_source_manifest(self.name, manifest)
         if source is None:
             base = os.environ.get(ENV_DATA)
@@ -161,9 +183,13 @@ class Importer:
                                   f"a dataset root (pass --source or set ${ENV_DATA})", "neither given")
             source = Path(base) / self.name
         self.root = Path(source).expanduser()
-        if out is None:
-            raise SourceError("<out>", "--out", "an output store directory", "missing")
-        self.out = Path(out).expanduser()
+        self.out = None if out is None else Path(out).expanduser()  # None: dry run only
+        self.allow_missing = set(allow_missing or ())
+        bad = sorted(self.allow_missing - set(ALLOW_MISSING))
+        if bad:
+            raise SourceError("<command line>", "--allow-missing", f"kinds among {list(ALLOW_MISSING)}",
+                              ", ".join(bad))
+        self.dry = False  # set by dry_run(): plans skip value scans and list what is missing
         self.image_size = int(image_size or self.manifest.get("image_size", 224))
         if self.image_size < 8:
             raise SourceError(self.manifest["_path"], "image_size", "an integer >= 8", str(image_size))
@@ -183,12 +209,37 @@ class Importer:
     # ---------------------------------------------------------------- paths and subjects
 
     def path(self, key: str, **fmt) -> Path:
-        """Absolute path of manifest file ``key`` (a template filled with ``fmt``)."""
+        """Absolute path of manifest file ``key`` (a template filled with ``fmt``).
+
+        A manifest entry may list several templates (the layouts a dataset is distributed in,
+        e.g. flat figshare files or per-subject folders): the first that exists is used, else the
+        first (so errors name the primary layout).
+        """
         try:
-            template = self.manifest["files"][key]
+            templates = self.manifest["files"][key]
         except KeyError:
             raise SourceError(self.manifest["_path"], f"files/{key}", "a file template", "missing") from None
-        return self.root / template.format(**fmt)
+        if isinstance(templates, str):
+            return self.root / templates.format(**fmt)
+        paths = [self.root / t.format(**fmt) for t in templates]
+        return next((p for p in paths if p.exists()), paths[0])
+
+    def missing(self, kind: str, where, what: str, items: Sequence[str], report: dict, key: str) -> None:
+        """Handle source parts that are not there: ``items`` of ``kind`` (rois/images/sessions).
+
+        Raises a SourceError naming ``where`` and the first missing item, unless the user allowed
+        ``kind`` (``--allow-missing``) or this is a dry run; then the items are recorded in
+        ``report[key]`` (printed and written to the store manifest) and the import goes on
+        without them.
+        """
+        items = list(items)
+        if not items:
+            return
+        if kind not in self.allow_missing and not self.dry:
+            more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+            raise SourceError(where, kind, f"{what} (pass --allow-missing {kind} to import without it)",
+                              f"missing: {items[0]}{more}")
+        report.setdefault(key, []).extend(items)
 
     def need(self, path: Path, what: str) -> Path:
         """Return ``path`` or raise a SourceError saying what it should have been."""
@@ -274,6 +325,39 @@ class Importer:
     def plan_subject(self, subject: str, stimuli: StimulusPlan) -> SubjectPlan:
         raise NotImplementedError
 
+    def image_stimuli(self, index: Mapping[str, Path], names, test, folder: Path, what: str,
+                      report: dict) -> tuple[list[str], np.ndarray, Callable]:
+        """Stimuli that are image files named by the trial tables (GOD, THINGS, BOLD5000).
+
+        index : {name: image path}; names : every name the trials use; test : names of test
+        stimuli.  Names without a file go through :meth:`missing` (kind ``images``): an error, or
+        left out and recorded when allowed.  Returns (sorted names found, split uint8 (n,),
+        load(rows) -> iterator of uint8 (S, S, 3)).
+        """
+        absent = sorted(n for n in names if n not in index)
+        self.missing("images", folder, f"an image file for every {what}", absent, report, "missing_images")
+        ids = sorted(n for n in names if n in index)
+        split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
+        size = self.image_size
+
+        def load(rows):
+            for r in rows:
+                yield load_image_file(index[ids[r]], size)
+
+        return ids, split, load
+
+    @staticmethod
+    def trial_rows(stimuli: StimulusPlan, ids: Sequence[str], report: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Stimulus rows of trials showing ``ids``: (rows int64 (n_kept,), keep bool (n_trials,)).
+
+        Trials whose image was left out (missing and allowed) are dropped; their number is
+        recorded in ``report['trials_dropped_missing_image']``.
+        """
+        keep = np.array([i in stimuli.row for i in ids], bool)
+        if not keep.all():
+            report["trials_dropped_missing_image"] = int((~keep).sum())
+        return np.array([stimuli.row[i] for i, k in zip(ids, keep) if k], np.int64), keep
+
     def split_description(self) -> dict:
         """The split rule as the source manifest describes it (``split``: prose and parameters),
         recorded in the store's manifest. The rule itself is coded in each importer's
@@ -304,18 +388,20 @@ class Importer:
 
     def _options_record(self, subjects) -> dict:
         return {"dataset": self.name, "roi": self.roi, "image_size": self.image_size,
-                "dtype": self.dtype, "options": self.options, "root": str(self.root.resolve())}
+                "dtype": self.dtype, "options": self.options, "root": str(self.root.resolve()),
+                "allow_missing": sorted(self.allow_missing)}
 
     @staticmethod
-    def _complete(path: Path, fp: str) -> dict | None:
-        """Source record of a finished file whose fingerprint matches, else None."""
+    def _complete(path: Path, fp: str) -> tuple[dict, dict] | None:
+        """(source record, import report) of a finished file whose fingerprint matches, else None."""
         if not path.exists():
             return None
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("import_fingerprint") != fp:
                     return None
-                return yaml.safe_load(f.attrs.get("import_sources", "{}")) or {}
+                return (yaml.safe_load(f.attrs.get("import_sources", "{}")) or {},
+                        yaml.safe_load(f.attrs.get("import_report", "{}")) or {})
         except OSError:
             return None
 
@@ -328,20 +414,26 @@ class Importer:
             for p in [self.out / STIMULI, *self.out.glob("subj*.h5")]:
                 p.unlink(missing_ok=True)
 
-    def run(self, log: Callable[[str], None] | None = print) -> Path:
-        """Import (or resume importing) the dataset; return the store directory."""
-        log = log or (lambda _m: None)
+    def _plan(self) -> tuple[list[str], StimulusPlan]:
+        """Check the source and plan the stimuli (shared by run and dry_run; writes nothing)."""
         self.check_root()
         subjects = self.resolve_subjects()
         self.check(subjects)
-        opts = self._options_record(subjects)
+        return subjects, self.plan_stimuli(subjects)
+
+    def run(self, log: Callable[[str], None] | None = print) -> Path:
+        """Import (or resume importing) the dataset; return the store directory."""
+        log = log or (lambda _m: None)
+        if self.out is None:
+            raise SourceError("<out>", "--out", "an output store directory", "missing")
+        opts = self._options_record(None)
         # Plan everything (this is where options such as --roi labels are checked against the
         # source) before touching the output: a refused re-run must leave a valid store valid.
-        stim = self.plan_stimuli(subjects)
+        subjects, stim = self._plan()
         fp_stim = fingerprint({**opts, "stimulus_ids": stim.ids, "split": stim.split.tolist()})
         spath = self.out / STIMULI
         stim_done = None if self.restart else self._complete(spath, fp_stim)
-        todo: dict[str, tuple[str, dict | None, SubjectPlan | None]] = {}
+        todo: dict[str, tuple[str, tuple | None, SubjectPlan | None]] = {}
         for subject in subjects:
             fp = fingerprint({**opts, "subject": subject, "stimuli": fp_stim})
             done = None if self.restart else self._complete(self.out / f"{subject}.h5", fp)
@@ -349,34 +441,46 @@ class Importer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._clean()
         sources: dict[str, dict] = {}
+        report: dict[str, dict] = {}
 
         # Stimuli: the fingerprint covers the exact id list, so adding subjects rewrites it.
         if stim_done is not None:
             log(f"[{self.name}] stimuli.h5 complete, kept ({len(stim.ids)} images)")
-            sources.update(stim_done)
+            sources.update(stim_done[0])
+            stim_report = stim_done[1]
         else:
             log(f"[{self.name}] writing stimuli.h5 ({len(stim.ids)} images at {self.image_size} px)")
             rec = self._source_record(stim.sources, {})
             self._write_stimuli(spath, stim, fp_stim, rec)
             sources.update(rec)
+            stim_report = _plain(stim.report)
+        if stim_report:
+            report["stimuli"] = stim_report
+            _log_report(log, self.name, "stimuli", stim_report)
 
         for subject, (fp, done, plan) in todo.items():
             path = self.out / f"{subject}.h5"
             if done is not None:
                 log(f"[{self.name}] {subject}: complete, kept")
-                sources.update(done)
-                continue
-            log(f"[{self.name}] {subject}: {plan.n_trials} trials x {plan.n_voxels} voxels")
-            rec = self._source_record(plan.sources, {})
-            attrs = {"source_subject": plan.source_subject, "import_fingerprint": fp,
-                     "import_sources": yaml.safe_dump(rec), **plan.attrs}
-            with SubjectWriter(path, dataset=self.name, subject=subject, n_trials=plan.n_trials,
-                               n_voxels=plan.n_voxels, coords=plan.coords, space=plan.space,
-                               field_strength_tesla=float(self.manifest["field_strength_tesla"]),
-                               units=plan.units, rois=plan.rois, ncsnr=plan.ncsnr, dtype=self.dtype,
-                               attrs=attrs) as w:
-                plan.write(w)
-            sources.update(rec)
+                sources.update(done[0])
+                sub_report = done[1]
+            else:
+                log(f"[{self.name}] {subject}: {plan.n_trials} trials x {plan.n_voxels} voxels")
+                rec = self._source_record(plan.sources, {})
+                sub_report = _plain(plan.report)
+                attrs = {"source_subject": plan.source_subject, "import_fingerprint": fp,
+                         "import_sources": yaml.safe_dump(rec), "import_report": yaml.safe_dump(sub_report),
+                         **plan.attrs}
+                with SubjectWriter(path, dataset=self.name, subject=subject, n_trials=plan.n_trials,
+                                   n_voxels=plan.n_voxels, coords=plan.coords, space=plan.space,
+                                   field_strength_tesla=float(self.manifest["field_strength_tesla"]),
+                                   units=plan.units, rois=plan.rois, ncsnr=plan.ncsnr, dtype=self.dtype,
+                                   attrs=attrs) as w:
+                    plan.write(w)
+                sources.update(rec)
+            if sub_report:
+                report[subject] = sub_report
+                _log_report(log, self.name, subject, sub_report)
 
         write_manifest(self.out, {
             "dataset": self.name,
@@ -390,6 +494,9 @@ class Importer:
             "image_size": self.image_size,
             "roi_selection": self.roi,
             "options": self.options,
+            "allow_missing": sorted(self.allow_missing),
+            # what was missing or dropped ({} = nothing): per subject and for the stimuli
+            "import_report": report,
             "split": {**self.split_description(), "n_train": int((stim.split == SPLIT_TRAIN).sum()),
                       "n_test": int((stim.split == SPLIT_TEST).sum())},
             "citation": self.manifest["citation"],
@@ -397,9 +504,56 @@ class Importer:
         log(f"[{self.name}] store written to {self.out}")
         return self.out
 
+    def dry_run(self, log: Callable[[str], None] | None = print) -> dict:
+        """Plan the whole import, print what it would hold and write nothing; return the summary.
+
+        Missing ROI masks, images and sessions are listed instead of failing at the first one
+        (the real import fails on them unless ``--allow-missing`` names their kind).  Scans
+        that need every response value (e.g. counting NaN voxels) are left to the import.
+
+        Returns ``{"dataset", "root", "subjects": {subj: {...}}, "stimuli": {...}, "split": {...},
+        "would_fail": [...]}``; ``would_fail`` lists the missing kinds not allowed.
+        """
+        log = log or (lambda _m: None)
+        self.dry = True
+        subjects, stim = self._plan()
+        split = {"n_train": int((stim.split == SPLIT_TRAIN).sum()), "n_test": int((stim.split == SPLIT_TEST).sum()),
+                 "rule": self.split_description().get("rule")}
+        summary = {"dataset": self.name, "root": str(self.root), "stimuli": {
+            "n_images": len(stim.ids), **_plain(stim.report)}, "split": split, "subjects": {}}
+        log(f"[{self.name}] dry run: {self.root} (nothing is written)")
+        log(f"  images: {len(stim.ids)} found" + _missing_text(stim.report))
+        log(f"  split ({split['rule']}): {split['n_train']} train, {split['n_test']} test images")
+        for subject in subjects:
+            plan = self.plan_subject(subject, stim)
+            rois = {atlas: {name: int((a.values == value).sum()) for value, name in sorted(a.labels.items())}
+                    for atlas, a in plan.rois.items()}
+            info = {"source_subject": plan.source_subject, "sessions": plan.sessions, "n_trials": plan.n_trials,
+                    "n_voxels": plan.n_voxels, "voxels_per_roi": rois, "found": _plain(plan.inventory),
+                    **_plain(plan.report)}
+            summary["subjects"][subject] = info
+            sess = "-" if plan.sessions is None else f"{len(plan.sessions)} ({_ranges(plan.sessions)})"
+            log(f"  {subject} ({plan.source_subject}): sessions {sess}, {plan.n_trials} trials, "
+                f"{plan.n_voxels} voxels selected by '{self.roi}'")
+            for k, v in plan.inventory.items():
+                log(f"    found {k}: {len(v)}" + (f" ({', '.join(map(str, v))})" if len(v) <= 12 else ""))
+            for k, v in plan.report.items():
+                log(f"    {k}: {_short(v)}")
+            for atlas, counts in rois.items():
+                log(f"    voxels per ROI, {atlas}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
+        kinds = {"missing_images": "images", "missing_roi_masks": "rois", "missing_sessions": "sessions"}
+        fail = sorted({kinds[k] for part in [summary["stimuli"], *summary["subjects"].values()]
+                       for k in part if k in kinds} - self.allow_missing)
+        summary["would_fail"] = fail
+        if fail:
+            log(f"  the import would stop on missing {', '.join(fail)} "
+                f"(pass --allow-missing {' '.join(fail)} to import without them)")
+        return summary
+
     def _write_stimuli(self, path: Path, stim: StimulusPlan, fp: str, rec: dict) -> None:
         n = len(stim.ids)
-        attrs = {"dataset": self.name, "import_fingerprint": fp, "import_sources": yaml.safe_dump(rec)}
+        attrs = {"dataset": self.name, "import_fingerprint": fp, "import_sources": yaml.safe_dump(rec),
+                 "import_report": yaml.safe_dump(_plain(stim.report))}
         with StimuliWriter(path, n, (self.image_size, self.image_size),
                            float(self.manifest["visual_angle_deg"]), attrs=attrs) as w:
             batch, ids = [], []
@@ -415,3 +569,54 @@ class Importer:
                           attrs={"meaning": "0 train, 1 test", "rule": yaml.safe_dump(self.split_description())})
             for k, v in stim.labels.items():
                 w.write_array(f"labels/{k}", v)
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+
+def _plain(obj):
+    """numpy scalars/arrays -> plain Python, so reports can be YAML in the manifest."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _head(items, n: int = 8) -> str:
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+
+def _short(v) -> str:
+    """One-line rendering of a report value: '3 (a, b, c)' for lists, 'k v, ...' for dicts."""
+    if isinstance(v, (list, tuple)):
+        return f"{len(v)} ({_head(v)})"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_short(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _missing_text(report: dict) -> str:
+    miss = report.get("missing_images")
+    return f", {len(miss)} missing ({_head(miss)})" if miss else ", none missing"
+
+
+def _ranges(values) -> str:
+    values = sorted(int(v) for v in values)
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def _log_report(log, name: str, scope: str, report: dict) -> None:
+    for k, v in report.items():
+        log(f"[{name}] {scope}: {k}: {_short(v)}")

@@ -1,17 +1,22 @@
 """Generic Object Decoding (Horikawa & Kamitani 2017), 3T, Kamitani lab BData HDF5.
 
-Source layout (see ``data_manifests/god.yaml``)::
+Source layout (see ``data_manifests/god.yaml``), as written by ``bdpy.BData.save``
+(KamitaniLab/bdpy, ``bdpy/bdata/bdata.py``)::
 
     Subject{1..5}.h5     BData: 'dataset' float (n_samples, n_columns) and
                          'metadata/{key,description,value}' with value (n_keys, n_columns);
-                         older files name them 'dataSet' / 'metaData'.
+                         older files name them 'dataSet' / 'metaData'.  ('header' and 'vmap'
+                         groups may be present and are not needed.)
     images/training/<wnid>_<num>.JPEG, images/test/<wnid>_<num>.JPEG
 
-Metadata rows used: ``VoxelData`` (1 on voxel columns), ``DataType`` / ``Label`` / ``Run`` (1 on the
-column holding that per-sample value), ``voxel_x|y|z`` (mm, on voxel columns) and ``ROI_*``
-(1 on the voxel columns of the ROI).  ``DataType`` is 1 training perception, 2 test perception,
-3 imagery; imagery samples (no image) are not imported.  ``Label`` encodes the image:
-``1518878.005958`` -> ``n01518878_5958``.  Test-perception images are test.
+Metadata rows used: ``VoxelData`` (1 on voxel columns), ``DataType`` / ``stimulus_id`` / ``Run``
+(1 on the column holding that per-sample value), ``voxel_x|y|z`` (mm, on voxel columns) and
+``ROI_*`` (1 on the voxel columns of the ROI).  The image label key is ``stimulus_id`` in the
+current ``.h5`` release (KamitaniLab/GenericObjectDecoding ``code/python``:
+``dat.select('stimulus_id')``) and ``Label`` in older files; both are read.  ``DataType`` is
+1 training perception, 2 test perception, 3 imagery; imagery samples (no image) are not imported.
+The label encodes the image: ``1518878.005958`` -> ``n01518878_5958``.  Test-perception images
+are test.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import h5py
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import SourceError, image_folder_stimuli
+from brainenc.data.importers.source_files import SourceError
+
+#: metadata keys holding the image label, in the order they are tried (current release first)
+LABEL_KEYS = ("stimulus_id", "Label")
 from brainenc.data.store import RoiAtlas
 
 
@@ -66,6 +74,14 @@ class BData:
             raise SourceError(path, f"{mname}/value", f"({len(keys)} keys, {n_cols} columns of dataset)",
                               str(value.shape))
         self.meta = dict(zip(keys, value))
+
+    def label_key(self) -> str:
+        """The metadata key of the per-sample image label (``stimulus_id`` or older ``Label``)."""
+        for k in LABEL_KEYS:
+            if k in self.meta:
+                return k
+        raise SourceError(self.path, "metadata/stimulus_id", "a metadata key 'stimulus_id' (or 'Label' in "
+                          "older files) flagging the image-label column", "neither present")
 
     def meta_row(self, key: str) -> np.ndarray:
         if key not in self.meta:
@@ -114,7 +130,12 @@ class GODImporter(Importer):
         b = self.bdata(subject)
         dtype = b.column("DataType")
         keep = np.isin(dtype, [1, 2])
-        return b, keep, dtype[keep], [label_to_name(x) for x in b.column("Label")[keep]]
+        key = b.label_key()
+        labels = b.column(key)[keep]
+        if not np.isfinite(labels).all():
+            raise SourceError(b.path, f"metadata/{key}", "an image label on every perception sample",
+                              f"{int((~np.isfinite(labels)).sum())} NaN")
+        return b, keep, dtype[keep], [label_to_name(x) for x in labels]
 
     def plan_stimuli(self, subjects):
         index = self._index()
@@ -123,18 +144,25 @@ class GODImporter(Importer):
             _, _, dtype, labels = self._samples(s)
             names.update(labels)
             test.update(n for n, d in zip(labels, dtype) if d == 2)
-        ids, split, load = image_folder_stimuli(index, names, test, self.image_size, self.path("images"),
-                                                "Label")
-
-        return StimulusPlan(ids=[f"god-{n}" for n in ids], split=split, load=load, sources=[index[n] for n in ids])
+        report = {}
+        ids, split, load = self.image_stimuli(index, names, test, self.path("images"), "stimulus_id", report)
+        return StimulusPlan(ids=[f"god-{n}" for n in ids], split=split, load=load,
+                            sources=[index[n] for n in ids], report=report)
 
     def plan_subject(self, subject, stimuli):
-        b, keep, dtype, labels = self._samples(subject)
+        b, keep0, dtype, labels = self._samples(subject)
+        report = {}
+        rows, shown = self.trial_rows(stimuli, [f"god-{n}" for n in labels], report)
+        keep = keep0.copy()
+        keep[np.flatnonzero(keep0)[~shown]] = False  # samples whose image is missing (allowed)
         vox = np.flatnonzero(b.meta_row("VoxelData") == 1)
         if len(vox) == 0:
             raise SourceError(b.path, "metadata/VoxelData", "voxel columns flagged 1", "none")
         coords = np.stack([b.meta_row(k)[vox] for k in ("voxel_x", "voxel_y", "voxel_z")], axis=1)
         full = {}
+        absent = [f"ROI_{a}" for a in self.manifest["roi_atlases"] if f"ROI_{a}" not in b.meta]
+        self.missing("rois", b.path, "a metadata row ROI_<name> for every ROI of the source manifest", absent,
+                     report, "missing_roi_masks")
         for atlas in self.manifest["roi_atlases"]:
             key = f"ROI_{atlas}"
             if key in b.meta:
@@ -143,7 +171,6 @@ class GODImporter(Importer):
         if not sel.any():
             raise SourceError(b.path, "roi", f"voxels selected by '{self.roi}'", "none")
         cols = vox[sel]
-        rows = np.array([stimuli.row[f"god-{n}"] for n in labels], np.int64)
         run = b.column("Run")[keep].astype(np.int32) if "Run" in b.meta else None
         data = b.data[keep][:, cols].astype(np.float32)
         src = self.subject_table()[subject]["source"]
@@ -155,4 +182,6 @@ class GODImporter(Importer):
                            coords=coords[sel].astype(np.float32), space=f"god {src} native (mm)",
                            units="BOLD (preprocessed, per-sample block average, as distributed)",
                            rois={a: RoiAtlas(r.values[sel], r.labels) for a, r in full.items()}, ncsnr=None,
-                           sources=[b.path], write=write, attrs={"trial_session_is": "run"})
+                           sources=[b.path], write=write, attrs={"trial_session_is": "run"},
+                           sessions=None if run is None else sorted(set(run.tolist())),
+                           inventory={"roi_rows": sorted(f"ROI_{a}" for a in full)}, report=report)

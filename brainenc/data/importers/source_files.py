@@ -8,13 +8,13 @@ is in :mod:`.base`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from brainenc.data.images import to_rgb_square
-from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, StoreError
+from brainenc.data.store import StoreError
 
 
 class SourceError(StoreError):
@@ -31,26 +31,6 @@ def load_image_file(path: Path, size: int) -> np.ndarray:
             return to_rgb_square(np.asarray(im.convert("RGB")), size)
     except (OSError, ValueError) as e:
         raise SourceError(path, "<image>", "a readable image file", str(e)) from None
-
-
-def image_folder_stimuli(index: Mapping[str, Path], names, test, image_size: int, folder: Path, what: str):
-    """Stimuli that are image files named by the trial tables (GOD, THINGS).
-
-    index : {name: image path}; names : every name the trials use; test : names of test stimuli.
-    Returns (sorted names, split uint8 (n,), load(rows) -> iterator of uint8 (S, S, 3)).
-    """
-    missing = sorted(n for n in names if n not in index)
-    if missing:
-        raise SourceError(folder, "<image>", f"an image file for every {what}",
-                          f"{len(missing)} missing, e.g. {missing[0]}")
-    ids = sorted(names)
-    split = np.array([SPLIT_TEST if n in test else SPLIT_TRAIN for n in ids], np.uint8)
-
-    def load(rows):
-        for r in rows:
-            yield load_image_file(index[ids[r]], image_size)
-
-    return ids, split, load
 
 
 def zscore_rows(x: np.ndarray, block: int = 128) -> np.ndarray:
@@ -85,6 +65,34 @@ def zscore_rows(x: np.ndarray, block: int = 128) -> np.ndarray:
     return x
 
 
+def nan_voxel_policy(finite: np.ndarray, n_rows: int, policy: str, path, field: str, report: dict,
+                     roi=None) -> np.ndarray:
+    """Which voxels to keep given their count of finite responses; bool (n_voxels,).
+
+    finite : int (n_voxels,) finite values per voxel over all ``n_rows`` trials/images
+    policy : 'drop' leaves out voxels with any NaN; 'keep' keeps them (NaN = missing value, which
+             the store and the metrics accept) but still leaves out voxels with no finite value
+             (the store requires one per column); 'error' refuses any NaN
+    roi : optional RoiAtlas over the same voxels, to report the dropped voxels per ROI label
+    Counts go to ``report`` (``nan_voxels``, ``nan_voxels_dropped``, per ROI).
+    """
+    finite = np.asarray(finite)
+    some_nan = finite < n_rows
+    if not some_nan.any():
+        return np.ones(len(finite), bool)
+    if policy == "error":
+        raise SourceError(path, field, "finite responses for every voxel (or -o nan_voxels=drop|keep)",
+                          f"NaN in {int(some_nan.sum())} voxels")
+    drop = some_nan if policy == "drop" else finite == 0
+    report["nan_voxels"] = int(some_nan.sum())
+    report["nan_voxels_dropped"] = int(drop.sum())
+    if roi is not None and drop.any():
+        report["nan_voxels_dropped_per_roi"] = {
+            name: int((drop & (roi.values == value)).sum()) for value, name in sorted(roi.labels.items())
+            if (drop & (roi.values == value)).any()}
+    return ~drop
+
+
 def affine_coords(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     """Voxel indices ``ijk`` int (n, 3) -> millimetres float32 (n, 3) through a 4x4 affine."""
     ijk = np.asarray(ijk, dtype=np.float64)
@@ -109,13 +117,25 @@ def read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
 
     try:
         m = scipy.io.loadmat(path, variable_names=list(names))
-    except (ValueError, OSError, NotImplementedError) as e:
-        raise SourceError(path, "<file>", "a MATLAB .mat file", str(e)) from None
+    except Exception as e:  # scipy raises many types (ValueError, IndexError, ...) for a bad file
+        raise SourceError(path, "<file>", "a MATLAB .mat file (v5, or v7.3 = HDF5)",
+                          str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for n in names:
         if n not in m:
             raise SourceError(path, n, "a variable of this MATLAB file", "missing")
         out[n] = np.asarray(m[n])
     return out
+
+
+def nifti_image(path: Path):
+    """``nibabel.load(path)`` with any failure as a one-line SourceError naming the file."""
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise SourceError(path, "<file>", "a readable NIfTI file", str(e).splitlines()[0] if str(e) else
+                          type(e).__name__) from None
 
 
 def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
@@ -125,12 +145,7 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
     ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
     """
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for bad headers
-        raise SourceError(path, "<file>", "a readable NIfTI file", str(e)) from None
+    img = nifti_image(path)
     if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
         raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
     n = img.shape[3]
@@ -143,7 +158,11 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     out = np.empty((n, len(i)), np.float32)
     block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
     for sl in iter_blocks(n, block):
-        out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        try:
+            out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        except (OSError, EOFError, ValueError) as e:  # truncated or corrupt download
+            raise SourceError(path, "<volume>", f"readable volumes {sl.start}..{sl.stop - 1}",
+                              str(e).splitlines()[0]) from None
     if raw_int and int_scale != 1.0:
         out /= np.float32(int_scale)
     return out
