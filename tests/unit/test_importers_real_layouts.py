@@ -96,6 +96,26 @@ def test_god_without_label_key_is_one_line_naming_file_and_field(tmp_path, capsy
     assert "Subject1.h5: field 'metadata/stimulus_id'" in err and "Label" in err
 
 
+@pytest.mark.parametrize("with_session", [False, True])
+def test_god_dry_run_reports_runs_as_runs_and_sessions_when_present(tmp_path, capsys, with_session):
+    fx = write_god(tmp_path / "src", subjects=("Subject1",), with_session=with_session)
+    assert main_prepare(["god", "--source", str(fx.root), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    # 11 perception samples, three per run: runs 1-4 (imagery samples of run 4-5 are not imported)
+    s = dry_run("god", fx.root, log=None)["subjects"]["subj01"]
+    assert s["runs"] == [1, 2, 3, 4]
+    if with_session:
+        assert s["sessions"] == [1, 2] and "sessions 2 (1-2), runs 4 (1-4), 11 trials" in printed
+    else:
+        assert s["sessions"] is None and "sessions -, runs 4 (1-4), 11 trials" in printed
+    store = Store(prepare("god", fx.root, tmp_path / "o", **FAST))
+    info = store.subject("subj01")
+    with h5py.File(info.path, "r") as f:
+        assert f.attrs["trial_session_is"] == ("session" if with_session else "run")
+    expect = np.where(fx.dtype["Subject1"] == 1, 1, 2) if with_session else np.arange(11) // 3 + 1
+    np.testing.assert_array_equal(info.trial_session, expect)
+
+
 # ----------------------------------------------------------------------------- THINGS-fMRI
 
 
@@ -351,6 +371,42 @@ def test_dry_run_lists_missing_masks_and_images_instead_of_failing(tmp_path, cap
     assert "--allow-missing images rois" in printed
     s = dry_run("bold5000", fx.root, sessions=2, allow_missing=["rois", "images"], log=None)
     assert s["would_fail"] == [] and s["subjects"]["subj03"]["missing_roi_masks"] == ["LHLOC"]
+
+
+def test_dry_run_into_a_closed_pipe_exits_quietly(tmp_path, monkeypatch, capsys):
+    """``brainenc prepare ... --dry-run | head``: the reader stops early; the command stops without
+    a traceback, with the status a shell gives a command stopped by SIGPIPE (141)."""
+    import io
+
+    from brainenc.cli import console_main
+
+    fx = write_god(tmp_path / "src", subjects=("Subject1",))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line
+    out = io.TextIOWrapper(io.FileIO(w, "w"), write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert console_main(["prepare", "god", "--source", str(fx.root), "--dry-run"]) == 141
+    out.write("after\n")  # stdout now points at /dev/null: nothing more can fail at exit
+    out.flush()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dry_run_piped_into_head_has_no_traceback(tmp_path):
+    import shlex
+    import subprocess
+
+    fx = write_god(tmp_path / "src", subjects=("Subject1",))
+    cmd = [sys.executable, "-m", "brainenc.cli", "prepare", "god", "--source", str(fx.root), "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the command prints its first line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=300) == 141 and err == ""  # no traceback, no 'Exception ignored' at exit
+    sh = subprocess.run(["bash", "-c", shlex.join(cmd) + " | head -n 1"], capture_output=True, text=True,
+                        env=env, timeout=300)
+    assert sh.stdout.startswith("[god] dry run:") and sh.stderr == ""
 
 
 def test_allow_missing_kind_is_checked(tmp_path):
