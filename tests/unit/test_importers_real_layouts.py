@@ -317,6 +317,78 @@ def test_vim1_stimulus_range_is_never_clipped_silently(tmp_path, capsys):
     assert clipped > 0 and _report(out)["stimuli"]["stimulus_values_clipped"] == clipped
 
 
+# ----------------------------------------------------------------------------- NSD
+
+
+def test_nsd_missing_sessions_atlases_and_images(tmp_path, capsys):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=3)
+    bdir = fx.root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+    (bdir / "betas_session02.hdf5").unlink()  # a gap: NSD sessions are independent
+    (fx.root / "nsddata/ppdata/subj01/func1pt8mm/roi/floc-words.nii.gz").unlink()
+    args = ["nsd", "--source", str(fx.root), "-o", "sessions=3"]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "betas_session02.hdf5: field 'sessions'" in err and "missing: session02" in err
+    assert not (tmp_path / "e").exists()
+    # the dry run lists both at once
+    assert main_prepare([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing_sessions: 1 (session02)" in printed and "missing_roi_masks: 1 (floc-words)" in printed
+    assert "sessions 2 (1,3), 1500 trials" in printed and "--allow-missing rois sessions" in printed
+    with pytest.raises(SourceError, match=r"floc-words.nii.gz: field 'rois'.*missing: floc-words"):
+        prepare("nsd", fx.root, tmp_path / "e", sessions=3, allow_missing=["sessions"], **FAST)
+    out = prepare("nsd", fx.root, tmp_path / "o", sessions=3, zscore=False, allow_missing=["sessions", "rois"], **FAST)
+    store = Store(out)
+    info = store.subject("subj01")
+    assert "floc-words" not in info.rois and len(info.rois) == 7
+    keep = np.r_[0:750, 1500:2250]
+    np.testing.assert_array_equal(info.trial_session, np.repeat([1, 3], 750))
+    assert _ids(store, "subj01") == [f"nsd-{x:05d}" for x in fx.trial_73k["subj01"][keep]]
+    (r, ijk) = _h5(info.path, "responses", "voxels/ijk")
+    i, j, k = ijk.T
+    np.testing.assert_allclose(r, fx.betas["subj01"][keep][:, i, j, k] / 300.0, rtol=1e-6)
+    assert _report(out) == {"subj01": {"missing_sessions": ["session02"], "missing_roi_masks": ["floc-words"]}}
+    # the atlas that selects the voxels can never be left out
+    (fx.root / "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz").unlink()
+    with pytest.raises(SourceError, match=r"nsdgeneral.nii.gz: field '<file>'.*selects the voxels"):
+        prepare("nsd", fx.root, tmp_path / "e2", sessions=3, allow_missing=["sessions", "rois"], **FAST)
+
+
+def test_nsd_images_past_the_end_of_a_cut_brick(tmp_path):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=1)
+    seen = np.unique(fx.trial_73k["subj01"])
+    last = int(seen.max())
+    brick = fx.root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    with h5py.File(brick, "a") as f:  # a download cut before the last image shown
+        del f["imgBrick"]
+        f.create_dataset("imgBrick", data=fx.images[:last])
+    with pytest.raises(SourceError, match=rf"nsd_stimuli.hdf5: field 'images'.*missing: nsd-{last:05d}$"):
+        prepare("nsd", fx.root, tmp_path / "e", sessions=1, **FAST)
+    out = prepare("nsd", fx.root, tmp_path / "o", sessions=1, zscore=False, allow_missing=["images"], **FAST)
+    store = Store(out)
+    shown = fx.trial_73k["subj01"] != last
+    assert _ids(store, "subj01") == [f"nsd-{x:05d}" for x in fx.trial_73k["subj01"][shown]]
+    (r, ijk) = _h5(store.subject("subj01").path, "responses", "voxels/ijk")
+    i, j, k = ijk.T
+    np.testing.assert_allclose(r, fx.betas["subj01"][shown][:, i, j, k] / 300.0, rtol=1e-6)
+    rep = _report(out)
+    assert rep["stimuli"] == {"missing_images": [f"nsd-{last:05d}"]}
+    assert rep["subj01"] == {"trials_dropped_missing_image": int((~shown).sum())}
+
+
+def test_nsd_fsaverage_atlas_with_one_hemisphere_is_not_silent(tmp_path, capsys):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=1, surface=True)
+    (fx.root / "nsddata/freesurfer/fsaverage/label/rh.floc-faces.mgz").unlink()
+    args = ["nsd", "--source", str(fx.root), "-o", "space=fsaverage", "-o", "sessions=1"]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "rh.floc-faces.mgz: field 'rois'" in err and "missing: rh.floc-faces" in err
+    s = dry_run("nsd", fx.root, space="fsaverage", sessions=1, log=None)
+    assert s["subjects"]["subj01"]["missing_roi_masks"] == ["rh.floc-faces"] and s["would_fail"] == ["rois"]
+    out = prepare("nsd", fx.root, tmp_path / "o", space="fsaverage", sessions=1, allow_missing=["rois"], **FAST)
+    info = Store(out).subject("subj01")
+    assert "floc-faces" not in info.rois and "prf-visualrois" in info.rois  # left out whole, not half
+    assert _report(out)["subj01"]["missing_roi_masks"] == ["rh.floc-faces"]
+
+
 # ----------------------------------------------------------------------------- dry run
 
 
