@@ -389,6 +389,41 @@ def test_nsd_fsaverage_atlas_with_one_hemisphere_is_not_silent(tmp_path, capsys)
     assert _report(out)["subj01"]["missing_roi_masks"] == ["rh.floc-faces"]
 
 
+# ----------------------------------------------------------------------------- Algonauts 2023
+
+
+def test_algonauts_atlas_with_one_hemisphere_and_missing_image_are_not_silent(tmp_path, capsys):
+    fx = write_algonauts(tmp_path / "src", subjects=("subj01",))
+    masks = fx.root / "subj01/roi_masks"
+    (masks / "rh.floc-faces_challenge_space.npy").unlink()  # used to vanish without a word
+    (masks / "mapping_streams.npy").unlink()
+    gone = next((fx.root / "subj01/training_split/training_images").glob("train-0003_*.png"))
+    gone.unlink()
+    args = ["algonauts2023", "--source", str(fx.root)]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "training_images: field 'images'" in err and "missing: train-0003" in err
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e"), "--allow-missing", "images"])
+    assert "rh.floc-faces_challenge_space.npy: field 'rois'" in err and "missing: rh.floc-faces" in err
+    assert not (tmp_path / "e").exists()
+    # the dry run lists both at once, and where each label table comes from
+    assert main_prepare([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing_roi_masks: 1 (rh.floc-faces)" in printed and "missing_images: 1 (train-0003)" in printed
+    assert "streams (source manifest)" in printed and "prf-visualrois (mapping_prf-visualrois.npy)" in printed
+    assert "--allow-missing images rois" in printed and "found roi_files: 10" in printed
+    out = prepare("algonauts2023", fx.root, tmp_path / "o", allow_missing=["rois", "images"], **FAST)
+    store = Store(out)
+    info = store.subject("subj01")
+    assert "floc-faces" not in info.rois and len(info.rois) == 5  # left out whole, not one hemisphere
+    assert info.rois["streams"].labels[1] == "early"
+    kept = [i for i in range(len(fx.train_ids["subj01"])) if i != 2]
+    (r,) = _h5(info.path, "responses")
+    np.testing.assert_allclose(r, fx.fmri["subj01"][kept], rtol=1e-6)
+    assert _ids(store, "subj01") == [f"nsd-{fx.train_ids['subj01'][i]:05d}" for i in kept]
+    assert _report(out) == {"subj01": {"missing_images": ["train-0003"], "trials_dropped_missing_image": 1,
+                                       "missing_roi_masks": ["rh.floc-faces"]}}
+
+
 # ----------------------------------------------------------------------------- dry run
 
 
