@@ -356,13 +356,54 @@ def console_main(argv: list[str] | None = None) -> int:
     import os
 
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        rc = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return _quiet_broken_pipe()
     except Exception as e:
         # bad input (StoreError and its kin set `input_error`): the message is the whole story
         if not getattr(e, "input_error", False) or os.environ.get("BRAINENC_TRACEBACK"):
             raise
         print(f"brainenc: error: {e}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is the broken pipe (``brainenc ... | head`` stopped reading), as opposed to
+    some other pipe or socket of the command.  A pipe whose reader has gone polls as an error."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() or stdout without a descriptor
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (``| head``): stop without a traceback.  Python would
+    still try to flush stdout at exit and print 'Exception ignored ... BrokenPipeError', so stdout
+    is pointed at /dev/null first.  141 = 128 + SIGPIPE, what a shell reports for a command killed
+    by a closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured in tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

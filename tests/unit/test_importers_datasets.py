@@ -90,7 +90,7 @@ def test_algonauts_roi_selection_and_errors(algonauts_prepared, tmp_path):
         prepare("algonauts2023", fx.root, tmp_path / "e2", subjects=["subj09"], checksum="none")
     root = _copy(fx.root, tmp_path / "src")
     next((root / "subj02/training_split/training_images").glob("train-0002_*.png")).unlink()
-    with pytest.raises(SourceError, match=r"lh_training_fmri.npy.*n_train_images=9"):
+    with pytest.raises(SourceError, match=r"training_images: field 'images'.*missing: train-0002"):
         prepare("algonauts2023", root, tmp_path / "e3", subjects=["subj02"], checksum="none")
     shutil.rmtree(root / "fsaverage")
     with pytest.raises(SourceError, match="fsaverage"):

@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 from brainenc.data.importers import IMPORTERS, main_prepare, prepare
 from brainenc.data.importers.base import SourceError
 from brainenc.data.store import SPLIT_TEST, Store, StoreError
-from tests.fixtures.nsd import TRIALS, write_nsd
+from tests.fixtures.nsd import ATLAS_LABELS, OTHER_ATLAS_LABELS, TRIALS, write_nsd
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_coords_rois_ncsnr(nsd_source, nsd_store):
     vis = info.rois["prf-visualrois"]
     np.testing.assert_array_equal(vis.values, nsd_source.rois["subj01"]["prf-visualrois"][i, j, k])
     assert vis.labels[1] == "V1v" and vis.labels[7] == "hV4"
-    assert set(info.rois) == {"nsdgeneral", "prf-visualrois", "floc-faces"}
+    assert set(info.rois) == {"nsdgeneral", *ATLAS_LABELS, *OTHER_ATLAS_LABELS}  # every atlas of the manifest
     assert info.rois["floc-faces"].labels[2] == "FFA-1"
     assert info.field_strength_tesla == 7.0 and "func1pt8mm" in info.space
 
@@ -206,7 +206,7 @@ def _copy(src, dst):
     ({"subjects": ["subj09"]}, "subjects"),
     ({"roi": "nope"}, "roi"),
     ({"roi": "prf-visualrois:V9"}, "V9"),
-    ({"sessions": 3}, "session 3"),
+    ({"sessions": 3}, r"betas_session03.hdf5: field 'sessions'.*missing: session03"),
     ({"sessions": 41}, "options/sessions"),
     ({"space": "mni"}, "options/space"),
     ({"bogus_option": 1}, "options"),
@@ -252,6 +252,7 @@ def test_malformed_files(nsd_source, tmp_path):
 
 def test_fewer_sessions_than_the_design_hints_the_option(nsd_source, tmp_path):
     """A partial download (2 of the manifest's sessions) says how to import what is there."""
-    with pytest.raises(SourceError, match=r"session 3 .*sessions 1..2 are present: import them with -o sessions=2"):
+    with pytest.raises(SourceError, match=r"betas_session03.hdf5: field 'sessions'.*sessions 1..2 are present: "
+                                          r"import them with -o sessions=2.*missing: session03 \(and 37 more\)"):
         prepare("nsd", nsd_source.root, tmp_path / "o", image_size=12, checksum="none")
     assert not (tmp_path / "o").exists()

@@ -96,6 +96,26 @@ def test_god_without_label_key_is_one_line_naming_file_and_field(tmp_path, capsy
     assert "Subject1.h5: field 'metadata/stimulus_id'" in err and "Label" in err
 
 
+@pytest.mark.parametrize("with_session", [False, True])
+def test_god_dry_run_reports_runs_as_runs_and_sessions_when_present(tmp_path, capsys, with_session):
+    fx = write_god(tmp_path / "src", subjects=("Subject1",), with_session=with_session)
+    assert main_prepare(["god", "--source", str(fx.root), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    # 11 perception samples, three per run: runs 1-4 (imagery samples of run 4-5 are not imported)
+    s = dry_run("god", fx.root, log=None)["subjects"]["subj01"]
+    assert s["runs"] == [1, 2, 3, 4]
+    if with_session:
+        assert s["sessions"] == [1, 2] and "sessions 2 (1-2), runs 4 (1-4), 11 trials" in printed
+    else:
+        assert s["sessions"] is None and "sessions -, runs 4 (1-4), 11 trials" in printed
+    store = Store(prepare("god", fx.root, tmp_path / "o", **FAST))
+    info = store.subject("subj01")
+    with h5py.File(info.path, "r") as f:
+        assert f.attrs["trial_session_is"] == ("session" if with_session else "run")
+    expect = np.where(fx.dtype["Subject1"] == 1, 1, 2) if with_session else np.arange(11) // 3 + 1
+    np.testing.assert_array_equal(info.trial_session, expect)
+
+
 # ----------------------------------------------------------------------------- THINGS-fMRI
 
 
@@ -297,6 +317,113 @@ def test_vim1_stimulus_range_is_never_clipped_silently(tmp_path, capsys):
     assert clipped > 0 and _report(out)["stimuli"]["stimulus_values_clipped"] == clipped
 
 
+# ----------------------------------------------------------------------------- NSD
+
+
+def test_nsd_missing_sessions_atlases_and_images(tmp_path, capsys):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=3)
+    bdir = fx.root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+    (bdir / "betas_session02.hdf5").unlink()  # a gap: NSD sessions are independent
+    (fx.root / "nsddata/ppdata/subj01/func1pt8mm/roi/floc-words.nii.gz").unlink()
+    args = ["nsd", "--source", str(fx.root), "-o", "sessions=3"]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "betas_session02.hdf5: field 'sessions'" in err and "missing: session02" in err
+    assert not (tmp_path / "e").exists()
+    # the dry run lists both at once
+    assert main_prepare([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing_sessions: 1 (session02)" in printed and "missing_roi_masks: 1 (floc-words)" in printed
+    assert "sessions 2 (1,3), 1500 trials" in printed and "--allow-missing rois sessions" in printed
+    with pytest.raises(SourceError, match=r"floc-words.nii.gz: field 'rois'.*missing: floc-words"):
+        prepare("nsd", fx.root, tmp_path / "e", sessions=3, allow_missing=["sessions"], **FAST)
+    out = prepare("nsd", fx.root, tmp_path / "o", sessions=3, zscore=False, allow_missing=["sessions", "rois"], **FAST)
+    store = Store(out)
+    info = store.subject("subj01")
+    assert "floc-words" not in info.rois and len(info.rois) == 7
+    keep = np.r_[0:750, 1500:2250]
+    np.testing.assert_array_equal(info.trial_session, np.repeat([1, 3], 750))
+    assert _ids(store, "subj01") == [f"nsd-{x:05d}" for x in fx.trial_73k["subj01"][keep]]
+    (r, ijk) = _h5(info.path, "responses", "voxels/ijk")
+    i, j, k = ijk.T
+    np.testing.assert_allclose(r, fx.betas["subj01"][keep][:, i, j, k] / 300.0, rtol=1e-6)
+    assert _report(out) == {"subj01": {"missing_sessions": ["session02"], "missing_roi_masks": ["floc-words"]}}
+    # the atlas that selects the voxels can never be left out
+    (fx.root / "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz").unlink()
+    with pytest.raises(SourceError, match=r"nsdgeneral.nii.gz: field '<file>'.*selects the voxels"):
+        prepare("nsd", fx.root, tmp_path / "e2", sessions=3, allow_missing=["sessions", "rois"], **FAST)
+
+
+def test_nsd_images_past_the_end_of_a_cut_brick(tmp_path):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=1)
+    seen = np.unique(fx.trial_73k["subj01"])
+    last = int(seen.max())
+    brick = fx.root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    with h5py.File(brick, "a") as f:  # a download cut before the last image shown
+        del f["imgBrick"]
+        f.create_dataset("imgBrick", data=fx.images[:last])
+    with pytest.raises(SourceError, match=rf"nsd_stimuli.hdf5: field 'images'.*missing: nsd-{last:05d}$"):
+        prepare("nsd", fx.root, tmp_path / "e", sessions=1, **FAST)
+    out = prepare("nsd", fx.root, tmp_path / "o", sessions=1, zscore=False, allow_missing=["images"], **FAST)
+    store = Store(out)
+    shown = fx.trial_73k["subj01"] != last
+    assert _ids(store, "subj01") == [f"nsd-{x:05d}" for x in fx.trial_73k["subj01"][shown]]
+    (r, ijk) = _h5(store.subject("subj01").path, "responses", "voxels/ijk")
+    i, j, k = ijk.T
+    np.testing.assert_allclose(r, fx.betas["subj01"][shown][:, i, j, k] / 300.0, rtol=1e-6)
+    rep = _report(out)
+    assert rep["stimuli"] == {"missing_images": [f"nsd-{last:05d}"]}
+    assert rep["subj01"] == {"trials_dropped_missing_image": int((~shown).sum())}
+
+
+def test_nsd_fsaverage_atlas_with_one_hemisphere_is_not_silent(tmp_path, capsys):
+    fx = write_nsd(tmp_path / "src", subjects=("subj01",), n_sessions=1, surface=True)
+    (fx.root / "nsddata/freesurfer/fsaverage/label/rh.floc-faces.mgz").unlink()
+    args = ["nsd", "--source", str(fx.root), "-o", "space=fsaverage", "-o", "sessions=1"]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "rh.floc-faces.mgz: field 'rois'" in err and "missing: rh.floc-faces" in err
+    s = dry_run("nsd", fx.root, space="fsaverage", sessions=1, log=None)
+    assert s["subjects"]["subj01"]["missing_roi_masks"] == ["rh.floc-faces"] and s["would_fail"] == ["rois"]
+    out = prepare("nsd", fx.root, tmp_path / "o", space="fsaverage", sessions=1, allow_missing=["rois"], **FAST)
+    info = Store(out).subject("subj01")
+    assert "floc-faces" not in info.rois and "prf-visualrois" in info.rois  # left out whole, not half
+    assert _report(out)["subj01"]["missing_roi_masks"] == ["rh.floc-faces"]
+
+
+# ----------------------------------------------------------------------------- Algonauts 2023
+
+
+def test_algonauts_atlas_with_one_hemisphere_and_missing_image_are_not_silent(tmp_path, capsys):
+    fx = write_algonauts(tmp_path / "src", subjects=("subj01",))
+    masks = fx.root / "subj01/roi_masks"
+    (masks / "rh.floc-faces_challenge_space.npy").unlink()  # used to vanish without a word
+    (masks / "mapping_streams.npy").unlink()
+    gone = next((fx.root / "subj01/training_split/training_images").glob("train-0003_*.png"))
+    gone.unlink()
+    args = ["algonauts2023", "--source", str(fx.root)]
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e")])
+    assert "training_images: field 'images'" in err and "missing: train-0003" in err
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "e"), "--allow-missing", "images"])
+    assert "rh.floc-faces_challenge_space.npy: field 'rois'" in err and "missing: rh.floc-faces" in err
+    assert not (tmp_path / "e").exists()
+    # the dry run lists both at once, and where each label table comes from
+    assert main_prepare([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "missing_roi_masks: 1 (rh.floc-faces)" in printed and "missing_images: 1 (train-0003)" in printed
+    assert "streams (source manifest)" in printed and "prf-visualrois (mapping_prf-visualrois.npy)" in printed
+    assert "--allow-missing images rois" in printed and "found roi_files: 10" in printed
+    out = prepare("algonauts2023", fx.root, tmp_path / "o", allow_missing=["rois", "images"], **FAST)
+    store = Store(out)
+    info = store.subject("subj01")
+    assert "floc-faces" not in info.rois and len(info.rois) == 5  # left out whole, not one hemisphere
+    assert info.rois["streams"].labels[1] == "early"
+    kept = [i for i in range(len(fx.train_ids["subj01"])) if i != 2]
+    (r,) = _h5(info.path, "responses")
+    np.testing.assert_allclose(r, fx.fmri["subj01"][kept], rtol=1e-6)
+    assert _ids(store, "subj01") == [f"nsd-{fx.train_ids['subj01'][i]:05d}" for i in kept]
+    assert _report(out) == {"subj01": {"missing_images": ["train-0003"], "trials_dropped_missing_image": 1,
+                                       "missing_roi_masks": ["rh.floc-faces"]}}
+
+
 # ----------------------------------------------------------------------------- dry run
 
 
@@ -351,6 +478,42 @@ def test_dry_run_lists_missing_masks_and_images_instead_of_failing(tmp_path, cap
     assert "--allow-missing images rois" in printed
     s = dry_run("bold5000", fx.root, sessions=2, allow_missing=["rois", "images"], log=None)
     assert s["would_fail"] == [] and s["subjects"]["subj03"]["missing_roi_masks"] == ["LHLOC"]
+
+
+def test_dry_run_into_a_closed_pipe_exits_quietly(tmp_path, monkeypatch, capsys):
+    """``brainenc prepare ... --dry-run | head``: the reader stops early; the command stops without
+    a traceback, with the status a shell gives a command stopped by SIGPIPE (141)."""
+    import io
+
+    from brainenc.cli import console_main
+
+    fx = write_god(tmp_path / "src", subjects=("Subject1",))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line
+    out = io.TextIOWrapper(io.FileIO(w, "w"), write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert console_main(["prepare", "god", "--source", str(fx.root), "--dry-run"]) == 141
+    out.write("after\n")  # stdout now points at /dev/null: nothing more can fail at exit
+    out.flush()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dry_run_piped_into_head_has_no_traceback(tmp_path):
+    import shlex
+    import subprocess
+
+    fx = write_god(tmp_path / "src", subjects=("Subject1",))
+    cmd = [sys.executable, "-m", "brainenc.cli", "prepare", "god", "--source", str(fx.root), "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the command prints its first line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=300) == 141 and err == ""  # no traceback, no 'Exception ignored' at exit
+    sh = subprocess.run(["bash", "-c", shlex.join(cmd) + " | head -n 1"], capture_output=True, text=True,
+                        env=env, timeout=300)
+    assert sh.stdout.startswith("[god] dry run:") and sh.stderr == ""
 
 
 def test_allow_missing_kind_is_checked(tmp_path):

@@ -14,6 +14,12 @@ Training responses are already averaged over an image's repeats, so each image i
 Vertex coordinates come from a FreeSurfer ``fsaverage`` subject directory (``surf/<hemi>.white``),
 indexed through the all-vertices masks.  The NSD ``nsd-XXXXX`` number is the 0-based 73k index
 (``nsd_id_base`` in the manifest), so stores of NSD and Algonauts share stimulus ids.
+
+Nothing missing is silent (:meth:`Importer.missing`): an ROI atlas of the manifest without both
+hemisphere files, and a training row without its ``train-NNNN`` image, are errors naming them
+unless ``--allow-missing rois|images``; then the atlas is left out whole (never one hemisphere of
+it) or the row is dropped, and both are recorded in the store manifest.  Label tables missing
+beside the masks come from the source manifest; the dry run says which were used.
 """
 
 from __future__ import annotations
@@ -229,13 +235,16 @@ class Algonauts2023Importer(Importer):
     def plan_subject(self, subject, stimuli):
         from nibabel.freesurfer import read_geometry
 
-        train = self._images(subject, "train")
+        report: dict = {}
+        train, src_rows = self._training_rows(subject, report)
+        absent = self._missing_roi_files(subject, report)
         files, fmri, coords, hemi_idx, vertex, atlases = [], [], [], [], [], {}
         for h_i, h in enumerate(HEMIS):
             p = self.path("fmri", subject=subject, hemi=h)
             arr = np.load(p, mmap_mode="r")
-            if arr.ndim != 2 or arr.shape[0] != len(train):
-                raise SourceError(p, "<array>", f"(n_train_images={len(train)}, n_vertices)", str(arr.shape))
+            if arr.ndim != 2 or arr.shape[0] != self._n_rows(subject):
+                raise SourceError(p, "<array>", f"({self._n_rows(subject)} training rows like lh, n_vertices)",
+                                  str(arr.shape))
             mpath = self.path("all_vertices", subject=subject, hemi=h)
             mask = np.load(mpath).astype(bool).ravel()
             fs_idx = np.flatnonzero(mask)
@@ -253,24 +262,25 @@ class Algonauts2023Importer(Importer):
             files += [p, mpath, surf]
             for atlas in self.manifest["roi_atlases"]:
                 rp = self.path("roi", subject=subject, hemi=h, atlas=atlas)
-                if rp.exists():
+                if atlas not in absent:
                     v = np.load(rp).ravel().astype(np.int16)
                     if len(v) != len(fs_idx):
                         raise SourceError(rp, "<array>", f"{len(fs_idx)} challenge vertices", str(len(v)))
                     atlases.setdefault(atlas, []).append(v)
                     files.append(rp)
-        full = {}
+        full, label_tables = {}, []
         for atlas, parts in atlases.items():
-            if len(parts) != 2:
-                continue
             mp = self.path("roi_mapping", subject=subject, atlas=atlas)
             labels = {int(k): str(v) for k, v in self.manifest["roi_atlases"][atlas]["labels"].items()}
             # a plain-text label map beside the .npy wins (no pickle involved at all)
+            source = "source manifest"  # the challenge's tables, used when no mapping file is there
             for cand in (mp.with_suffix(".json"), mp.with_suffix(".yaml"), mp):
                 if cand.exists():
                     labels = {k: v for k, v in read_label_mapping(cand).items() if k != 0}
                     files.append(cand)
+                    source = cand.name
                     break
+            label_tables.append(f"{atlas} ({source})")
             full[atlas] = RoiAtlas(np.concatenate(parts), labels)
         n_all = sum(len(v) for v in vertex)
         where = self.path("roi", subject=subject, hemi="lh", atlas=str(self.roi).partition(":")[0])
@@ -300,11 +310,54 @@ class Algonauts2023Importer(Importer):
             lh, rh = np.load(fmri[0], mmap_mode="r"), np.load(fmri[1], mmap_mode="r")
             for start in range(0, len(rows), 256):  # memory-mapped, so only a block is read
                 sl = slice(start, start + 256)
-                block = np.concatenate([np.asarray(lh[sl])[:, sel_lh], np.asarray(rh[sl])[:, sel_rh]], axis=1)
+                src = src_rows[sl]  # fMRI rows with an image (all, unless images were missing)
+                block = np.concatenate([np.asarray(lh[src])[:, sel_lh], np.asarray(rh[src])[:, sel_rh]], axis=1)
                 w.write_trials(block.astype(np.float32), rows[sl])
 
         return SubjectPlan(subject=subject, source_subject=subject, n_trials=len(rows), coords=coords,
                            space=f"fsaverage ({self.options['surface']} surface)",
                            units="z-scored betas averaged over repeats", rois=rois, ncsnr=ncsnr,
                            sources=files, write=write,
-                           attrs={"responses_are": "per-image averages over repeats (one row per image)"})
+                           attrs={"responses_are": "per-image averages over repeats (one row per image)"},
+                           inventory={"roi_files": sorted(p.name for p in files if "_challenge_space" in p.name),
+                                      "label_tables": label_tables}, report=report)
+
+    def _n_rows(self, subject: str) -> int:
+        """Training rows (images) of ``subject``: the length of ``lh_training_fmri.npy``."""
+        p = self.path("fmri", subject=subject, hemi="lh")
+        arr = np.load(p, mmap_mode="r")
+        if arr.ndim != 2:
+            raise SourceError(p, "<array>", "(n_train_images, n_vertices)", str(arr.shape))
+        return int(arr.shape[0])
+
+    def _training_rows(self, subject: str, report: dict) -> tuple[list, np.ndarray]:
+        """Training images and their fMRI rows: ([(index, nsd id, path)], int64 (n_found,)).
+
+        Row ``i`` of the training fMRI is image ``train-{i+1:04d}``; an index without its image
+        goes through :meth:`missing` (kind ``images``): an error, or that row left out and counted.
+        """
+        train, n = self._images(subject, "train"), self._n_rows(subject)
+        idx = [i for i, _, _ in train]
+        d = self.path("train_images", subject=subject)
+        if len(set(idx)) != len(idx) or (idx and (min(idx) < 1 or max(idx) > n)):
+            raise SourceError(d, "<directory>", f"one image per training row, train-0001..train-{n:04d}",
+                              f"indices {min(idx)}..{max(idx)} ({len(idx)} images, {len(set(idx))} distinct)")
+        absent = sorted(set(range(1, n + 1)) - set(idx))
+        self.missing("images", d, f"an image for every row of the training fMRI (train-0001..train-{n:04d})",
+                     [f"train-{i:04d}" for i in absent], report, "missing_images")
+        if absent:
+            report["trials_dropped_missing_image"] = len(absent)
+        return train, np.array([i - 1 for i in idx], np.int64)
+
+    def _missing_roi_files(self, subject: str, report: dict) -> set[str]:
+        """Atlases of the manifest lacking a hemisphere's file, through :meth:`missing` (kind
+        ``rois``, items ``hemi.atlas``); such an atlas is left out whole, never half of it."""
+        atlases = self.manifest["roi_atlases"]
+        absent = [(h, a) for a in atlases for h in HEMIS
+                  if not self.path("roi", subject=subject, hemi=h, atlas=a).exists()]
+        if absent:
+            h, a = absent[0]
+            self.missing("rois", self.path("roi", subject=subject, hemi=h, atlas=a),
+                         f"both hemisphere files of every ROI atlas ({', '.join(atlases)})",
+                         [f"{h}.{a}" for h, a in absent], report, "missing_roi_masks")
+        return {a for _, a in absent}

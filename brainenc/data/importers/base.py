@@ -135,6 +135,9 @@ class SubjectPlan:
     attrs: dict = field(default_factory=dict)
     #: sessions imported (None: the source has no sessions, e.g. averaged responses)
     sessions: list[int] | None = None
+    #: runs imported, for sources that number runs but not sessions (e.g. GOD's ``Run``); the
+    #: dry run lists them as runs, never as sessions
+    runs: list[int] | None = None
     #: what was found, for the dry run (e.g. ``{"roi_masks": [mask file names]}``)
     inventory: dict = field(default_factory=dict)
     #: what was missing or dropped (e.g. ``missing_roi_masks``, ``nan_voxels_dropped``)
@@ -528,11 +531,14 @@ class Importer:
             plan = self.plan_subject(subject, stim)
             rois = {atlas: {name: int((a.values == value).sum()) for value, name in sorted(a.labels.items())}
                     for atlas, a in plan.rois.items()}
-            info = {"source_subject": plan.source_subject, "sessions": plan.sessions, "n_trials": plan.n_trials,
+            info = {"source_subject": plan.source_subject, "sessions": plan.sessions,
+                    **({} if plan.runs is None else {"runs": plan.runs}), "n_trials": plan.n_trials,
                     "n_voxels": plan.n_voxels, "voxels_per_roi": rois, "found": _plain(plan.inventory),
                     **_plain(plan.report)}
             summary["subjects"][subject] = info
             sess = "-" if plan.sessions is None else f"{len(plan.sessions)} ({_ranges(plan.sessions)})"
+            if plan.runs is not None:
+                sess += f", runs {len(plan.runs)} ({_ranges(plan.runs)})"
             log(f"  {subject} ({plan.source_subject}): sessions {sess}, {plan.n_trials} trials, "
                 f"{plan.n_voxels} voxels selected by '{self.roi}'")
             for k, v in plan.inventory.items():

@@ -171,17 +171,24 @@ class GODImporter(Importer):
         if not sel.any():
             raise SourceError(b.path, "roi", f"voxels selected by '{self.roi}'", "none")
         cols = vox[sel]
+        # GOD numbers runs (``Run``); some BData files also carry ``Session``.  A trial's store
+        # session is the real session when the file has one, else its run (recorded in the
+        # attrs), and the dry run reports each under its own name.
         run = b.column("Run")[keep].astype(np.int32) if "Run" in b.meta else None
+        session = b.column("Session")[keep].astype(np.int32) if "Session" in b.meta else None
         data = b.data[keep][:, cols].astype(np.float32)
         src = self.subject_table()[subject]["source"]
+        trial_session = session if session is not None else run
+        session_is = "session" if session is not None else "run" if run is not None else "none"
 
         def write(w):
-            w.write_trials(data, rows, run)
+            w.write_trials(data, rows, trial_session)
 
         return SubjectPlan(subject=subject, source_subject=src, n_trials=len(rows),
                            coords=coords[sel].astype(np.float32), space=f"god {src} native (mm)",
                            units="BOLD (preprocessed, per-sample block average, as distributed)",
                            rois={a: RoiAtlas(r.values[sel], r.labels) for a, r in full.items()}, ncsnr=None,
-                           sources=[b.path], write=write, attrs={"trial_session_is": "run"},
-                           sessions=None if run is None else sorted(set(run.tolist())),
+                           sources=[b.path], write=write, attrs={"trial_session_is": session_is},
+                           sessions=None if session is None else sorted(set(session.tolist())),
+                           runs=None if run is None else sorted(set(run.tolist())),
                            inventory={"roi_rows": sorted(f"ROI_{a}" for a in full)}, report=report)

@@ -19,6 +19,13 @@ Trials: trial ``t`` (0-based over the subject's sessions, 750 per session) showe
 ``masterordering[t]`` (1-based), i.e. the 73k image ``subjectim[subject, masterordering[t]-1]``
 (1-based).  Store stimulus ids are ``nsd-%05d`` with the **0-based** 73k index (the row of
 ``imgBrick`` and ``nsdId`` in the stim-info CSV).  The shared1000 images (``sharedix``) are test.
+
+Nothing missing is silent (:meth:`Importer.missing`): a session without betas, an ROI atlas of
+the manifest without its file (both hemisphere files on fsaverage) and an image beyond the end of
+``imgBrick`` are errors naming them unless ``--allow-missing sessions|rois|images``; then they are
+left out (sessions are independent: each holds trials ``750*(s-1) .. 750*s`` of masterordering)
+and recorded in the store manifest.  The atlas that selects the voxels (``--roi``) can never be
+missing.
 """
 
 from __future__ import annotations
@@ -112,6 +119,40 @@ class NSDImporter(Importer):
     def surface_files(self, subject: str, session: int) -> list[Path]:
         return [self.path("betas_mgh", subject=subject, session=session, hemi=h) for h in ("lh", "rh")]
 
+    def _session_present(self, subject: str, session: int) -> bool:
+        if self.surface:
+            return all(p.exists() for p in self.surface_files(subject, session))
+        fmt = {"subject": subject, "space": self.space, "session": session}
+        files = {"hdf5": [self.path("betas_hdf5", **fmt)], "nifti": [self.path("betas_nifti", **fmt)]}
+        files["auto"] = files["hdf5"] + files["nifti"]
+        if self.options["format"] not in files:
+            raise SourceError(self.manifest["_path"], "options/format", "'auto', 'hdf5' or 'nifti'",
+                              str(self.options["format"]))
+        return any(p.exists() for p in files[self.options["format"]])
+
+    def sessions(self, subject: str, report: dict | None = None) -> list[int]:
+        """Sessions to import (1-based).  A session without betas goes through :meth:`missing`
+        (kind ``sessions``); NSD sessions are independent, so any of them may be left out."""
+        wanted = list(range(1, self.n_sessions(subject) + 1))
+        have = [s for s in wanted if self._session_present(subject, s)]
+        absent = [s for s in wanted if s not in have]
+        if absent:
+            first = (self.surface_files(subject, absent[0])[0] if self.surface
+                     else self.session_file_name(subject, absent[0]))
+            # a partial download is common: say how to import the sessions that are here
+            hint = (f"; sessions 1..{len(have)} are present: import them with -o sessions={len(have)}"
+                    if have and have == wanted[:len(have)] and self.options["sessions"] is None else "")
+            self.missing("sessions", first, f"betas of every session of {subject} (1..{wanted[-1]}){hint}",
+                         [f"session{x:02d}" for x in absent], {} if report is None else report, "missing_sessions")
+        if not have:
+            raise SourceError(self.session_file_name(subject, 1), "<file>", f"betas of {subject}", "no session present")
+        return have
+
+    def session_file_name(self, subject: str, session: int) -> Path:
+        """The file named in errors about a missing session (the HDF5 unless NIfTI was asked for)."""
+        key = "betas_nifti" if self.options["format"] == "nifti" else "betas_hdf5"
+        return self.path(key, subject=subject, space=self.space, session=session)
+
     # ---------------------------------------------------------------- checks
 
     def present(self, subject: str) -> bool:
@@ -125,21 +166,10 @@ class NSDImporter(Importer):
             raise SourceError(self.manifest["_path"], "roi", f"an NSD ROI atlas among {sorted(self.atlases())}",
                               str(self.roi))
         for s in subjects:
-            for sess in range(1, self.n_sessions(s) + 1):
-                # a partial download is common: say how to import the sessions that are here
-                hint = (f"; sessions 1..{sess - 1} are present: import them with -o sessions={sess - 1}"
-                        if sess > 1 and self.options["sessions"] is None else "")
-                try:
-                    if self.surface:
-                        for p in self.surface_files(s, sess):
-                            self.need(p, f"fsaverage betas of {s} session {sess}")
-                    else:
-                        self.need(self.session_file(s, sess)[0], f"betas of {s} session {sess}")
-                except SourceError as e:
-                    if not hint:
-                        raise
-                    raise SourceError(e.path, e.field, e.expected + hint, e.found) from None
-            self.need(self.roi_file(s, atlas), f"ROI atlas '{atlas}' of {s}")
+            self.sessions(s)
+            # the atlas that selects the voxels cannot be left out (--allow-missing rois or not)
+            for hemi in (("lh", "rh") if self.surface else ("lh",)):
+                self.need(self.roi_file(s, atlas, hemi), f"ROI atlas '{atlas}' of {s} (it selects the voxels: --roi)")
 
     def roi_file(self, subject: str, atlas: str, hemi: str = "lh") -> Path:
         if self.surface:
@@ -170,10 +200,13 @@ class NSDImporter(Importer):
     def subject_index(self, subject: str) -> int:
         return int(self.subject_table()[subject].get("index", int(subject[-2:]))) - 1
 
-    def trial_73k(self, subject: str) -> np.ndarray:
-        """0-based 73k image index of each of the subject's trials, int64 (n_sessions * 750,)."""
+    def trial_73k(self, subject: str, sessions: list[int] | None = None) -> np.ndarray:
+        """0-based 73k image index of each trial of ``sessions`` (default: 1..n_sessions), in
+        session order, int64 (len(sessions) * 750,)."""
         d = self.design()
-        n = self.n_sessions(subject) * TRIALS_PER_SESSION
+        if sessions is None:
+            sessions = list(range(1, self.n_sessions(subject) + 1))
+        n = max(sessions) * TRIALS_PER_SESSION
         if len(d["masterordering"]) < n:
             raise SourceError(self.path("expdesign"), "masterordering", f"at least {n} trials",
                               str(len(d["masterordering"])))
@@ -181,19 +214,28 @@ class NSDImporter(Importer):
         if row >= d["subjectim"].shape[0]:
             raise SourceError(self.path("expdesign"), "subjectim", f"a row for {subject}",
                               f"{d['subjectim'].shape[0]} rows")
-        return d["subjectim"][row, d["masterordering"][:n] - 1] - 1
+        t = np.concatenate([np.arange((x - 1) * TRIALS_PER_SESSION, x * TRIALS_PER_SESSION) for x in sessions])
+        return d["subjectim"][row, d["masterordering"][t] - 1] - 1
 
     def plan_stimuli(self, subjects: list[str]) -> StimulusPlan:
-        seen = np.unique(np.concatenate([self.trial_73k(s) for s in subjects]))
+        seen = np.unique(np.concatenate([self.trial_73k(s, self.sessions(s)) for s in subjects]))
         shared = self.design()["sharedix"] - 1
-        split = np.where(np.isin(seen, shared), SPLIT_TEST, SPLIT_TRAIN).astype(np.uint8)
         path = self.path("stimuli")
+        report: dict = {}
         with h5py.File(path, "r") as f:
             if "imgBrick" not in f:
                 raise SourceError(path, "imgBrick", "uint8 (73000, H, W, 3)", "missing")
             ds = f["imgBrick"]
-            if ds.ndim != 4 or ds.shape[-1] != 3 or ds.dtype != np.uint8 or ds.shape[0] <= seen.max():
+            if ds.ndim != 4 or ds.shape[-1] != 3 or ds.dtype != np.uint8:
+                raise SourceError(path, "imgBrick", "uint8 (73000, H, W, 3)", f"{ds.dtype} {ds.shape}")
+            # a brick that ends early (a cut download) lacks the images past its end
+            absent = seen[seen >= ds.shape[0]]
+            if len(absent) == len(seen):
                 raise SourceError(path, "imgBrick", f"uint8 (>{seen.max()}, H, W, 3)", f"{ds.dtype} {ds.shape}")
+            self.missing("images", path, f"imgBrick rows for every image shown (up to 73k id {seen.max()})",
+                         [f"nsd-{i:05d}" for i in absent], report, "missing_images")
+            seen = seen[seen < ds.shape[0]]
+        split = np.where(np.isin(seen, shared), SPLIT_TEST, SPLIT_TRAIN).astype(np.uint8)
 
         def load(rows):
             # h5py fancy indexing wants increasing indices; rows follow sorted 73k ids, so they are.
@@ -215,7 +257,7 @@ class NSDImporter(Importer):
                 labels["coco_id"] = coco.fillna(-1).to_numpy(np.int64)
             sources.append(info)
         return StimulusPlan(ids=[f"nsd-{i:05d}" for i in seen], split=split, load=load, sources=sources,
-                            labels=labels)
+                            labels=labels, report=report)
 
     # ---------------------------------------------------------------- voxels
 
@@ -228,14 +270,31 @@ class NSDImporter(Importer):
                 return read_ctab(p), [p]
         return {int(k): str(v) for k, v in spec["labels"].items()}, []
 
-    def _volume_atlases(self, subject: str) -> tuple[dict[str, np.ndarray], np.ndarray, tuple, list[Path]]:
+    def _missing_atlases(self, subject: str, report: dict) -> set[str]:
+        """Atlases of the manifest whose file is not there (on fsaverage: either hemisphere's),
+        through :meth:`missing` (kind ``rois``; items ``atlas`` or ``hemi.atlas``).  An atlas
+        lacking one hemisphere is left out whole: its labels would cover half the vertices."""
+        hemis = ("lh", "rh") if self.surface else (None,)
+        absent = [(atlas, h) for atlas in self.atlases() for h in hemis
+                  if not self.roi_file(subject, atlas, h or "lh").exists()]
+        if absent:
+            atlas, h = absent[0]
+            self.missing("rois", self.roi_file(subject, atlas, h or "lh"),
+                         f"a file for every ROI atlas of the source manifest ({', '.join(self.atlases())})"
+                         + (" and both hemispheres" if self.surface else ""),
+                         [a if h is None else f"{h}.{a}" for a, h in absent], report, "missing_roi_masks")
+        return {a for a, _ in absent}
+
+    def _volume_atlases(self, subject: str, report: dict) -> tuple[dict[str, np.ndarray], np.ndarray, tuple,
+                                                                   list[Path]]:
         """Full-volume atlases {name: int (X, Y, Z)}, affine, shape and files read."""
         import nibabel as nib
 
         vols, affine, shape, files = {}, None, None, []
+        absent = self._missing_atlases(subject, report)
         for atlas in self.atlases():
             p = self.roi_file(subject, atlas)
-            if not p.exists():
+            if atlas in absent:
                 continue
             img = nib.load(p)
             data = np.asarray(img.dataobj)
@@ -249,10 +308,10 @@ class NSDImporter(Importer):
             files.append(p)
         return vols, affine, shape, files
 
-    def _plan_volume(self, subject: str):
+    def _plan_volume(self, subject: str, report: dict):
         import nibabel as nib
 
-        vols, affine, shape, files = self._volume_atlases(subject)
+        vols, affine, shape, files = self._volume_atlases(subject, report)
         full = {a: RoiAtlas(v.ravel(), self._label_table(subject, a)[0]) for a, v in vols.items()}
         for a in vols:
             files += self._label_table(subject, a)[1]
@@ -272,11 +331,12 @@ class NSDImporter(Importer):
             files.append(npath)
         return ijk, affine_coords(affine, ijk), rois, ncsnr, shape, files
 
-    def _plan_surface(self, subject: str):
+    def _plan_surface(self, subject: str, report: dict):
         import nibabel as nib
         from nibabel.freesurfer import read_geometry
 
         per_hemi, files = [], []
+        absent = self._missing_atlases(subject, report)
         for hemi in ("lh", "rh"):
             surf = self.path("fsaverage_surface", hemi=hemi, surface=self.options["surface"])
             coords, _ = read_geometry(str(self.need(surf, "fsaverage surface (vertex coordinates)")))
@@ -284,16 +344,17 @@ class NSDImporter(Importer):
             atl = {}
             for atlas in self.atlases():
                 p = self.roi_file(subject, atlas, hemi)
-                if p.exists():
+                if atlas not in absent:
                     v = np.rint(np.asarray(nib.load(p).dataobj).ravel()).astype(np.int16)
                     if len(v) != len(coords):
                         raise SourceError(p, "<surface>", f"{len(coords)} vertices like {surf.name}", str(len(v)))
                     atl[atlas] = v
                     files.append(p)
             per_hemi.append((hemi, coords, atl))
-        names = set(per_hemi[0][2]) & set(per_hemi[1][2])
         full = {a: RoiAtlas(np.concatenate([h[2][a] for h in per_hemi]), self._label_table(subject, a)[0])
-                for a in names}
+                for a in self.atlases() if a not in absent}
+        for a in full:
+            files += self._label_table(subject, a)[1]
         mask = self.parse_roi(full, self.roi_file(subject, str(self.roi).partition(":")[0]))
         coords = np.concatenate([h[1] for h in per_hemi]).astype(np.float32)[mask]
         hemi = np.concatenate([np.full(len(h[1]), i, np.int8) for i, h in enumerate(per_hemi)])[mask]
@@ -310,9 +371,11 @@ class NSDImporter(Importer):
     # ---------------------------------------------------------------- subject
 
     def plan_subject(self, subject: str, stimuli: StimulusPlan) -> SubjectPlan:
-        trial_73k = self.trial_73k(subject)
-        trial_stim = np.array([stimuli.row[f"nsd-{i:05d}"] for i in trial_73k], dtype=np.int64)
-        n_sess = self.n_sessions(subject)
+        report: dict = {}
+        sessions = self.sessions(subject, report)
+        trial_73k = self.trial_73k(subject, sessions)
+        # trials whose image is missing from imgBrick (allowed) are dropped and counted
+        trial_stim, keep = self.trial_rows(stimuli, [f"nsd-{i:05d}" for i in trial_73k], report)
         zscore = bool(self.options["zscore"])
         units = "z-score within session" if zscore else "percent signal change"
         block_bytes = float(self.options["block_mb"]) * 2**20
@@ -320,17 +383,18 @@ class NSDImporter(Importer):
         extra = {}
 
         if self.surface:
-            (hemi, vertex, n_per_hemi), coords, rois, ncsnr, mask, files = self._plan_surface(subject)
-            betas = [self.surface_files(subject, s) for s in range(1, n_sess + 1)]
+            (hemi, vertex, n_per_hemi), coords, rois, ncsnr, mask, files = self._plan_surface(subject, report)
+            betas = {s: self.surface_files(subject, s) for s in sessions}
             extra = {"hemi": hemi, "vertex": vertex}
             space = f"fsaverage ({self.options['surface']} surface)"
 
             def read_session(sess: int) -> np.ndarray:
-                return self._read_surface_session(betas[sess - 1], mask, n_per_hemi, block_bytes, scale)
+                return self._read_surface_session(betas[sess], mask, n_per_hemi, block_bytes, scale)
         else:
-            ijk, coords, rois, ncsnr, shape, files = self._plan_volume(subject)
+            ijk, coords, rois, ncsnr, shape, files = self._plan_volume(subject, report)
             extra = {"ijk": ijk.astype(np.int32)}
             space = f"nsd {subject} {self.space}"
+            betas = {s: [self.session_file(subject, s)[0]] for s in sessions}
 
             def read_session(sess: int) -> np.ndarray:
                 path, kind = self.session_file(subject, sess)
@@ -338,21 +402,29 @@ class NSDImporter(Importer):
 
         def write(w):
             w.write_group("voxels", extra)
-            for sess in range(1, n_sess + 1):
-                # One session in memory at a time: (750, n_voxels) float32.
+            done = 0
+            for n, sess in enumerate(sessions):
+                # One session in memory at a time: (750, n_voxels) float32.  z-scoring uses all
+                # of the session's trials, also those dropped for a missing image.
                 x = read_session(sess)
                 if zscore:
                     x = zscore_rows(x)
-                sl = slice((sess - 1) * TRIALS_PER_SESSION, sess * TRIALS_PER_SESSION)
-                w.write_trials(x, trial_stim[sl],
-                               np.full(TRIALS_PER_SESSION, sess, np.int32))
+                k = keep[n * TRIALS_PER_SESSION:(n + 1) * TRIALS_PER_SESSION]
+                rows = trial_stim[done:done + int(k.sum())]
+                w.write_trials(x[k], rows, np.full(len(rows), sess, np.int32))
+                done += len(rows)
 
-        session_files = [p for s in range(1, n_sess + 1)
-                         for p in (betas[s - 1] if self.surface else [self.session_file(subject, s)[0]])]
-        return SubjectPlan(subject=subject, source_subject=subject, n_trials=n_sess * TRIALS_PER_SESSION,
+        atlas_files = sorted({p.name for a in rois for p in ([self.roi_file(subject, a)] if not self.surface else
+                              [self.roi_file(subject, a, h) for h in ("lh", "rh")])})
+        inventory = {"roi_atlases": atlas_files,
+                     "label_tables": [f"{a} ({'ctab' if self._label_table(subject, a)[1] else 'source manifest'})"
+                                      for a in rois],
+                     "ncsnr": [p.name for p in files if "ncsnr" in p.name]}  # optional: none is fine
+        return SubjectPlan(subject=subject, source_subject=subject, n_trials=len(trial_stim),
                            coords=coords, space=space, units=units, rois=rois, ncsnr=ncsnr,
-                           sources=files + session_files, write=write,
-                           attrs={"nsd_space": self.space, "n_sessions": n_sess})
+                           sources=files + [p for s in sessions for p in betas[s]], write=write,
+                           attrs={"nsd_space": self.space, "n_sessions": len(sessions)},
+                           sessions=sessions, inventory=inventory, report=report)
 
     # ---------------------------------------------------------------- session readers
 
