@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from brainenc.analysis.prf import prf_recovery
+from brainenc.analysis.prf import prf_recovery, summarise
 from brainenc.data.datamodule import BrainDataModule, PairBatchDataset
 from brainenc.data.simbrain import oracle_ceiling
 from brainenc.features.cache import FeatureCache
@@ -136,9 +136,7 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
     return {"variant": name, "model": model_kw, "train": cfg | {"epochs": epochs}, "best_epoch": best_epoch,
             "val_curve": curve, "seconds": round(time.perf_counter() - t0, 1),
             "frac_oracle": {r: round(float(np.mean(v)), 4) for r, v in roi.items() if v},
-            "prf": {k: round(float(np.nanmean([s[k] for s in prf.values()])), 4)
-                    for k in ("r_x", "r_y", "median_dist_deg", "r_x_on_screen", "r_y_on_screen",
-                              "median_dist_deg_on_screen")}}
+            "prf": {k: round(v, 4) for k, v in summarise(prf).items()}}
 
 
 def main(argv=None) -> int:

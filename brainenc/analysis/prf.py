@@ -6,6 +6,15 @@ simbrain stores every voxel's true population receptive-field centre (``truth/pr
 two can be compared voxel by voxel: Pearson r per axis and the median distance in degrees, over
 the voxels of the early visual areas (V1-V3), where a position is well defined.
 
+Centres off the screen.  A readout samples the image, so it cannot place a centre outside it,
+and no image-computable model can tell a centre 1 deg beyond the edge from one 3 deg beyond it.
+Recovery is therefore scored three ways: against the true centres of all voxels (``r_x``, ...);
+over the voxels whose true centre lies on the screen only (``*_on_screen``); and for all voxels
+against the *visible centre* (``*_visible``): the centre of mass of the part of the true pRF
+Gaussian that falls on the screen (per axis the mean of a normal truncated to the image,
+:func:`visible_centres`), which is the true centre for a small pRF well inside the image and
+moves onto the screen as the pRF hangs off it.
+
 Command line (prints JSON; ``--out`` also writes it)::
 
     python -m brainenc.analysis.prf runs/quickstart/retinotopic [--rois V1,V2,V3] [--out prf.json]
@@ -24,8 +33,9 @@ import numpy as np
 EARLY_VISUAL = ("V1", "V2", "V3")
 
 
-def true_centres(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """simbrain's true centres (n_voxels, 2) in degrees, voxel types (n_voxels,) and their labels."""
+def true_centres(path: Path, with_sigma: bool = False):
+    """simbrain's true centres (n_voxels, 2) in degrees, voxel types (n_voxels,) and their labels;
+    with ``with_sigma`` also the pRF sizes (n_voxels,) in degrees, last."""
     import yaml
 
     with h5py.File(path, "r") as f:
@@ -34,7 +44,33 @@ def true_centres(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         xy = np.stack([f["truth/prf_x_deg"][()], f["truth/prf_y_deg"][()]], axis=1).astype(np.float64)
         vt = f["truth/voxel_type"][()].astype(np.int64)
         labels = {int(k): str(v) for k, v in (yaml.safe_load(f["truth/voxel_type"].attrs["labels"]) or {}).items()}
-    return xy, vt, labels
+        sigma = f["truth/prf_sigma_deg"][()].astype(np.float64) if with_sigma else None
+    return (xy, vt, labels, sigma) if with_sigma else (xy, vt, labels)
+
+
+def visible_centres(xy: np.ndarray, sigma: np.ndarray, half: float) -> np.ndarray:
+    """Centre of mass of the on-screen part of each Gaussian pRF, (n, 2) degrees.
+
+    Parameters
+    ----------
+    xy : (n, 2) true centres in degrees; sigma : (n,) sizes in degrees
+    half : half the image width in degrees (the screen is the square [-half, half]^2)
+
+    The square is separable, so per axis this is the mean of a normal truncated to
+    [-half, half]: ``mu + sigma (phi(a) - phi(b)) / (Phi(b) - Phi(a))``, a = (-half - mu) / sigma,
+    b = (half - mu) / sigma.  A pRF entirely off the screen (mass below 1e-12) keeps its centre
+    clipped to the edge.
+    """
+    from scipy.special import ndtr
+
+    mu = np.asarray(xy, np.float64)
+    sd = np.asarray(sigma, np.float64)[:, None]
+    a, b = (-half - mu) / sd, (half - mu) / sd
+    phi = lambda z: np.exp(-0.5 * z ** 2) / np.sqrt(2 * np.pi)  # noqa: E731
+    mass = ndtr(b) - ndtr(a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = mu + sd * (phi(a) - phi(b)) / mass
+    return np.where(mass > 1e-12, out, np.clip(mu, -half, half))
 
 
 def recovery_stats(est: np.ndarray, true: np.ndarray) -> dict:
@@ -66,21 +102,26 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
     rois : true voxel types to include, by name (simbrain's ``truth/voxel_type`` labels)
 
     Returns {pair: :func:`recovery_stats` of those voxels, plus the same keys suffixed
-    ``_on_screen`` for the voxels whose true centre lies inside the image}
+    ``_on_screen`` for the voxels whose true centre lies inside the image and ``_visible`` for all
+    of them against their :func:`visible_centres` (module docstring), and ``off_screen_fraction``}
     """
     out = {}
     for p in pairs:
         if not p.info.has_truth or p.key not in readout.voxel_counts:
             continue
-        true, vt, labels = true_centres(p.info.path)
+        true, vt, labels, sigma = true_centres(p.info.path, with_sigma=True)
         codes = [c for c, name in labels.items() if name in set(rois)]
         sel = np.isin(vt, codes)
         est = readout.positions_deg(p.key, p.store.visual_angle_deg).cpu().numpy()
         out[p.key] = recovery_stats(est[sel], true[sel])
         # a readout can only look inside the image: centres off the screen (simbrain places some
         # peripheral pRFs there) cap r, so the stats are also given for centres on the screen
-        on = sel & (np.abs(true) <= p.store.visual_angle_deg / 2).all(axis=1)
+        half = p.store.visual_angle_deg / 2
+        on = sel & (np.abs(true) <= half).all(axis=1)
         out[p.key].update({f"{k}_on_screen": v for k, v in recovery_stats(est[on], true[on]).items()})
+        vis = visible_centres(true[sel], sigma[sel], half)
+        out[p.key].update({f"{k}_visible": v for k, v in recovery_stats(est[sel], vis).items()})
+        out[p.key]["off_screen_fraction"] = float(1 - on.sum() / max(1, sel.sum()))
     return out
 
 
@@ -121,7 +162,8 @@ def prf_figure(readout, pair, rois: Sequence[str] = EARLY_VISUAL):
 
 def summarise(stats: dict[str, dict]) -> dict:
     """Mean over pairs of each statistic (for one line per run)."""
-    keys = ("r_x", "r_y", "median_dist_deg", "r_x_on_screen", "r_y_on_screen", "median_dist_deg_on_screen")
+    keys = ("r_x", "r_y", "median_dist_deg", "r_x_on_screen", "r_y_on_screen", "median_dist_deg_on_screen",
+            "r_x_visible", "r_y_visible", "median_dist_deg_visible", "off_screen_fraction")
     return {k: float(np.nanmean([s[k] for s in stats.values()])) if stats else float("nan") for k in keys}
 
 

@@ -48,6 +48,27 @@ def test_recovery_stats_on_known_points():
     assert abs(shuffled["r_x"]) < 0.2 and abs(shuffled["r_y"]) < 0.2
 
 
+def test_visible_centres_are_the_on_screen_centre_of_mass():
+    from brainenc.analysis.prf import visible_centres
+
+    half = 4.2
+    xy = np.array([[0.0, 0.0], [1.0, -2.0], [5.0, 0.0], [4.2, 6.0], [30.0, 0.0]])
+    sigma = np.array([0.5, 0.3, 1.0, 2.0, 0.5])
+    got = visible_centres(xy, sigma, half)
+    # small pRFs well inside keep their centre
+    assert np.allclose(got[:2], xy[:2], atol=1e-6)
+    # numerically: centre of mass of the Gaussian on a fine grid of the screen
+    g = np.linspace(-half, half, 4001)
+    for i in (2, 3):
+        for axis in (0, 1):
+            w = np.exp(-0.5 * ((g - xy[i, axis]) / sigma[i]) ** 2)
+            assert got[i, axis] == pytest.approx((w * g).sum() / w.sum(), abs=2e-3)
+    # off the screen: inside the screen, pulled in from the true centre
+    assert (np.abs(got[2:4]) <= half).all() and got[2, 0] < xy[2, 0]
+    # a pRF with no mass on the screen is clipped to the edge
+    assert np.allclose(got[4], [half, 0.0])
+
+
 def test_learned_positions_recover_true_centres(tiny, tmp_path):
     torch.manual_seed(0)
     pair = tiny.pairs[0]
@@ -83,6 +104,9 @@ def test_learned_positions_recover_true_centres(tiny, tmp_path):
     assert got["median_dist_deg"] < 1.5, got
     # centres off the screen cannot be reached: the on-screen subset is smaller and fits better
     assert 0 < got["n_on_screen"] < got["n"] and got["median_dist_deg_on_screen"] < got["median_dist_deg"]
+    # scored against the visible centres, every voxel counts and the fit is closer than to the raw truth
+    assert got["n_visible"] == got["n"] and got["median_dist_deg_visible"] < got["median_dist_deg"]
+    assert got["off_screen_fraction"] == pytest.approx(1 - got["n_on_screen"] / got["n"])
     fig = prf_figure(readout, pair)
     fig.savefig(tmp_path / "prf.png")
     assert (tmp_path / "prf.png").stat().st_size > 10_000

@@ -319,3 +319,133 @@ def test_nsd_scale_plan_without_running_it():
     q = planned_shapes("quickstart")
     assert len(q["simbrain7t"]["subjects"]) == 3 and len(q["simbrain3t"]["subjects"]) == 2
     assert all(2000 <= v <= 3000 for _, v in q["simbrain7t"]["subjects"].values())
+
+
+# ----------------------------------------------------------------------------- other assumptions
+
+
+@pytest.fixture(scope="session")
+def alt_tiny(tmp_path_factory):
+    """The tiny-sized preset with every alternative assumption switched on."""
+    out = tmp_path_factory.mktemp("simbrain_alt")
+    paths = simulate(preset="alt-tiny", out=out, seed=0)
+    return Store(paths["simbrain7t"])
+
+
+def _residuals(info):
+    """Measured minus noise-free responses, trial by trial: (n_trials, n_voxels), and sessions."""
+    with h5py.File(info.path, "r") as f:
+        resp = f["responses"][()].astype(np.float64)
+        truth = f["truth/responses"][()].astype(np.float64)
+    return resp - truth[info.trial_stimulus], info.trial_session
+
+
+def test_default_assumptions_change_nothing_and_bad_ones_are_refused():
+    from dataclasses import replace
+
+    from brainenc.data.simbrain import Assumptions
+
+    assert PRESETS["tiny"].assumptions == Assumptions() == replace(Assumptions(), surround_gain=0.0)
+    for bad in ({"surround_gain": 1.0}, {"surround_ratio": 0.8}, {"css_scale": 0},
+                {"shared_noise": 0.6, "drift_noise": 0.5}, {"e_max_deg": 0.5}):
+        with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+            Assumptions(**bad)
+
+
+def test_alt_presets_plan_subjects_of_different_sizes_and_fewer_images():
+    for name in ("alt-dog", "alt-offscreen", "alt-noise", "alt-few", "alt-category", "alt-independent"):
+        plan = planned_shapes(name)
+        assert list(plan) == ["simbrain7t"]
+        sizes = [v for _, v in plan["simbrain7t"]["subjects"].values()]
+        assert len(sizes) == 3 and len(set(sizes)) == 3, (name, sizes)
+    assert PRESETS["alt-few"].datasets[0].n_train < PRESETS["alt-dog"].datasets[0].n_train / 2
+    assert max(planned_shapes("alt-independent")["simbrain7t"]["subjects"].values())[1] <= 700
+
+
+def test_alt_store_records_its_assumptions_and_keeps_the_noise_budget(alt_tiny):
+    st = alt_tiny
+    st.validate(deep=True)
+    asm = st.manifest["generator"]["preset"]["assumptions"]
+    assert asm["surround_gain"] == 0.45 and asm["shared_noise"] == 0.3 and asm["e_max_deg"] == 7.5
+    info = st.subject("subj01")
+    roi = info.rois["simbrain"].values
+    # compressive exponents scaled by css_scale
+    css = _truth(info, "css_exponent")
+    assert css[roi == 1] == pytest.approx(0.55 * 0.7) and css[roi == 4] == pytest.approx(0.30 * 0.7)
+    # the structured noise is part of the noise budget: per-voxel residual sd stays noise_sd
+    res, sess = _residuals(info)
+    nsd = _truth(info, "noise_sd")
+    ratio = res.std(0) / nsd
+    assert 0.85 < np.median(ratio) < 1.15, np.median(ratio)
+
+
+def test_alt_noise_is_correlated_across_voxels_and_drifts_within_sessions(alt_tiny, tiny):
+    def stats(info):
+        res, sess = _residuals(info)
+        sig = info.ncsnr > 0
+        c = np.corrcoef(res[:, sig].T)
+        mean_corr = c[np.triu_indices_from(c, 1)].mean()
+        # lag-1 autocorrelation in presentation order, within sessions
+        same = sess[1:] == sess[:-1]
+        a, b = res[1:][same], res[:-1][same]
+        lag1 = np.median([np.corrcoef(a[:, v], b[:, v])[0, 1] for v in range(res.shape[1])])
+        return mean_corr, lag1
+
+    alt_corr, alt_lag = stats(alt_tiny.subject("subj01"))
+    base_corr, base_lag = stats(tiny[2]["simbrain7t"].subject("subj01"))
+    assert abs(base_corr) < 0.03 and abs(base_lag) < 0.02, (base_corr, base_lag)
+    assert alt_corr > 0.2, alt_corr
+    assert alt_lag > 0.05, alt_lag  # drift: 20% of the noise variance, ~5 sessions of 60 trials
+
+
+def test_alt_centres_leave_the_screen_and_category_rfs_are_large_and_off_centre(alt_tiny, tiny):
+    def geometry(info):
+        roi = info.rois["simbrain"].values
+        x, y, sig = (_truth(info, k) for k in ("prf_x_deg", "prf_y_deg", "prf_sigma_deg"))
+        ev = (roi >= 1) & (roi <= 3)
+        off = (np.maximum(np.abs(x), np.abs(y)) > 8.4 / 2)[ev].mean()
+        ecc = np.hypot(x, y)
+        return off, np.median(ecc[roi == 5]), np.median(sig[roi == 5])
+
+    off, ffa_ecc, ffa_sig = geometry(alt_tiny.subject("subj01"))
+    off0, ffa_ecc0, ffa_sig0 = geometry(tiny[2]["simbrain7t"].subject("subj01"))
+    assert off > off0 + 0.05, (off, off0)
+    assert ffa_ecc > ffa_ecc0 + 1.0 and ffa_ecc > 2.0
+    assert ffa_sig > 1.4 * ffa_sig0
+
+
+def test_surround_suppresses_large_stimuli_relative_to_small_ones(tiny):
+    """A difference-of-Gaussians pRF answers a full-screen field less, relative to a patch on its
+    centre, than the Gaussian pRF with the same centre."""
+    from brainenc.data.simbrain.cortex import RETINOTOPIC
+    from brainenc.data.simbrain.responses import N_ORI, VoxelModel, pool_size
+    from brainenc.data.simbrain.cortex import build_cortex, sample_map
+
+    rng = np.random.default_rng(0)
+    vt = build_cortex(sample_map(rng), 400, PRESETS["tiny"].fractions, rng, 1.0, 0.4, 8.4)
+    size, a = 32, 8.4
+    ref = np.ones(len(RETINOTOPIC))
+    plain = VoxelModel(vt, size, a, ref)
+    dog = VoxelModel(vt, size, a, ref, surround_ratio=2.5, surround_gain=0.45)
+    v1 = np.flatnonzero((vt.roi == 1) & (np.hypot(vt.prf_x, vt.prf_y) < 2))[:20]
+    p = pool_size(size, 0)
+    cx = np.linspace(-a / 2, a / 2, p + 1)
+    centres = (cx[:-1] + cx[1:]) / 2
+    gx, gy = np.meshgrid(centres, -centres)  # y up, rows top to bottom
+    feats_full, feats_patch = [], []
+    for b in range(len(RETINOTOPIC)):
+        pb = pool_size(size, b)
+        feats_full.append(np.ones((len(v1), N_ORI, pb * pb), np.float32))
+        feats_patch.append(np.zeros((len(v1), N_ORI, pb * pb), np.float32))
+    cell = a / p
+    for i, v in enumerate(v1):  # image i: energy only in a patch on voxel v's centre
+        near = np.hypot(gx - vt.prf_x[v], gy - vt.prf_y[v]) < 1.5 * vt.prf_sigma[v] + cell
+        feats_patch[0][i, :, near.ravel()] = 1
+    labels = {"face": np.zeros(len(v1)), "face_box": np.zeros((len(v1), 4)), "scene": np.zeros(len(v1)),
+              "scene_box": np.zeros((len(v1), 4))}
+    idx = np.arange(len(v1))
+    ratio_plain = plain.raw(feats_full, labels)[idx, v1] / plain.raw(feats_patch, labels)[idx, v1]
+    ratio_dog = dog.raw(feats_full, labels)[idx, v1] / dog.raw(feats_patch, labels)[idx, v1]
+    # a Gaussian pRF sums: the full field drives it at least as much as the patch; the surround
+    # turns that around (the ratio is of compressed responses, drive ** 0.55)
+    assert (ratio_plain >= 1).all() and (ratio_dog < 0.92).all(), (ratio_dog, ratio_plain)

@@ -8,8 +8,8 @@ See docs/simbrain.md for what is simulated.
 """
 
 from .generate import simulate
-from .presets import PRESETS, Preset, DatasetSpec, planned_shapes, stimulus_plan
+from .presets import PRESETS, Assumptions, Preset, DatasetSpec, planned_shapes, stimulus_plan
 from .responses import oracle_ceiling
 
-__all__ = ["simulate", "PRESETS", "Preset", "DatasetSpec", "planned_shapes", "stimulus_plan",
+__all__ = ["simulate", "PRESETS", "Assumptions", "Preset", "DatasetSpec", "planned_shapes", "stimulus_plan",
            "oracle_ceiling"]

@@ -191,11 +191,16 @@ def _embed(u, v, hemi, m: SubjectMap):
 
 
 def build_cortex(m: SubjectMap, n_voxels: int, fractions: dict, rng: np.random.Generator,
-                 ncsnr_median: float, ncsnr_log_sd: float, visual_angle_deg: float) -> VoxelTable:
+                 ncsnr_median: float, ncsnr_log_sd: float, visual_angle_deg: float,
+                 css_scale: float = 1.0, category_ecc_shift_deg: float = 0.0,
+                 category_sigma_scale: float = 1.0) -> VoxelTable:
     """Lay out exactly ``n_voxels`` voxels of one subject and give each its true parameters.
 
     The grid spacing is fitted so the retinotopic strips hold ``n_voxels * (1 - sum(fractions))``
     voxels; FFA and PPA take their exact fractions; noise voxels take the remainder.
+    ``css_scale`` multiplies the compressive exponents; ``category_ecc_shift_deg`` and
+    ``category_sigma_scale`` move face/place pRF centres outwards and enlarge them (the
+    defaults change nothing, so the default model's draws and arrays are unchanged).
     """
     n_cat = {k: int(round(fractions[k] * n_voxels)) for k in ("FFA", "PPA")}
     n_ret_target = n_voxels - n_cat["FFA"] - n_cat["PPA"] - int(round(fractions["noise"] * n_voxels))
@@ -253,6 +258,8 @@ def build_cortex(m: SubjectMap, n_voxels: int, fractions: dict, rng: np.random.G
                 e = 2.5 + 1.5 * (ru + 1)
                 t = 0.3 + rv * np.pi / 2 * 0.7
                 sig = 2.5 + 0.3 * e
+            e = e + category_ecc_shift_deg
+            sig = sig * category_sigma_scale
             add(uu, vv, np.full(n, hemi), np.full(n, code), sgx * e * np.cos(t), e * np.sin(t), sig)
     # noise-only voxels: a disk dorsal to V3d, split between hemispheres
     n_left = n_noise // 2
@@ -274,7 +281,7 @@ def build_cortex(m: SubjectMap, n_voxels: int, fractions: dict, rng: np.random.G
     sig = cat["sig"] * np.exp(rng.normal(0, 0.08, n))
     x = cat["x"] + rng.normal(0, 0.05, n) * sig
     y = cat["y"] + rng.normal(0, 0.05, n) * sig
-    css = _by_code(CSS_EXPONENT, np.nan)[roi]
+    css = _by_code(CSS_EXPONENT, np.nan)[roi] * css_scale
     # orientation: weak voxel biases, preferring the radial direction (Sasaki et al. 2006)
     ori_pref = np.where(signal, np.arctan2(y, x) + rng.normal(0, 0.5, n), np.nan) % np.pi
     ori_gain = np.where(roi <= 4, rng.uniform(0.0, 0.6, n), 0.0) * signal

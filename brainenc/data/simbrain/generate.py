@@ -21,7 +21,7 @@ import yaml
 from ..store import MANIFEST, STIMULI, RoiAtlas, StimuliWriter, StoreError, SubjectWriter, write_manifest
 from . import cortex
 from .cortex import ROI_LABELS, VOXEL_TYPE_LABELS, build_cortex, sample_map
-from .presets import GENERATOR_VERSION, DatasetSpec, Preset, get_preset, stimulus_plan
+from .presets import GENERATOR_VERSION, Assumptions, DatasetSpec, Preset, get_preset, stimulus_plan
 from .responses import VoxelModel, energy_maps
 from .stimuli import label_attrs, render_images
 
@@ -147,12 +147,17 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
     subjects = []
     for si, (subj, nvox) in enumerate(zip(spec.subjects, spec.n_voxels)):
         rng = np.random.default_rng([seed, code, si, 1])
-        m = sample_map(rng)
+        asm = preset.assumptions
+        m = sample_map(rng, e_max_deg=asm.e_max_deg)
         vt = build_cortex(m, nvox, preset.fractions, rng, spec.ncsnr_median, spec.ncsnr_log_sd,
-                          preset.visual_angle_deg)
+                          preset.visual_angle_deg, css_scale=asm.css_scale,
+                          category_ecc_shift_deg=asm.category_ecc_shift_deg,
+                          category_sigma_scale=asm.category_sigma_scale)
         trials = trial_plan(np.random.default_rng([seed, code, si, 2]), split, spec)
         subjects.append({"name": subj, "map": m, "vt": vt, "trials": trials,
-                         "model": VoxelModel(vt, size, preset.visual_angle_deg, ref),
+                         "model": VoxelModel(vt, size, preset.visual_angle_deg, ref,
+                                            surround_ratio=asm.surround_ratio,
+                                            surround_gain=asm.surround_gain),
                          "sum": np.zeros(nvox), "sumsq": np.zeros(nvox)})
 
     stim = StimuliWriter(root / STIMULI, n, (size, size), preset.visual_angle_deg,
@@ -193,7 +198,7 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
         stim.close()
 
         for s, w in zip(subjects, writers):
-            _finish_subject(s, w, spec, seed, code, subjects.index(s))
+            _finish_subject(s, w, spec, seed, code, subjects.index(s), preset.assumptions)
             w.close()
     except BaseException:
         stim.abort()
@@ -223,8 +228,53 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
     (root / IN_PROGRESS).unlink(missing_ok=True)
 
 
-def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, code: int, si: int) -> None:
-    """Normalise the subject's truth in place, write its trials and its truth arrays."""
+N_SHARED_FACTORS = 4  # common noise factors per trial (global signal, physiology, motion, ...)
+N_DRIFTS = 3  # slow cosine components per session (periods of 2, 1 and 2/3 sessions)
+
+
+def noise_loadings(rng: np.random.Generator, n_voxels: int, k: int) -> np.ndarray:
+    """Unit-norm rows (n_voxels, k): how much each voxel takes of k common noise components.
+
+    The first component has a positive mean loading (a global signal); the rest are mixed signs.
+    """
+    lo = rng.normal(0, 1, (n_voxels, k))
+    lo[:, 0] = np.abs(lo[:, 0]) + 1.0
+    return lo / np.linalg.norm(lo, axis=1, keepdims=True)
+
+
+def structured_noise(rng: np.random.Generator, n_trials: int, shared: np.ndarray | None,
+                     drift: np.ndarray | None) -> np.ndarray:
+    """Correlated noise of one session, unit variance per voxel in expectation.
+
+    Parameters
+    ----------
+    shared : (n_voxels, N_SHARED_FACTORS) loadings scaled by sqrt(shared fraction), or None
+    drift : (n_voxels, N_DRIFTS) loadings scaled by sqrt(drift fraction), or None
+
+    Returns float32 (n_trials, n_voxels): trial-wise common factors plus slow within-session
+    drifts (DCT-II components 1..N_DRIFTS of the session's trial order, random amplitude each
+    session; each has variance 1 over trials and sessions).
+    """
+    n_vox = (shared if shared is not None else drift).shape[0]
+    out = np.zeros((n_trials, n_vox), np.float32)
+    if shared is not None:
+        out += (rng.standard_normal((n_trials, shared.shape[1])) @ shared.T).astype(np.float32)
+    if drift is not None:
+        t = (np.arange(n_trials) + 0.5) / n_trials
+        basis = np.sqrt(2) * np.cos(np.pi * np.outer(t, np.arange(1, drift.shape[1] + 1)))
+        amp = rng.standard_normal(drift.shape[1])
+        out += ((basis * amp) @ drift.T).astype(np.float32)
+    return out
+
+
+def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, code: int, si: int,
+                    asm: Assumptions | None = None) -> None:
+    """Normalise the subject's truth in place, write its trials and its truth arrays.
+
+    Trial noise has the voxel's noise sd; ``asm.shared_noise`` and ``asm.drift_noise`` of its
+    variance are common factors and slow drifts (:func:`structured_noise`), the rest independent.
+    """
+    asm = asm or Assumptions()
     vt, truth, n = s["vt"], s["truth"], s["truth"].shape[0]
     mean = s["sum"] / n
     sd = np.sqrt(np.maximum(s["sumsq"] / n - mean ** 2, 0))
@@ -242,7 +292,16 @@ def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, cod
         truth[a:b] = (truth[a:b] - mean32) * scale
 
     trials, tps = s["trials"], spec.trials_per_session
-    noise32 = noise_sd.astype(np.float32)
+    indep = np.sqrt(1 - asm.shared_noise - asm.drift_noise)
+    noise32 = (noise_sd * indep).astype(np.float32)
+    shared = drift = None
+    if asm.shared_noise > 0 or asm.drift_noise > 0:
+        lrng = np.random.default_rng([seed, code, si, 4])
+        if asm.shared_noise > 0:
+            shared = noise_loadings(lrng, vt.n, N_SHARED_FACTORS) * np.sqrt(asm.shared_noise)
+        if asm.drift_noise > 0:
+            drift = noise_loadings(lrng, vt.n, N_DRIFTS) * np.sqrt(asm.drift_noise)
+        sd_col = noise_sd.astype(np.float32)
     for sess, a in enumerate(range(0, len(trials), tps)):
         rows = trials[a:a + tps]
         uniq, inv = np.unique(rows, return_inverse=True)
@@ -253,7 +312,12 @@ def _finish_subject(s: dict, w: SubjectWriter, spec: DatasetSpec, seed: int, cod
         sig = sig[inv]
         rng = np.random.default_rng([seed, code, si, 3, sess])
         noise = rng.standard_normal(sig.shape, dtype=np.float32)
-        w.write_trials(sig + noise * noise32, rows, np.full(len(rows), sess))
+        out = sig + noise * noise32
+        if shared is not None or drift is not None:
+            # its own random stream, so the independent noise is the default model's
+            out += structured_noise(np.random.default_rng([seed, code, si, 5, sess]), len(rows),
+                                    shared, drift) * sd_col
+        w.write_trials(out, rows, np.full(len(rows), sess))
 
     w.write_group("truth", {
         "prf_x_deg": vt.prf_x.astype(np.float32), "prf_y_deg": vt.prf_y.astype(np.float32),

@@ -1,6 +1,8 @@
-"""Presets of the simulated brain: how many images, subjects, voxels and repeats.
+"""Presets of the simulated brain: how many images, subjects, voxels and repeats, and what it assumes.
 
-A preset fixes every *size* of the simulation; the seed fixes every random draw.  Shapes are
+A preset fixes every *size* of the simulation and its modelling :class:`Assumptions` (the defaults
+are simbrain's own model; the ``alt-*`` presets change them so that no encoder default is tuned to
+one generator); the seed fixes every random draw.  Shapes are
 exact and known before anything is simulated (:func:`planned_shapes`), so the large preset can be
 checked without running it.
 """
@@ -16,6 +18,56 @@ GENERATOR_VERSION = 2
 
 # Visual angle of NSD images (Allen et al. 2022): 8.4 deg square.
 NSD_VISUAL_ANGLE_DEG = 8.4
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the generator assumes about receptive fields, noise and category regions.
+
+    The defaults reproduce simbrain's own model bit for bit; each other value is one of the
+    alternatives a lab might believe instead (docs/simbrain.md, "Other assumptions").
+
+    Attributes
+    ----------
+    surround_ratio : size of a suppressive Gaussian surround as a multiple of the pRF size
+        (difference-of-Gaussians pRF, Zuiderbaan et al. 2012); used when ``surround_gain > 0``
+    surround_gain : the surround's weight relative to the centre's (both Gaussians integrate to 1
+        before the screen cuts them, so 0.5 removes half the drive of a uniform field)
+    css_scale : multiplies every ROI's compressive summation exponent (< 1: more compressive)
+    e_max_deg : eccentricity of the outermost voxels; the image corners are at 5.9 deg for 8.4 deg
+        images, its sides at 4.2 deg, so larger values put more pRF centres off the screen
+    shared_noise : fraction of each voxel's noise variance that is shared across voxels (trial-wise
+        common factors with positive-mean loadings, like global signal and physiological noise)
+    drift_noise : fraction of each voxel's noise variance that is a slow drift within a session
+        (smooth cosine components over the session's trials)
+    category_ecc_shift_deg : added to the eccentricity of every face/place voxel's pRF centre
+        (face areas whose receptive fields are not centred on the fovea)
+    category_sigma_scale : multiplies the size of every face/place voxel's pRF
+    """
+
+    surround_ratio: float = 2.0
+    surround_gain: float = 0.0
+    css_scale: float = 1.0
+    e_max_deg: float = 6.0
+    shared_noise: float = 0.0
+    drift_noise: float = 0.0
+    category_ecc_shift_deg: float = 0.0
+    category_sigma_scale: float = 1.0
+
+    def __post_init__(self):
+        checks = {"surround_ratio": self.surround_ratio > 1, "surround_gain": 0 <= self.surround_gain < 1,
+                  "css_scale": 0 < self.css_scale <= 1 / 0.55, "e_max_deg": self.e_max_deg > 1,
+                  "shared_noise": 0 <= self.shared_noise < 1, "drift_noise": 0 <= self.drift_noise < 1,
+                  "category_ecc_shift_deg": self.category_ecc_shift_deg >= 0,
+                  "category_sigma_scale": self.category_sigma_scale > 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if self.shared_noise + self.drift_noise >= 1:
+            bad.append("shared_noise + drift_noise")
+        if bad:
+            raise ValueError(f"simbrain Assumptions: {bad[0]} out of range (surround_ratio > 1, "
+                             f"0 <= surround_gain < 1, 0 < css_scale <= 1.8 so exponents stay <= 1, "
+                             f"e_max_deg > 1, noise fractions >= 0 summing to < 1, "
+                             f"category_ecc_shift_deg >= 0, category_sigma_scale > 0); got {self}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +137,7 @@ class Preset:
     image_chunk: int = 128
     visual_angle_deg: float = NSD_VISUAL_ANGLE_DEG
     fractions: dict = field(default_factory=lambda: {"noise": 0.10, "FFA": 0.06, "PPA": 0.06})
+    assumptions: Assumptions = field(default_factory=Assumptions)
 
     def dataset(self, name: str) -> DatasetSpec:
         for d in self.datasets:
@@ -100,6 +153,12 @@ class Preset:
 def _seven(n_voxels, n_train, dtype="float32", train_repeats=1, extra=0.2, tps=750):
     return DatasetSpec("simbrain7t", 7.0, tuple(n_voxels), n_train, 0, train_repeats, extra, 3,
                        ncsnr_median=1.2, ncsnr_log_sd=0.45, trials_per_session=tps, dtype=dtype)
+
+
+def _alt(n_voxels=(1500, 900, 2100), n_train=1100, ncsnr=1.2, tps=300):
+    """The one dataset of an ``alt-*`` preset: 7T-like, subjects of different sizes."""
+    return DatasetSpec("simbrain7t", 7.0, tuple(n_voxels), n_train, 0, 1, 0.2, 3,
+                       ncsnr_median=ncsnr, ncsnr_log_sd=0.45, trials_per_session=tps)
 
 
 def _three(n_voxels, n_train, n_shared, tps):
@@ -122,6 +181,27 @@ PRESETS: dict[str, Preset] = {
     "nsd-scale": Preset("nsd-scale", image_size=64, n_test=1000, image_chunk=200, datasets=(
         _seven((15000,), 9000, dtype="float16", train_repeats=3, extra=0.0, tps=750),
     )),
+    # other assumptions (docs/simbrain.md, "Other assumptions"): quickstart-like brains of one
+    # 7T-like dataset, 3 subjects of different sizes, 150 test images; each changes one thing
+    # from simbrain's defaults, except alt-independent which changes all of them at once
+    "alt-dog": Preset("alt-dog", image_size=64, n_test=150, datasets=(_alt(),), assumptions=Assumptions(
+        surround_ratio=2.5, surround_gain=0.45, css_scale=0.7)),
+    "alt-offscreen": Preset("alt-offscreen", image_size=64, n_test=150, datasets=(_alt(),),
+                            assumptions=Assumptions(e_max_deg=9.0)),
+    "alt-noise": Preset("alt-noise", image_size=64, n_test=150, datasets=(_alt(ncsnr=0.9),),
+                        assumptions=Assumptions(shared_noise=0.35, drift_noise=0.25)),
+    "alt-few": Preset("alt-few", image_size=64, n_test=150, datasets=(_alt((700, 400, 550), 500),)),
+    "alt-category": Preset("alt-category", image_size=64, n_test=150, datasets=(_alt(),),
+                           assumptions=Assumptions(category_ecc_shift_deg=1.5, category_sigma_scale=1.6)),
+    # every alternative at once at the size of tiny: for tests and smoke runs
+    "alt-tiny": Preset("alt-tiny", image_size=32, n_test=30, datasets=(
+        _alt((480, 300), 150, ncsnr=1.0, tps=60),), assumptions=Assumptions(
+        surround_ratio=2.5, surround_gain=0.45, css_scale=0.7, e_max_deg=7.5, shared_noise=0.3,
+        drift_noise=0.2, category_ecc_shift_deg=1.5, category_sigma_scale=1.6)),
+    "alt-independent": Preset("alt-independent", image_size=64, n_test=150, datasets=(
+        _alt((700, 400, 550), 1100, ncsnr=1.0),), assumptions=Assumptions(
+        surround_ratio=2.5, surround_gain=0.45, css_scale=0.7, e_max_deg=7.5, shared_noise=0.3,
+        drift_noise=0.2, category_ecc_shift_deg=1.5, category_sigma_scale=1.6)),
 }
 
 

@@ -3,7 +3,10 @@
 Retinotopic voxel (ROI r, pRF G, orientation weights w, exponent n < 1)::
 
     drive(img) = sum_o w_o  sum_p G_p  E_{r,o,p}(img) / ref_r        (pRF-weighted energy)
-    raw(img)   = drive ** n                                        (compressive summation)
+    raw(img)   = max(drive, 0) ** n                                (compressive summation)
+
+With a suppressive surround (``Assumptions.surround_gain`` g > 0, ratio k) ``G`` is a difference
+of Gaussians, ``G(sigma) - g G(k sigma)``, on the same centre.
 
 ``E_{r,o}`` is the local oriented energy (squared modulus of a quadrature, i.e. analytic, log-Gabor
 filter) of the greyscale image at ROI r's spatial frequency and orientation o, computed with FFTs
@@ -167,7 +170,8 @@ class VoxelModel:
     ref : (n_bands,) mean energy per band of a calibration batch, so drives are O(1)
     """
 
-    def __init__(self, vt: VoxelTable, image_size: int, visual_angle_deg: float, ref: np.ndarray):
+    def __init__(self, vt: VoxelTable, image_size: int, visual_angle_deg: float, ref: np.ndarray,
+                 surround_ratio: float = 2.0, surround_gain: float = 0.0):
         self.vt, self.a, self.ref = vt, visual_angle_deg, ref
         self.n_voxels = vt.n
         self.groups = []  # per band: (voxel indices, G (P, n), orientation weights (N_ORI, n), n)
@@ -177,6 +181,11 @@ class VoxelModel:
                 continue
             p = pool_size(image_size, b)
             g = prf_weights(vt.prf_x[idx], vt.prf_y[idx], vt.prf_sigma[idx], p, visual_angle_deg)
+            if surround_gain > 0:
+                # difference of Gaussians: a wider, weaker suppressive surround on the same centre;
+                # the drive is rectified below, so a surround-dominated image gives 0, not < 0
+                g = g - surround_gain * prf_weights(vt.prf_x[idx], vt.prf_y[idx],
+                                                    surround_ratio * vt.prf_sigma[idx], p, visual_angle_deg)
             w = 1 + vt.ori_gain[idx][None, :] * np.cos(2 * (ORIENTATIONS[:, None] - vt.ori_pref[idx][None, :]))
             w = (w / w.sum(0, keepdims=True)).astype(np.float32)
             self.groups.append((b, idx, g, w, vt.css_exponent[idx].astype(np.float32)))
