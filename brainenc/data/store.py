@@ -458,10 +458,17 @@ class Store:
     # -- subjects
     @property
     def subjects(self) -> list[str]:
+        """The subjects in the manifest's order: its ``subjects`` list, or the names of its
+        ``subjects`` mapping (name -> anything a third-party writer records about the subject,
+        ignored here); without either, the ``subj*.h5`` files present, sorted."""
         listed = self.manifest.get("subjects")
         if listed:
+            if isinstance(listed, dict):
+                listed = list(listed)
             if not isinstance(listed, list):
-                raise StoreError(self.root / MANIFEST, "subjects", "a list of subject names", repr(listed))
+                raise StoreError(self.root / MANIFEST, "subjects",
+                                 "a list of subject names, or a mapping subject name -> information",
+                                 repr(listed)[:80])
             return [str(s) for s in listed]
         return sorted(p.stem for p in self.root.glob("subj*.h5"))
 
