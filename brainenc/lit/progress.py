@@ -5,10 +5,14 @@ time left), so a long ``make quickstart`` with progress bars off still says what
 :class:`EvalModeCheck` replaces Lightning's blanket "Found N module(s) in eval mode" warning:
 modules of a *frozen* backbone are in eval mode on purpose; any other module in eval mode at the
 start of training is still reported.
+:func:`quiet_lightning` scopes the filters for the messages of Lightning and torch that say
+nothing to a brainenc user, so the console holds brainenc's progress lines and real problems.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +21,38 @@ import lightning as L
 
 # Lightning's own message, silenced only while EvalModeCheck is installed (it checks instead)
 LIGHTNING_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+#: brainenc hands LightningCLI its argv as ``args`` on purpose (``brainenc fit ...`` is sys.argv
+#: too), which Lightning takes for a possible mistake
+LIGHTNING_ARGS_WARNING = r"LightningCLI's args parameter is intended"
+#: Lightning's own use of torch's deprecated ``LeafSpec`` (lightning/pytorch/utilities/_pytree.py),
+#: nothing a user can act on
+TORCH_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+#: Lightning's advertisements for its cloud services (litlogger, litmodels), logged at info level
+LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_TIP)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """While inside: Lightning's tips, its ``args`` notice and torch's ``_pytree`` deprecation
+    raised from Lightning are dropped; every other warning and log line passes, and the filters
+    are undone on exit (no global state left behind, e.g. for a test run in the same process)."""
+    # Lightning logs its rank-zero messages through this module's logger (set at import time)
+    from lightning_utilities.core import rank_zero
+
+    logger, tips = rank_zero.log, _DropTips()
+    logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
+            warnings.filterwarnings("ignore", message=TORCH_PYTREE_WARNING, category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(tips)
 
 
 def _fmt_seconds(s: float) -> str:
