@@ -224,6 +224,11 @@ class RoiAtlas:
     values: np.ndarray
     labels: dict[int, str]
 
+    def order(self) -> list[str]:
+        """The atlas's ROI names in the order of their label values (V1, V2, V3, hV4, ... as the
+        atlas numbers them): the order tables and figures list ROIs in."""
+        return [str(self.labels[k]) for k in sorted(self.labels) if int(k) != 0]
+
     def names(self) -> np.ndarray:
         """ROI name per voxel, ``"none"`` where unlabelled.  Returns (n_voxels,) object array."""
         lut = {0: "none", **{int(k): str(v) for k, v in self.labels.items()}}
