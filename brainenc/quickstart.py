@@ -46,9 +46,9 @@ def main() -> int:
     brainenc("afo", "-c", AFO_CONFIG)  # resumable: finished stages are skipped
     runs = [RUNS[0][1], *AFO_RUNS, RUNS[1][1]]
     brainenc("report", *runs, "--out", "runs/quickstart/report", "--n-boot", "300")
-    print("\nPer-ROI comparison on the held-out test images "
-          "(medians over voxels; frac_oracle = r / oracle r, the best any model can do):")
-    brainenc("compare", *runs)
+    print("\nPer-ROI comparison on the held-out test images (medians over voxels; oracle r is the "
+          "best any model can do):")
+    brainenc("compare", *runs, "--metric", "pearson,frac_oracle")
     print("\nreport: runs/quickstart/report/report.html")
     print(f"quickstart wall time: {time.time() - t0:.0f} s")
     return 0

@@ -171,9 +171,12 @@ def test_ridge_chooses_alphas_and_beats_gradient_linear_on_tiny(runs):
 
 
 def test_compare_prints_roi_table(runs, capsys):
-    assert main(["compare", str(runs["linear"].parent), str(runs["ridge"].parent)]) == 0
+    assert main(["compare", str(runs["linear"].parent), str(runs["ridge"].parent), "--metric", "pearson,frac_oracle"]) == 0
     out = capsys.readouterr().out
-    assert "linear" in out and "ridge" in out and "V1" in out and "frac_oracle" in out
+    assert "linear" in out and "ridge" in out and "V1" in out and "median r / oracle r" in out
+    # the ROIs of a fitted run in simbrain's atlas order, not alphabetically
+    rois = [line.split()[0] for line in out.split("\n\n")[0].splitlines()[3:]]
+    assert rois[:6] == ["V1", "V2", "V3", "hV4", "FFA", "PPA"], out
 
 
 def test_validate_store_command(tiny_brain, capsys):
