@@ -38,6 +38,8 @@ def test_fit_prints_one_line_per_epoch_and_no_noise(tiny_brain, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     lines = re.findall(r"^\[lin\] epoch (\d)/2  val median r -?\d\.\d{3}  [\d.]+s/epoch  ~\dm\d\ds left$", out, re.M)
     assert lines == ["1", "2"], out[-2000:]
+    # where the rest of the time went: start-up (imports, data, model) and the test loop
+    assert re.search(r"^\[lin\] started in \d+\.\ds$", out, re.M) and re.search(r"^\[lin\] tested in \d+\.\ds$", out, re.M)
     assert (tmp_path / "lin" / "results" / "voxels.csv").is_file()
     assert not [n for n in NOISE if n in out], out[-4000:]
 

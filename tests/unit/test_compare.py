@@ -77,3 +77,19 @@ def test_rois_fall_back_to_alphabetical_without_an_atlas_order(tmp_path, capsys)
     run, _ = _run(tmp_path, "old", 0, with_order=False)
     assert main(["compare", str(run)]) == 0
     assert _rows(capsys.readouterr().out) == ["FFA", "PPA", "V1", "V2", "V3", "hV4", "none"]
+
+
+def test_the_quickstart_runs_compare_in_its_own_process_and_times_it(tmp_path, capsys, monkeypatch):
+    """A step that trains nothing needs no child (no second start-up); its time is recorded; bad
+    input ends the quickstart with the one-line message and exit code 2, not a traceback."""
+    from brainenc import quickstart
+
+    monkeypatch.setattr(quickstart, "STEPS", [])
+    runs = [str(_run(tmp_path, m, i)[0]) for i, m in enumerate(MODELS[:2])]
+    quickstart.brainenc("compare", *runs, "--metric", "pearson,frac_oracle")
+    out = capsys.readouterr().out
+    assert "$ brainenc compare" in out and "median Pearson r:" in out and "median r / oracle r" in out
+    assert [name for name, _ in quickstart.STEPS] == ["compare"]
+    with pytest.raises(SystemExit) as e:
+        quickstart.brainenc("compare", str(tmp_path / "missing"))
+    assert e.value.code == 2 and "voxels.csv: file not found" in capsys.readouterr().err
