@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from brainenc.cli import main as brainenc
-from brainenc.data.simbrain import simulate
 
 CFG = str(Path(__file__).resolve().parents[2] / "experiments" / "smoke" / "universal.yaml")
 HELD_OUT = "simbrain7t/subj02"
@@ -22,10 +21,8 @@ FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    out = tmp_path_factory.mktemp("simbrain")
-    paths = simulate(preset="tiny", out=out, seed=0)
-    return [str(paths["simbrain7t"]), str(paths["simbrain3t"])]
+def stores(tiny_brain):
+    return [str(tiny_brain["simbrain7t"]), str(tiny_brain["simbrain3t"])]
 
 
 def _fit_test(stores, run: Path, subjects=None) -> Path:
