@@ -20,7 +20,8 @@ from pathlib import Path
 
 from brainenc.rundir import RunDir, fit_then_test
 
-QUIET = ["--trainer.enable_progress_bar=false"]
+# one line per epoch instead of progress bars; no table of module sizes per fit
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 RUNS = [  # (config, run directory) of the single-run encoders
     ("experiments/quickstart/ridge_spatial.yaml", "runs/quickstart/ridge_spatial"),  # 4 x 4 grid per level
     ("experiments/quickstart/universal.yaml", "runs/quickstart/universal"),
