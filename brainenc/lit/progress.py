@@ -37,10 +37,12 @@ class _DropTips(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_lightning():
+def quiet_lightning(eval_mode_intended: bool = False):
     """While inside: Lightning's tips, its ``args`` notice and torch's ``_pytree`` deprecation
-    raised from Lightning are dropped; every other warning and log line passes, and the filters
-    are undone on exit (no global state left behind, e.g. for a test run in the same process)."""
+    raised from Lightning are dropped (and, with ``eval_mode_intended`` — the caller keeps modules
+    in eval mode on purpose, e.g. transfer's frozen base — Lightning's eval-mode warning); every other warning
+    and log line passes, and the filters are undone on exit (no global state left behind, e.g.
+    for a test run in the same process)."""
     # Lightning logs its rank-zero messages through this module's logger (set at import time)
     from lightning_utilities.core import rank_zero
 
@@ -50,6 +52,8 @@ def quiet_lightning():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
             warnings.filterwarnings("ignore", message=TORCH_PYTREE_WARNING, category=FutureWarning)
+            if eval_mode_intended:
+                warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
             yield
     finally:
         logger.removeFilter(tips)
