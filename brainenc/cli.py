@@ -117,7 +117,7 @@ class BrainencCLI(LightningCLI):
 
     def _add_console_feedback(self) -> None:
         """One line per epoch when the progress bar is off; a precise eval-mode check instead of
-        Lightning's warning about (intentionally) frozen backbones.  lightning_main scopes the
+        Lightning's warning about (intentionally) frozen backbones.  build_cli scopes the
         warning filter to this command."""
         import warnings
 
@@ -221,18 +221,16 @@ def build_cli(args: list[str], run: bool = True, **kwargs) -> BrainencCLI:
     # "omegaconf+" resolves ${...} after command-line overrides, so --trainer.default_root_dir
     # moves checkpoints and logs too; configs keep readable absolute paths like ${trainer.default_root_dir}
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=args, run=run,
-                       parser_kwargs={"parser_mode": "omegaconf+"}, seed_everything_default=0,
-                       auto_configure_optimizers=False, **kwargs)
+    from brainenc.lit.progress import quiet_lightning
+
+    with quiet_lightning():  # filters set while the CLI is built (and its command runs) end with it
+        return BrainencCLI(EncoderModule, BrainDataModule, subclass_mode_model=True, args=args, run=run,
+                           parser_kwargs={"parser_mode": "omegaconf+"}, seed_everything_default=0,
+                           auto_configure_optimizers=False, **kwargs)
 
 
 def lightning_main(argv: list[str]) -> None:
-    import warnings
-
-    with warnings.catch_warnings():  # filters set while this command runs are undone after it
-        # we pass argv as `args` on purpose (`brainenc fit ...` is sys.argv too): not a mistake
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        build_cli(argv, save_config_kwargs={"overwrite": True})
+    build_cli(argv, save_config_kwargs={"overwrite": True})
 
 
 #: Top-level sections of a config that describe the model and its data (a config saved by

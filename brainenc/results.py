@@ -9,7 +9,9 @@ Reports, comparisons, sweeps and the AFO summary read runs only through :func:`r
     pearson, noise_ceiling (%), normalised (% of the noise ceiling, 100 r^2 / (NC/100)),
     oracle (simbrain only), n_test, n_repeats, [flat_x, flat_y], [extra columns]
 
-``<run_dir>/results/summary.json`` — run, model, backbone, seed, wall_time_s, retrieval, pairs.
+``<run_dir>/results/summary.json`` — run, model, backbone, seed, wall_time_s, retrieval, pairs,
+n_test_images and roi_order (per dataset/subject, the ROIs of the ``roi`` column in the store's
+atlas order).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pandas as pd
 
 from brainenc.ioutil import atomic_path, atomic_write
 from brainenc.metrics.noise_ceiling import noise_ceiling, normalised_score
+from brainenc.metrics.roi import merge_orders
 
 
 #: Columns voxels.csv must have, with what each holds (used in error messages).
@@ -122,9 +125,18 @@ def write_results(run_dir: str | os.PathLike, datamodule, pearson: Mapping[str, 
     summary = {"run": run, "model": meta.get("model", ""), "backbone": meta.get("backbone", ""),
                "seed": seed, "wall_time_s": float(meta.get("wall_time_s", float("nan"))),
                "pairs": sorted(pearson), "retrieval": {k: _plain(v) for k, v in retrieval.items()},
-               "n_test_images": {k: int(len(datamodule.pair(k).split.test)) for k in pearson}}
+               "n_test_images": {k: int(len(datamodule.pair(k).split.test)) for k in pearson},
+               # the primary atlas's ROIs in its label order, so tables and figures list them as
+               # the store numbers them (V1, V2, ...) instead of alphabetically
+               "roi_order": {k: _primary_roi_order(datamodule.pair(k).info) for k in pearson}}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return out
+
+
+def _primary_roi_order(info) -> list[str]:
+    """The ROI names of the atlas that fills the ``roi`` column (the first), in label order."""
+    atlases = list(info.rois)
+    return info.rois[atlases[0]].order() if atlases else []
 
 
 def _plain(d: Mapping) -> dict:
@@ -153,6 +165,21 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.summary.get("run") or self.voxels["run"].iloc[0])
+
+    @property
+    def roi_order(self) -> list[str]:
+        """The store's atlas order of the run's ROIs (summary.json ``roi_order``, one list per
+        dataset/subject, merged); empty for a table written without it (then ROIs are listed
+        alphabetically)."""
+        orders = self.summary.get("roi_order")
+        if not isinstance(orders, dict):
+            return []
+        return merge_orders(o for o in orders.values() if isinstance(o, list))
+
+
+def roi_order(runs: list["Run"]) -> list[str]:
+    """The atlas order of several runs' ROIs (:attr:`Run.roi_order`, merged in run order)."""
+    return merge_orders(r.roi_order for r in runs)
 
 
 # --------------------------------------------------------------------------- loading

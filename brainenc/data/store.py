@@ -224,6 +224,11 @@ class RoiAtlas:
     values: np.ndarray
     labels: dict[int, str]
 
+    def order(self) -> list[str]:
+        """The atlas's ROI names in the order of their label values (V1, V2, V3, hV4, ... as the
+        atlas numbers them): the order tables and figures list ROIs in."""
+        return [str(self.labels[k]) for k in sorted(self.labels) if int(k) != 0]
+
     def names(self) -> np.ndarray:
         """ROI name per voxel, ``"none"`` where unlabelled.  Returns (n_voxels,) object array."""
         lut = {0: "none", **{int(k): str(v) for k, v in self.labels.items()}}
@@ -458,10 +463,17 @@ class Store:
     # -- subjects
     @property
     def subjects(self) -> list[str]:
+        """The subjects in the manifest's order: its ``subjects`` list, or the names of its
+        ``subjects`` mapping (name -> anything a third-party writer records about the subject,
+        ignored here); without either, the ``subj*.h5`` files present, sorted."""
         listed = self.manifest.get("subjects")
         if listed:
+            if isinstance(listed, dict):
+                listed = list(listed)
             if not isinstance(listed, list):
-                raise StoreError(self.root / MANIFEST, "subjects", "a list of subject names", repr(listed))
+                raise StoreError(self.root / MANIFEST, "subjects",
+                                 "a list of subject names, or a mapping subject name -> information",
+                                 repr(listed)[:80])
             return [str(s) for s in listed]
         return sorted(p.stem for p in self.root.glob("subj*.h5"))
 

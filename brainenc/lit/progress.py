@@ -5,10 +5,14 @@ time left), so a long ``make quickstart`` with progress bars off still says what
 :class:`EvalModeCheck` replaces Lightning's blanket "Found N module(s) in eval mode" warning:
 modules of a *frozen* backbone are in eval mode on purpose; any other module in eval mode at the
 start of training is still reported.
+:func:`quiet_lightning` scopes the filters for the messages of Lightning and torch that say
+nothing to a brainenc user, so the console holds brainenc's progress lines and real problems.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +21,42 @@ import lightning as L
 
 # Lightning's own message, silenced only while EvalModeCheck is installed (it checks instead)
 LIGHTNING_EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+#: brainenc hands LightningCLI its argv as ``args`` on purpose (``brainenc fit ...`` is sys.argv
+#: too), which Lightning takes for a possible mistake
+LIGHTNING_ARGS_WARNING = r"LightningCLI's args parameter is intended"
+#: Lightning's own use of torch's deprecated ``LeafSpec`` (lightning/pytorch/utilities/_pytree.py),
+#: nothing a user can act on
+TORCH_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+#: Lightning's advertisements for its cloud services (litlogger, litmodels), logged at info level
+LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_TIP)
+
+
+@contextlib.contextmanager
+def quiet_lightning(eval_mode_intended: bool = False):
+    """While inside: Lightning's tips, its ``args`` notice and torch's ``_pytree`` deprecation
+    raised from Lightning are dropped (and, with ``eval_mode_intended`` — the caller keeps modules
+    in eval mode on purpose, e.g. transfer's frozen base — Lightning's eval-mode warning); every other warning
+    and log line passes, and the filters are undone on exit (no global state left behind, e.g.
+    for a test run in the same process)."""
+    # Lightning logs its rank-zero messages through this module's logger (set at import time)
+    from lightning_utilities.core import rank_zero
+
+    logger, tips = rank_zero.log, _DropTips()
+    logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
+            warnings.filterwarnings("ignore", message=TORCH_PYTREE_WARNING, category=FutureWarning)
+            if eval_mode_intended:
+                warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
+            yield
+    finally:
+        logger.removeFilter(tips)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -25,15 +65,33 @@ def _fmt_seconds(s: float) -> str:
 
 
 class EpochLine(L.Callback):
-    """Print ``[run] epoch e/E  val median r 0.213  12s/epoch  ~3m36s left`` after each epoch."""
+    """Print ``[run] epoch e/E  val median r 0.213  12s/epoch  ~3m36s left`` after each epoch,
+    and where the rest of a command's time goes: ``[run] started in 9.1s`` (imports, data and
+    model set-up: from the first import of brainenc to the first training batch) and
+    ``[run] tested in 4.2s`` (the test loop)."""
 
     def __init__(self, name: str | None = None, metric: str = "val/pearson_median"):
         self.name, self.metric = name, metric
         self._t0: float | None = None
+        self._test_t0: float | None = None
         self._epochs_timed = 0
 
+    def _label(self, trainer) -> str:
+        return self.name or Path(trainer.default_root_dir).name
+
     def on_train_start(self, trainer, pl_module) -> None:
+        import brainenc
+
         self._t0, self._epochs_timed = time.monotonic(), 0
+        if trainer.is_global_zero:
+            print(f"[{self._label(trainer)}] started in {self._t0 - brainenc.STARTED:.1f}s", flush=True)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._test_t0 = time.monotonic()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self._test_t0 is not None:
+            print(f"[{self._label(trainer)}] tested in {time.monotonic() - self._test_t0:.1f}s", flush=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or self._t0 is None or trainer.sanity_checking:
@@ -41,7 +99,7 @@ class EpochLine(L.Callback):
         self._epochs_timed += 1
         per_epoch = (time.monotonic() - self._t0) / self._epochs_timed
         done, total = trainer.current_epoch + 1, trainer.max_epochs
-        parts = [f"[{self.name or Path(trainer.default_root_dir).name}] epoch {done}/{total}"]
+        parts = [f"[{self._label(trainer)}] epoch {done}/{total}"]
         value = trainer.callback_metrics.get(self.metric)
         if value is not None:
             parts.append(f"val median r {float(value):.3f}")

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["ORACLE_MIN", "frac_oracle", "roi_summary"]
+__all__ = ["ORACLE_MIN", "frac_oracle", "merge_orders", "roi_order", "roi_summary"]
 
 
 def roi_summary(
@@ -63,3 +63,24 @@ def frac_oracle(pearson, oracle) -> np.ndarray:
     o = np.asarray(oracle, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(o > ORACLE_MIN, r / o, np.nan)
+
+
+#: Group labels that are not ROIs of an atlas: unlabelled voxels, and every voxel pooled
+UNLABELLED, POOLED = "none", "all"
+
+
+def roi_order(rois: Iterable, atlas_order: Sequence[str] = ()) -> list[str]:
+    """The ROIs of ``rois`` in display order: first those of ``atlas_order`` (the store's atlas
+    order, e.g. V1, V2, V3, hV4, FFA, PPA), then any other ROI alphabetically, then ``"none"``
+    (unlabelled voxels), then ``"all"`` (pooled).  Each ROI once."""
+    present = list(dict.fromkeys(str(r) for r in rois))
+    special = (UNLABELLED, POOLED)
+    known = [r for r in dict.fromkeys(atlas_order) if r in present and r not in special]
+    others = sorted(r for r in present if r not in known and r not in special)
+    return known + others + [r for r in special if r in present]
+
+
+def merge_orders(orders: Iterable[Sequence[str]]) -> list[str]:
+    """One ROI order from several (one per dataset/subject or run): each name where it first
+    appears, so subjects sharing an atlas keep its order."""
+    return list(dict.fromkeys(str(r) for order in orders for r in order))

@@ -204,16 +204,21 @@ def transfer(base_ckpt: str | Path, stores: Sequence[str], subject: str, out: st
                              eval_voxel_chunk=hp.get("eval_voxel_chunk"), model_name="universal_transfer",
                              **cache)
 
-    if init == "fit":
-        first = module(None)
-        _trainer(out / "transfer" / "first_fit", init_epochs, limit_train_batches, 0).fit(first, datamodule=dm)
-        fitted = readout.new_embedding.pop(_slot(subject)).detach()
-        start = neighbour_init(readout, fitted, k)
+    from brainenc.lit.progress import quiet_lightning
 
-    model = module(start)
-    trainer = _trainer(out, epochs, limit_train_batches, limit_val_batches)
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
+    # the console as `brainenc fit` keeps it; the whole base model (backbone and readout) is
+    # frozen in eval mode on purpose, only the new subject's embeddings train
+    with quiet_lightning(eval_mode_intended=True):
+        if init == "fit":
+            first = module(None)
+            _trainer(out / "transfer" / "first_fit", init_epochs, limit_train_batches, 0).fit(first, datamodule=dm)
+            fitted = readout.new_embedding.pop(_slot(subject)).detach()
+            start = neighbour_init(readout, fitted, k)
+
+        model = module(start)
+        trainer = _trainer(out, epochs, limit_train_batches, limit_val_batches)
+        trainer.fit(model, datamodule=dm)
+        trainer.test(model, datamodule=dm, verbose=False)
 
     after = base_fingerprint(base)
     changed = sorted(n for n in before if before[n] != after.get(n))

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 
 from brainenc.ioutil import atomic_write
+from brainenc.metrics.roi import roi_order
 from brainenc.results import Run, read_run
+from brainenc.results import roi_order as atlas_order
 
 from . import html as render
 from . import plots, tables
@@ -44,19 +46,20 @@ def _pct(v: float) -> str:
     return "–" if not np.isfinite(v) else f"{100 * v:.0f}%"
 
 
-def roi_pivot(cells: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+def roi_pivot(cells: pd.DataFrame, labels: list[str], order=()) -> pd.DataFrame:
     """Display table for one (dataset, subject): one row per ROI, a column block per model.
 
     Parameters
     ----------
     cells : roi_summary rows of one dataset and subject.
+    order : the ROIs' atlas order (rows follow it; :func:`~brainenc.metrics.roi.roi_order`)
     Returns
     -------
     DataFrame of strings: roi, n, then per label "<label> r [95% CI]", "<label> norm %"
     (median noise-normalised score) and "<label> sig" (fraction of voxels with r > 0).
     """
     rows = []
-    for roi in plots._roi_order(cells["roi"]):
+    for roi in roi_order(cells["roi"], order):
         c = cells[cells["roi"] == roi].set_index("label")
         row = {"roi": roi, "n": int(c["n_voxels"].max())}
         for lab in labels:
@@ -160,8 +163,9 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
     colours = plots.model_colours(labels)
 
     runs_df = tables.runs_table(runs)
-    summary = tables.roi_summary(df, threshold_p=threshold_p, n_boot=n_boot, seed=seed)
-    paired = tables.paired_comparisons(df)
+    order = atlas_order(runs)  # ROIs as the stores' atlases number them
+    summary = tables.roi_summary(df, threshold_p=threshold_p, n_boot=n_boot, seed=seed, order=order)
+    paired = tables.paired_comparisons(df, order)
     retrieval = tables.retrieval_table(runs)
     for name, t in (("runs", runs_df), ("roi_summary", summary), ("paired", paired),
                     ("retrieval", retrieval)):
@@ -195,7 +199,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         top = ALL if len(subjects) > 1 else subjects[0]
         blocks.append(("h", 2, f"Dataset {dataset}"))
         dlabels = [lab for lab in labels if (dd["label"] == lab).any()]
-        blocks.append(("table", roi_pivot(ds[ds["subject"] == top], dlabels),
+        blocks.append(("table", roi_pivot(ds[ds["subject"] == top], dlabels, order),
                        f"Per-ROI median Pearson r [95% bootstrap CI], median noise-normalised score, "
                        f"fraction of voxels with r > 0 (p < {threshold_p}); subject {top}"
                        + (" (voxels of all subjects pooled)" if top == ALL else "")))
@@ -214,22 +218,23 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
                 return
             blocks.append(("figure", _save_figure(fig, out, name), caption))
 
-        figure(lambda: plots.roi_bars(summary, dataset, colours, "median_pearson"),
+        figure(lambda: plots.roi_bars(summary, dataset, colours, "median_pearson", order),
                _slug("bars", dataset, "pearson"), f"{dataset}: median Pearson r per ROI with bootstrap CI")
         if np.isfinite(ds["median_normalised"]).any():
-            figure(lambda: plots.roi_bars(summary, dataset, colours, "median_normalised"),
+            figure(lambda: plots.roi_bars(summary, dataset, colours, "median_normalised", order),
                    _slug("bars", dataset, "normalised"),
                    f"{dataset}: median noise-normalised score (%) per ROI with bootstrap CI")
         figure(lambda: plots.score_histograms(dd, dataset, colours), _slug("hist", dataset),
                f"{dataset}: distributions of per-voxel scores")
-        grid_blocks(blocks, ds[ds["subject"] == top], out, dataset, top, figure, list(dict.fromkeys(dd["run"])))
+        grid_blocks(blocks, ds[ds["subject"] == top], out, dataset, top, figure, list(dict.fromkeys(dd["run"])),
+                    order)
         pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
                  if (dd["label"] == a).any() and (dd["label"] == b).any()]
         if len(pairs) > max_pairs:
             dnotes.append(f"{len(pairs)} model pairs; scatter plots drawn for the first {max_pairs} "
                           "(tables/paired.csv has all)")
         for a, b in pairs[:max_pairs]:
-            figure(lambda a=a, b=b: plots.pair_scatter(dd, a, b, dataset, seed=seed),
+            figure(lambda a=a, b=b: plots.pair_scatter(dd, a, b, dataset, seed=seed, order=order),
                    _slug("scatter", dataset, a, "vs", b), f"{dataset}: per-voxel r, {a} vs {b}")
 
         if brainmaps and figures:
@@ -246,7 +251,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
         if len(subjects) > 1:
             detail = []
             for subject in subjects:
-                detail.append(("table", roi_pivot(ds[ds["subject"] == subject], dlabels),
+                detail.append(("table", roi_pivot(ds[ds["subject"] == subject], dlabels, order),
                                f"Per-ROI scores, subject {subject}"))
                 if not dp.empty:
                     detail.append(("table", dp[dp["subject"] == subject][SHOWN_PAIRED],
@@ -262,7 +267,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
 
 
 def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, subject: str, figure,
-                runs: list) -> None:
+                runs: list, order=()) -> None:
     """A run x model table and heat map when the runs form a grid (a sweep: one run name per
     backbone, the same encoders in several runs); written to ``tables/grid_<dataset>.csv``, rows in
     ``runs`` order (the order the run directories were given).
@@ -275,7 +280,7 @@ def grid_blocks(blocks: list, summary: pd.DataFrame, out: Path, dataset: str, su
     metric, name = (("median_frac_oracle", "median r / oracle")
                     if np.isfinite(summary["median_frac_oracle"].to_numpy(dtype=np.float64)).any()
                     else ("median_pearson", "median Pearson r"))
-    table = plots.grid_table(summary, metric, runs)
+    table = plots.grid_table(summary, metric, runs, order)
     flat = table.copy()
     flat.columns = [f"{m} {r}" for m, r in flat.columns]
     _write_csv(flat.reset_index(), out / "tables" / f"grid_{_slug(dataset)}.csv")

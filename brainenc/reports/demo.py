@@ -105,7 +105,10 @@ def write_demo_runs(root: str | Path, *, models=("afo", "universal", "ridge"),
         d = root / run
         (d / "results").mkdir(parents=True, exist_ok=True)
         table.to_csv(d / "results" / "voxels.csv", index=False)
-        summary = {"run": run, "model": model, "backbone": "test_vit", "seed": i, "wall_time_s": 1.0 + i}
+        summary = {"run": run, "model": model, "backbone": "test_vit", "seed": i, "wall_time_s": 1.0 + i,
+                   # as `brainenc test` writes it: the atlas's ROIs by label value, not alphabetical
+                   "roi_order": {f"{dataset}/{subject}": [r for r in ROIS if r != "none"]
+                                 for dataset in datasets for subject in subjects}}
         if n_test_in == "summary":
             summary["n_test_images"] = n_test
         if retrieval:

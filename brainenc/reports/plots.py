@@ -6,10 +6,13 @@ so a model is recognisable from figure to figure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import pandas as pd
+
+from brainenc.metrics.roi import roi_order
 
 ALL = "all"
 
@@ -35,27 +38,22 @@ def model_colours(labels: list[str]) -> dict[str, tuple]:
     return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
 
 
-def _roi_order(rois) -> list[str]:
-    """ROIs alphabetically, then "none", then "all" (pooled) last."""
-    rois = list(dict.fromkeys(rois))
-    named = sorted(r for r in rois if r not in ("none", ALL))
-    return named + [r for r in ("none", ALL) if r in rois]
-
-
-def roi_bars(summary: pd.DataFrame, dataset: str, colours: dict, metric: str = "median_pearson"):
+def roi_bars(summary: pd.DataFrame, dataset: str, colours: dict, metric: str = "median_pearson",
+             order: Sequence[str] = ()):
     """Per-ROI bars of ``metric`` with its bootstrap CI, models side by side.
 
     Parameters
     ----------
     summary : roi_summary() frame (label, dataset, subject, roi, <metric>, <metric>_ci_low/high)
     dataset : one panel per subject of this dataset (pooled "all" first when present).
+    order : the ROIs' atlas order (:func:`brainenc.results.roi_order`); ROIs left to right in it
     """
     d = summary[summary["dataset"] == dataset]
     subjects = sorted(s for s in d["subject"].unique() if s != ALL)
     if ALL in set(d["subject"]):
         subjects = [ALL] + subjects
     labels = [lab for lab in colours if (d["label"] == lab).any()]
-    rois = _roi_order(d["roi"])
+    rois = roi_order(d["roi"], order)
     ncol = min(3, len(subjects))
     nrow = int(np.ceil(len(subjects) / ncol))
     width = max(4.5, 0.45 * len(rois) * max(1, len(labels)) ** 0.5 + 1.5)
@@ -88,13 +86,14 @@ def roi_bars(summary: pd.DataFrame, dataset: str, colours: dict, metric: str = "
 
 
 def pair_scatter(df: pd.DataFrame, a: str, b: str, dataset: str, max_points: int = 20000,
-                 seed: int = 0):
+                 seed: int = 0, order: Sequence[str] = ()):
     """Per-voxel Pearson of model ``a`` (x) vs ``b`` (y) on matched voxels, coloured by ROI.
 
     Parameters
     ----------
     df : concatenated voxel rows (label, dataset, subject, voxel, roi, pearson).
     max_points : voxels drawn at most (seeded subsample); all are matched first.
+    order : the ROIs' atlas order (colours and legend follow it)
     """
     import matplotlib
 
@@ -107,7 +106,7 @@ def pair_scatter(df: pd.DataFrame, a: str, b: str, dataset: str, max_points: int
         m = m.sample(max_points, random_state=seed)
     fig, axes = new_figure(figsize=(5.6, 5))
     ax = axes[0, 0]
-    rois = _roi_order(m["roi"])
+    rois = roi_order(m["roi"], order)
     cmap = matplotlib.colormaps["tab20"]
     for i, roi in enumerate(rois):
         g = m[m["roi"] == roi]
@@ -152,7 +151,8 @@ def score_histograms(df: pd.DataFrame, dataset: str, colours: dict):
     return fig
 
 
-def grid_table(summary: pd.DataFrame, metric: str, runs: Optional[list] = None) -> pd.DataFrame:
+def grid_table(summary: pd.DataFrame, metric: str, runs: Optional[list] = None,
+               order: Sequence[str] = ()) -> pd.DataFrame:
     """``metric`` as a run x (model, ROI) table: the layout of a sweep (runs = backbones).
 
     Parameters
@@ -160,16 +160,17 @@ def grid_table(summary: pd.DataFrame, metric: str, runs: Optional[list] = None) 
     summary : roi_summary() rows of one dataset and subject (run, model, roi, <metric>)
     runs : row order (e.g. the order the runs were given; a sweep's backbone order); default the
         order of first appearance in ``summary``
+    order : the ROIs' atlas order (:func:`brainenc.results.roi_order`)
     Returns
     -------
     DataFrame indexed by run, columns a (model, roi) MultiIndex, ROIs in
-    :func:`_roi_order` without "none"; missing cells (a failed sweep cell) stay NaN.
+    atlas order (:func:`~brainenc.metrics.roi.roi_order`) without "none"; missing cells (a failed sweep cell) stay NaN.
     """
     d = summary[summary["roi"] != "none"]
     present = list(dict.fromkeys(d["run"]))
     runs = [r for r in runs or [] if r in present] + [r for r in present if r not in (runs or [])]
     models = list(dict.fromkeys(d["model"]))
-    rois = [r for r in _roi_order(d["roi"]) if r != "none"]
+    rois = [r for r in roi_order(d["roi"], order) if r != "none"]
     t = d.pivot_table(index="run", columns=["model", "roi"], values=metric, aggfunc="first", dropna=False)
     cols = pd.MultiIndex.from_product([models, rois], names=["model", "roi"])
     return t.reindex(index=runs, columns=cols)

@@ -20,12 +20,13 @@ group
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from brainenc.metrics.roi import frac_oracle
+from brainenc.metrics.roi import frac_oracle, roi_order
 from brainenc.metrics.stats import bh_reject, bootstrap_median_ci, pearson_p_one_sided, stable_seed, wilcoxon_or_nan
 from brainenc.results import ResultsError, Run
 
@@ -104,8 +105,9 @@ def _finite(a: pd.Series) -> np.ndarray:
     return v[np.isfinite(v)]
 
 
-def _groups(df: pd.DataFrame):
-    """Yield (dataset, subject, roi, rows) for every cell incl. pooled "all" cells.
+def _groups(df: pd.DataFrame, order: Sequence[str] = ()):
+    """Yield (dataset, subject, roi, rows) for every cell incl. pooled "all" cells, ROIs in
+    ``order`` (the store's atlas order, :func:`~brainenc.metrics.roi.roi_order`).
 
     ``subject == "all"`` is only produced when a dataset has more than one subject.
     """
@@ -115,18 +117,21 @@ def _groups(df: pd.DataFrame):
         if len(subjects) > 1:
             subject_sets.append((ALL, dd))
         for subject, ds in subject_sets:
-            for roi, dr in ds.groupby("roi", sort=True):
-                yield dataset, subject, roi, dr
+            by_roi = dict(list(ds.groupby("roi", sort=False)))
+            for roi in roi_order(by_roi, order):
+                yield dataset, subject, roi, by_roi[roi]
             yield dataset, subject, ALL, ds
 
 
 def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 1000,
-                seed: int = 0, ci_level: float = 0.95) -> pd.DataFrame:
+                seed: int = 0, ci_level: float = 0.95, order: Sequence[str] = ()) -> pd.DataFrame:
     """Per model label, dataset, subject and ROI summary of per-voxel scores.
 
     Parameters
     ----------
     df : DataFrame (n_rows, ...) concatenated voxel tables with ``label`` and ``n_test``.
+    order : the ROIs' atlas order (:func:`brainenc.results.roi_order`); rows follow it, other
+        ROIs alphabetically after it.
 
     Returns
     -------
@@ -150,7 +155,7 @@ def roi_summary(df: pd.DataFrame, *, threshold_p: float = 0.05, n_boot: int = 10
     rows = []
     for label, dl in df.groupby("label", sort=True):
         meta = dl.iloc[0]
-        for dataset, subject, roi, g in _groups(dl):
+        for dataset, subject, roi, g in _groups(dl, order):
             r = _finite(g["pearson"])
             nrm = _finite(g["normalised"])
             p = g["_p"].to_numpy()
@@ -187,8 +192,9 @@ def _nanmedian(s: pd.Series) -> float:
     return float(np.median(v)) if v.size else math.nan
 
 
-def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-voxel paired comparisons of every pair of model labels (A before B in run order).
+def paired_comparisons(df: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """Per-voxel paired comparisons of every pair of model labels (A before B in run order),
+    ROIs in ``order`` (as :func:`roi_summary`).
 
     Voxels are matched on (dataset, subject, voxel); the ROI is taken from the
     first model of the pair.  Only voxels with finite Pearson in both models count.
@@ -215,7 +221,7 @@ def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
         m = m[np.isfinite(m["pearson_a"]) & np.isfinite(m["pearson_b"])]
         if m.empty:
             continue
-        for dataset, subject, roi, g in _groups(m):
+        for dataset, subject, roi, g in _groups(m, order):
             ra = g["pearson_a"].to_numpy(dtype=np.float64)
             rb = g["pearson_b"].to_numpy(dtype=np.float64)
             d = ra - rb

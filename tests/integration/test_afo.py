@@ -19,7 +19,6 @@ import torch
 import yaml
 from PIL import Image
 
-from brainenc.data.simbrain import simulate
 from brainenc.data.store import Store
 from brainenc.recipes.afo import STAGES, AFORecipe, load_recipe
 
@@ -27,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def afo(tmp_path_factory):
+def afo(tmp_path_factory, tiny_brain):
     tmp = tmp_path_factory.mktemp("afo")
-    paths = simulate(preset="tiny", out=tmp / "sim", seed=0)
+    paths = tiny_brain  # the session's tiny simbrain, read only
     extra = tmp / "extra"
     extra.mkdir()
     rng = np.random.default_rng(0)

@@ -1,9 +1,12 @@
 """The quickstart talks to its user: one line per epoch without a progress bar, and only the
-warnings that mean something (issue 11, quickstart items)."""
+warnings that mean something."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -11,22 +14,46 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainenc.cli import main
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_fit_prints_one_line_per_epoch_and_no_expected_warnings(tiny_brain, tmp_path, capsys):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        main(["fit", "-c", str(REPO / "experiments/smoke/linear.yaml"), f"--data.stores=[{tiny_brain['simbrain7t']}]",
-              "--data.simulate=null", f"--trainer.default_root_dir={tmp_path / 'lin'}", "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false"])
-    out = capsys.readouterr().out
+#: What Lightning and torch print that says nothing to a brainenc user (the CLI drops exactly these)
+NOISE = ("Tip: For seamless", "litlogger", "litmodels", "LeafSpec", "_pytree", "args parameter",
+         "in eval mode at the start of training")
+
+
+def test_fit_prints_one_line_per_epoch_and_no_noise(tiny_brain, tmp_path):
+    """A ``brainenc fit`` child, as the recipes start them: one line per epoch, the test's
+    results, and none of Lightning's tips, its ``args`` notice, torch's ``_pytree`` deprecation or
+    the eval-mode warning about a frozen backbone."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONWARNINGS", None)  # every warning shown, as for a user
+    proc = subprocess.run(
+        [sys.executable, "-m", "brainenc.cli", "fit", "-c", str(REPO / "experiments/smoke/linear.yaml"),
+         f"--data.stores=[{tiny_brain['simbrain7t']}]", "--data.simulate=null",
+         f"--trainer.default_root_dir={tmp_path / 'lin'}", "--trainer.enable_progress_bar=false",
+         "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--test_after_fit=true"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
     lines = re.findall(r"^\[lin\] epoch (\d)/2  val median r -?\d\.\d{3}  [\d.]+s/epoch  ~\dm\d\ds left$", out, re.M)
     assert lines == ["1", "2"], out[-2000:]
-    messages = [str(w.message) for w in caught]
-    assert not [m for m in messages if "eval mode" in m or "args parameter" in m], messages
+    # where the rest of the time went: start-up (imports, data, model) and the test loop
+    assert re.search(r"^\[lin\] started in \d+\.\ds$", out, re.M) and re.search(r"^\[lin\] tested in \d+\.\ds$", out, re.M)
+    assert (tmp_path / "lin" / "results" / "voxels.csv").is_file()
+    assert not [n for n in NOISE if n in out], out[-4000:]
+
+
+def test_quiet_lightning_is_scoped():
+    """The filters end with the command: a warning raised afterwards in the same process is shown."""
+    from brainenc.lit.progress import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            warnings.warn("LightningCLI's args parameter is intended to run from within Python", UserWarning)
+        warnings.warn("LightningCLI's args parameter is intended to run from within Python", UserWarning)
+    assert len(caught) == 1
 
 
 def test_eval_mode_check_still_reports_modules_outside_a_frozen_backbone():

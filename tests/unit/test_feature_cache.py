@@ -26,11 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from brainenc.data.simbrain import simulate
-
-    out = tmp_path_factory.mktemp("simbrain")
-    return simulate(preset="tiny", out=out, seed=0)["simbrain7t"]
+def tiny(tiny_brain) -> Path:
+    """The session's tiny 7T-like store (read only; a test that changes it works on a copy)."""
+    return tiny_brain["simbrain7t"]
 
 
 def make_backbone(seed: int = 0, **kw) -> Backbone:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from brainenc.analysis.prf import EARLY_VISUAL, prf_figure, prf_recovery, recovery_stats, true_centres
 from brainenc.data.datamodule import BrainDataModule
-from brainenc.data.simbrain import simulate
 from brainenc.models.backbones import Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.models.retinotopic import RetinotopicReadout
@@ -32,9 +31,8 @@ def _energy_pyramid(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    paths = simulate(preset="tiny", out=tmp_path_factory.mktemp("prf") / "sim", seed=0)
-    dm = BrainDataModule([str(paths["simbrain7t"])], subjects=["subj01"], image_size=32)
+def tiny(tiny_brain):
+    dm = BrainDataModule([str(tiny_brain["simbrain7t"])], subjects=["subj01"], image_size=32)
     dm.setup()
     return dm
 

@@ -70,6 +70,21 @@ def test_summary_has_every_cell(report):
             assert set(got.loc[got["subject"] == subject, "roi"]) == rois
 
 
+def test_rois_are_listed_in_the_atlas_order(report):
+    """roi_summary.csv and paired.csv list each cell's ROIs as the store's atlas numbers them
+    (summary.json roi_order: V1, V2, V3, hV4, FFA), then unlabelled voxels, then the pooled row;
+    not alphabetically (FFA first)."""
+    want = ["V1", "V2", "V3", "hV4", "FFA", "none", "all"]
+    for name in ("summary", "paired"):
+        df = report[name]
+        keys = ["label", "dataset", "subject"] if name == "summary" else ["model_a", "model_b", "dataset", "subject"]
+        for _, g in df.groupby(keys, sort=False):
+            assert list(g["roi"]) == [r for r in want if r in set(g["roi"])], (name, list(g["roi"]))
+    md = (report["out"] / "report.md").read_text()
+    first = md.index("| V1 ")
+    assert first < md.index("| hV4 ", first) < md.index("| FFA ", first) < md.index("| none ", first)
+
+
 def test_summary_medians_means_counts(report):
     s, raw = report["summary"], report["raw"]
     assert len(s) > 0
@@ -416,6 +431,16 @@ def test_runs_that_form_a_grid_get_a_run_by_model_table_and_heat_map(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "runs x models" in md and "figures/grid_simbrain.png" in md
     assert (tmp_path / "out" / "figures" / "grid_simbrain.png").stat().st_size > 5000
+    # ROIs in the store's atlas order (summary.json roi_order), in the table and the heat map
+    assert [c.split(" ", 1)[1] for c in grid.columns[1:]][:5] == ["V1", "V2", "V3", "hV4", "FFA"]
+    from brainenc.reports import plots, tables
+    from brainenc.results import read_run, roi_order
+
+    read = tables.assign_labels([read_run(d) for d in runs])
+    tables.attach_n_test(read)
+    summary = tables.roi_summary(tables.concat_runs(read), n_boot=0, order=roi_order(read))
+    fig = plots.grid_heatmap(plots.grid_table(summary, "median_frac_oracle", order=roi_order(read)), "r / oracle")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["V1", "V2", "V3", "hV4", "FFA", "all"]
 
 
 def test_runs_that_do_not_form_a_grid_get_no_grid(tmp_path):

@@ -16,10 +16,10 @@ ROIS = {1: "V1", 2: "V2", 3: "V3", 4: "hV4", 5: "FFA", 6: "PPA"}
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("simbrain")
-    paths = simulate(preset="tiny", out=out, seed=0)
-    return out, paths, {k: Store(p) for k, p in paths.items()}
+def tiny(tiny_brain):
+    """The session's tiny simbrain (tests/conftest.py: preset tiny, seed 0), its folder and stores."""
+    out = tiny_brain["simbrain7t"].parent
+    return out, tiny_brain, {k: Store(p) for k, p in tiny_brain.items()}
 
 
 def _h5_arrays(path):

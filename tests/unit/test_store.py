@@ -138,3 +138,28 @@ def test_float16_responses_round_trip(tmp_path):
     with h5py.File(tmp_path / "subj01.h5") as f:
         assert f["responses"].dtype == np.float16
         np.testing.assert_allclose(f["responses"][:], responses, atol=2e-3)
+
+
+def test_a_manifest_listing_subjects_as_a_mapping_opens(tmp_path):
+    """A third-party writer may record per-subject information under ``subjects``: the names are
+    the mapping's keys, in the file's order, and are still checked as plain names."""
+    import yaml
+
+    make_store(tmp_path)
+    manifest = tmp_path / "manifest.yaml"
+    data = yaml.safe_load(manifest.read_text())
+    data["subjects"] = {"subj01": {"sessions": 40, "scanner": "7T"}}
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    store = Store(tmp_path)
+    assert store.subjects == ["subj01"] and store.subject("subj01").n_voxels == 7
+
+    data["subjects"] = {"../subj01": {"sessions": 40}}
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(StoreError, match="plain name") as e:
+        Store(tmp_path)
+    assert e.value.field == "subjects" and str(manifest) in str(e.value)
+
+    data["subjects"] = "subj01"
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(StoreError, match="a list of subject names, or a mapping") as e:
+        Store(tmp_path)
