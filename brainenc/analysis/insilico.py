@@ -13,7 +13,8 @@ predicted it (``brainenc predict --data.predict_images=DIR``, run when missing) 
                                     run clustered by ``brainenc cluster``) and category: d' of the
                                     ROI-mean response, fraction of the category among the ROI's
                                     top-k and bottom-k images, median voxel d, correlation of the
-                                    in-silico map with the measured and the true one
+                                    in-silico map with the measured and the true one, and on
+                                    simbrain the AUC of d for the voxels of the category's true type
     <run>/insilico/top_<pair>_<atlas>_<roi>.png   montages: top-k and bottom-k images per ROI
     <run>/insilico/summary.json     the above per run, read by ``brainenc report``
     OUT/insilico.csv, OUT/map_<pair>_<category>.png   the runs side by side (maps: in silico per
@@ -65,6 +66,19 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
         return float("nan")
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def _auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` voxels (ties count half); NaN
+    without both classes."""
+    from scipy.stats import rankdata
+
+    ok = np.isfinite(score)
+    s, y = score[ok], positive[ok]
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    return float((rankdata(s)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -265,6 +279,9 @@ def analyse_run(run: Path, images: Path, top_k: int = 20, predict: bool = True, 
                     row["median_measured_d"] = float(np.nanmedian(ms["measured_d"][m]))
                 if "true_d" in ms:
                     row["r_true"] = _corr(d[m], ms["true_d"][m])
+                if "true_type" in ms and c in set(ms["true_type"]):
+                    # how well the in-silico d separates the voxels simbrain made of this type
+                    row["auc_true_type"] = _auc(d[m], ms["true_type"][m] == c)
                 roi_rows.append(row)
             if montages and c == cats[0]:
                 for atlas, roi, m in groups:

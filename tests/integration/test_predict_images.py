@@ -189,3 +189,13 @@ def test_insilico_contrasts(trained, images, tmp_path):
     assert len(ffa) == 1 and np.isfinite(ffa[["roi_dprime", "r_measured", "r_true"]].to_numpy()).all()
     assert (run / "insilico" / f"top_simbrain7t__{subject}_simbrain_FFA.png").exists()
     assert (tmp_path / "out" / f"map_simbrain7t__{subject}_face.png").exists()
+    allv = rois[(rois["atlas"] == "all") & (rois["category"] == "face") & (rois["subject"] == subject)]
+    assert 0 <= allv["auc_true_type"].iloc[0] <= 1
+    noface = rois[(rois["atlas"] == "all") & (rois["category"] == "noface") & (rois["subject"] == subject)]
+    assert np.isfinite(noface["r_measured"].iloc[0])  # "noface" = the images without labels/face
+    from brainenc.reports.build import build_report
+
+    build_report([run], tmp_path / "report", n_boot=0, figures=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md.split("## In-silico selectivity")[1]
+    assert f"{run.name} r_true" in section and f"{run.name} d′" in section
