@@ -16,6 +16,7 @@ from PIL import Image
 from brainenc.cli import load_trained, main
 from brainenc.data.importers.source_files import SourceError
 from brainenc.data.store import Store
+from tests.integration.test_afo import afo  # noqa: F401  (the AFO smoke recipe, for its stages)
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "experiments" / "smoke"
@@ -199,3 +200,20 @@ def test_insilico_contrasts(trained, images, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     section = md.split("## In-silico selectivity")[1]
     assert f"{run.name} r_true" in section and f"{run.name} d′" in section
+
+
+@pytest.mark.slow  # runs the whole AFO smoke recipe again (test_afo's fixture, in this module)
+@pytest.mark.parametrize("stage", ["experts", "student"])
+def test_afo_experts_and_student_predict_a_folder(stage, afo, images):  # noqa: F811
+    from brainenc.rundir import RunDir
+
+    _, out, store = afo
+    root, order, pixels = images
+    run = out / stage
+    main(["predict", "-c", str(run / "results" / "config.yaml"), f"--ckpt_path={RunDir(run).require_checkpoint()}",
+          f"--data.predict_images={root}", f"--trainer.default_root_dir={run}", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false"])
+    got = _read(run, "simbrain7t/subj01")
+    assert got["pred"].shape == (len(order), store.subject("subj01").n_voxels)
+    assert [s.decode() for s in got["stimulus_id"]] == order
+    np.testing.assert_allclose(got["pred"], _expected(run, pixels, "simbrain7t/subj01"), rtol=1e-4, atol=1e-5)
