@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from .images import read_images, square_input, to_input
 from .importers.source_files import SourceError
-from .store import MANIFEST, STIMULI, Store, StoreError
+from .store import MANIFEST, STIMULI, Store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 EXPECTED = ("a folder of image files (" + "/".join(s[1:].upper() for s in IMAGE_SUFFIXES) + "), a .npy "

@@ -30,12 +30,14 @@ def insilico_blocks(runs) -> list:
                           "images; d' = the same for the ROI-mean response; "
                           f"{top or 'top-k'} = the category's share of the ROI's most-preferred images. "
                           "r measured / r true = correlation over voxels of the in-silico d map with the "
-                          "d map of the measured test responses / of simbrain's noise-free responses; auc_true_type = how "
-                          "well d separates the voxels simbrain made of the category's type (face) from the rest.")]
+                          "d map of the measured test responses / of simbrain's noise-free responses; "
+                          "auc_true_type = how well d separates the voxels simbrain made of the category's "
+                          "type (face) from the rest.")]
     whole = df[df["atlas"] == "all"]
     cols = [c for c in ("r_measured", "r_true", "auc_true_type") if c in whole.columns]
     if cols:
-        t = whole.pivot_table(index=["dataset", "subject", "category"], columns="run", values=cols, aggfunc="first")
+        t = whole.pivot_table(index=["dataset", "subject", "category"], columns="run", values=cols,
+                              aggfunc="first")
         t.columns = [f"{run} {v}" for v, run in t.columns]
         blocks.append(("table", t.reset_index().round(3),
                        "Whole-brain agreement of the in-silico category map with the measured / true map"))
