@@ -23,6 +23,7 @@ def insilico_blocks(runs) -> list:
     if not tables:
         return []
     df = pd.concat(tables, ignore_index=True)
+    order = list(dict.fromkeys(df["run"]))  # the order the runs were given
     top = next((c for c in df.columns if c.startswith("top") and c.endswith("_frac")), None)
     blocks: list = [("h", 2, "In-silico selectivity"),
                     ("p", "Predictions of each run for an image folder with category subfolders "
@@ -38,6 +39,7 @@ def insilico_blocks(runs) -> list:
     if cols:
         t = whole.pivot_table(index=["dataset", "subject", "category"], columns="run", values=cols,
                               aggfunc="first")
+        t = t.reindex(columns=[(v, r) for v in cols for r in order if (v, r) in t.columns])
         t.columns = [f"{run} {v}" for v, run in t.columns]
         blocks.append(("table", t.reset_index().round(3),
                        "Whole-brain agreement of the in-silico category map with the measured / true map"))
@@ -45,6 +47,7 @@ def insilico_blocks(runs) -> list:
     values = ["roi_dprime"] + ([top] if top else [])
     t = rois.pivot_table(index=["dataset", "subject", "category", "roi"], columns="run", values=values,
                          aggfunc="first")
+    t = t.reindex(columns=[(v, r) for v in values for r in order if (v, r) in t.columns])
     t.columns = [f"{run} {'d′' if v == 'roi_dprime' else v}" for v, run in t.columns]
     blocks.append(("table", t.reset_index().round(2), "Per ROI: d' of the ROI-mean prediction and the category's "
                    "share of the ROI's most-preferred images, per run"))
