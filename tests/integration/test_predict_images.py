@@ -194,6 +194,17 @@ def test_insilico_contrasts(trained, images, tmp_path):
     assert 0 <= allv["auc_true_type"].iloc[0] <= 1
     noface = rois[(rois["atlas"] == "all") & (rois["category"] == "noface") & (rois["subject"] == subject)]
     assert np.isfinite(noface["r_measured"].iloc[0])  # "noface" = the images without labels/face
+    # a run whose results table has embedding clusters: contrasts and montages per cluster too
+    from brainenc.analysis.insilico import analyse_run
+    from brainenc.results import add_column, read_results
+
+    df = read_results(run)
+    add_column(run, "cluster", {f"{d}/{s}": np.arange(int(((df.dataset == d) & (df.subject == s)).sum())) % 3
+                                for d, s in df[["dataset", "subject"]].drop_duplicates().itertuples(index=False)})
+    clus = analyse_run(run, root, top_k=2)["rois"]
+    clus = clus[(clus["atlas"] == "cluster") & (clus["subject"] == subject) & (clus["dataset"] == "simbrain7t")]
+    assert sorted(set(clus["roi"])) == ["cluster 0", "cluster 1", "cluster 2"]
+    assert (run / "insilico" / f"top_simbrain7t__{subject}_cluster_cluster-0.png").exists()
     from brainenc.reports.build import build_report
 
     build_report([run], tmp_path / "report", n_boot=0, figures=False)
