@@ -32,6 +32,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("brainenc.cli:main_cache", "precompute the feature cache of a frozen backbone"),
     "cluster": ("brainenc.analysis.embeddings:main", "cluster learned voxel embeddings into functional maps"),
     "compare": ("brainenc.compare:main_compare", "print a per-ROI table comparing run directories"),
+    "insilico": ("brainenc.analysis.insilico:main", "in-silico experiments: category selectivity and preferred "
+                 "images of trained runs on an image folder"),
+    "algonauts-submission": ("brainenc.export.algonauts:main", "write Algonauts 2023 submission files "
+                             "(subjNN/{lh,rh}_pred_test.npy) from a trained run"),
 }
 
 

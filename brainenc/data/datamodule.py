@@ -209,6 +209,12 @@ class BrainDataModule(L.LightningDataModule):
         features from a filled feature cache (the cache reads its own misses)
     train_limit : keep only this many training images per pair (a deterministic subset, the same
         for every seed; for learning curves and few-image transfer), None = all
+    predict_images : what ``brainenc predict`` predicts: None = the test images of the stores;
+        else images nobody scanned, given as a folder of image files (first-level subfolder =
+        category), a .npy/.h5 array uint8 (N, H, W, 3) or a store's stimuli.h5 (see
+        :mod:`brainenc.data.predict_images`), predicted for every pair of the run
+    predict_skip_unreadable : with ``predict_images``, leave out image files that cannot be read
+        (they are listed in ``predictions/skipped.txt``) instead of stopping at the first one
     """
 
     def __init__(self, stores: list[str] = ["data/simbrain-quickstart/simbrain7t"],  # noqa: B006
@@ -217,7 +223,8 @@ class BrainDataModule(L.LightningDataModule):
                  val_fraction: float = 0.1, test_fraction: float = 0.1,
                  sampling_weights: Optional[dict[str, float]] = None, num_workers: int = 0,
                  simulate: Optional[str] = None, seed: int = 0, train_limit: Optional[int] = None,
-                 load_images: bool = True):
+                 load_images: bool = True, predict_images: Optional[str] = None,
+                 predict_skip_unreadable: bool = False):
         super().__init__()
         from brainenc.errors import ConfigError
 
@@ -246,6 +253,7 @@ class BrainDataModule(L.LightningDataModule):
         self._reported: set[str] = set()
         self._train_loader: Optional[ResumableLoader] = None
         self._pending_loader_state: Optional[dict] = None
+        self._predict_source = None
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -434,5 +442,27 @@ class BrainDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @property
+    def predict_source(self):
+        """The :class:`~brainenc.data.predict_images.ImageSource` of ``predict_images`` (opened
+        once: a folder is listed once), or None when predicting the stores' test images."""
+        if self.hparams.predict_images is None:
+            return None
+        if self._predict_source is None:
+            from .predict_images import ImageSource
+
+            self._predict_source = ImageSource.open(self.hparams.predict_images)
+        return self._predict_source
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        source = self.predict_source
+        if source is None:
+            return self._loader("test")
+        from .predict_images import PredictImagesDataset
+
+        # one unit of positions: sorted batches, each rank its share, no padding (no image twice)
+        sampler = PairBatchSampler([np.arange(len(source))], self.hparams.eval_batch_size, shuffle=False, pad=False)
+        nw = self.hparams.num_workers
+        return DataLoader(PredictImagesDataset(source, self.hparams.image_size, self.hparams.predict_skip_unreadable,
+                                               self.hparams.load_images),
+                          batch_size=None, sampler=sampler, num_workers=nw)

@@ -4,9 +4,15 @@ become a model's input.
 * :func:`to_rgb_square` — an image of any shape and type -> uint8 (S, S, 3), centre-cropped and
   resized (bicubic) to the store's side ``S``; importers and the AFO recipe's extra image folders
   write stores with it.
-* :func:`read_images` — rows of a store's ``stimuli.h5`` -> float32 (B, 3, S, S) in [0, 1] at the
-  side the backbone was built for (``Backbone.image_size``, linked from ``data.image_size``);
-  the datamodule, the feature cache and ``EncoderModule.features_of_rows`` read images with it.
+* :func:`to_input` — stored pixels uint8 (B, H, W, 3) -> float32 (B, 3, S, S) in [0, 1] at the
+  side the backbone was built for (``Backbone.image_size``, linked from ``data.image_size``):
+  bilinear, antialiased; :func:`read_images` (rows of a store's ``stimuli.h5``) is this rule
+  applied to stored rows, and the datamodule, the feature cache and
+  ``EncoderModule.features_of_rows`` read images with it.
+* :func:`square_input` — the same rule for images that never entered a store (``brainenc predict
+  --data.predict_images``: files, arrays): centre-cropped to a square at their own resolution
+  (no resampling), then :func:`to_input`.  An image file at the store's side therefore reaches
+  the model exactly as a stored stimulus does.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["read_images", "to_rgb_square"]
+__all__ = ["read_images", "square_input", "to_input", "to_rgb_square"]
 
 
 def to_rgb_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -52,9 +58,27 @@ def to_rgb_square(img: np.ndarray, size: int) -> np.ndarray:
 
 def read_images(f: h5py.File, rows: np.ndarray, image_size: int) -> torch.Tensor:
     """Read sorted ``rows`` of a ``stimuli.h5``'s ``images`` and resize them to
-    ``image_size`` (bilinear, antialiased). Returns float32 (B, 3, S, S) in [0, 1]."""
-    imgs = torch.from_numpy(f["images"][np.asarray(rows)]).permute(0, 3, 1, 2).float().div_(255.0)
+    ``image_size`` (:func:`to_input`). Returns float32 (B, 3, S, S) in [0, 1]."""
+    return to_input(f["images"][np.asarray(rows)], image_size)
+
+
+def to_input(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S) in [0, 1], resized to ``S = image_size``
+    (bilinear, antialiased) when ``(H, W) != (S, S)``."""
+    a = np.ascontiguousarray(pixels)
+    imgs = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(0, 3, 1, 2).float().div_(255.0)
     if imgs.shape[-1] != image_size or imgs.shape[-2] != image_size:
         imgs = F.interpolate(imgs, size=(image_size, image_size), mode="bilinear", antialias=True,
                              align_corners=False).clamp_(0, 1)
     return imgs
+
+
+def square_input(img: np.ndarray, image_size: int) -> torch.Tensor:
+    """One image that is not in a store (any shape and type :func:`to_rgb_square` takes) ->
+    float32 (1, 3, S, S) in [0, 1]: centre-cropped to a square at its own resolution, then
+    :func:`to_input`, so only one resampling happens, by the rule stored stimuli follow."""
+    a = np.asarray(img)
+    side = min(a.shape[:2]) if a.ndim >= 2 else 0
+    if side < 1:
+        raise ValueError(f"image of shape {a.shape}: expected (H, W[, 1|3|4]) with H, W >= 1")
+    return to_input(to_rgb_square(a, side)[None], image_size)

@@ -108,12 +108,19 @@ class EncoderModule(L.LightningModule):
         """
         if self.feature_cache is None or not self.backbone.frozen:
             return self.backbone(batch["images"])
-        dm = getattr(self._trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "pair"):
-            raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
-                               "to find the store of batch['pair']")
+        if batch.get("predict_images"):
+            # images nobody scanned: cached by (store, row) only when they are a store's stimuli
+            store = batch["store"]
+            if store is None:
+                return self.backbone(batch["images"])
+        else:
+            dm = getattr(self._trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "pair"):
+                raise RuntimeError("EncoderModule.features: a feature_cache needs the trainer's BrainDataModule "
+                                   "to find the store of batch['pair']")
+            store = dm.pair(batch["pair"]).store
         # images may be absent (None) when the loader skips them; the cache then reads its misses
-        return self.features_of_rows(dm.pair(batch["pair"]).store, batch["stimulus"], images=batch.get("images"))
+        return self.features_of_rows(store, batch["stimulus"], images=batch.get("images"))
 
     def features_of_rows(self, store, rows, *, images: Optional[Tensor] = None) -> Features:
         """Features of stimulus ``rows`` (int (B,)) of ``store`` (anything with ``stimuli_path``,
@@ -234,38 +241,81 @@ class EncoderModule(L.LightningModule):
         return {"model": self.model_name, "backbone": self.backbone.name,
                 "wall_time_s": time.time() - self._t0}
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        pred = self.predict_all(self.features(batch), batch["pair"])
-        out = {"pair": batch["pair"], "stimulus": batch["stimulus"].cpu(), "pred": pred.cpu()}
-        self._predictions.setdefault(out["pair"], []).append(out)
-        return out
+    # ---------------------------------------------------------------- prediction
+    def predict_step(self, batch: dict, batch_idx: int) -> int:
+        """Predict a batch and stream it into ``predictions/`` (:mod:`brainenc.lit.predictions`).
+
+        A test-split batch belongs to one pair; a ``--data.predict_images`` batch is predicted
+        for every pair of the run from one pass of the backbone.  Returns the number of images
+        predicted: the files are the output, so nothing but one int per batch accumulates in
+        memory however many images are predicted.
+        """
+        writer = self._prediction_writer
+        if batch.get("predict_images"):
+            writer.skip(batch["skipped"])
+            n = len(batch["stimulus"])
+            if n:
+                feats = self.features(batch)
+                for key in self._predict_pairs:
+                    pred = self.predict_all(feats, key).float().cpu().numpy()
+                    writer.add(key, batch["stimulus"].cpu().numpy(), batch["stimulus_id"], pred, batch["category"])
+            self._predict_progress(n + len(batch["skipped"]))
+            return n
+        key = batch["pair"]
+        pred = self.predict_all(self.features(batch), key).float().cpu().numpy()
+        stim = batch["stimulus"].cpu().numpy()
+        dm = getattr(self.trainer, "datamodule", None)
+        ids = (dm.pair(key).store.stimulus_ids[stim] if dm is not None and hasattr(dm, "pair")
+               else stim.astype(str))
+        writer.add(key, stim, [str(i) for i in ids], pred)
+        return len(stim)
 
     def on_predict_epoch_start(self) -> None:
-        self._predictions: dict[str, list[dict]] = {}
-
-    def on_predict_epoch_end(self) -> None:
-        """Write ``predictions/<dataset>__<subject>[.rankR].h5``: ``stimulus`` int64 (n,),
-        ``stimulus_id`` (n,), ``pred`` float32 (n, n_voxels); one file per rank under DDP."""
-        import h5py
-
-        from brainenc.ioutil import atomic_path
+        from .predictions import PredictionWriter
 
         dm = getattr(self.trainer, "datamodule", None)
-        out_dir = Path(self.trainer.default_root_dir) / "predictions"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        source = getattr(dm, "predict_source", None)
         suffix = f".rank{self.global_rank}" if self.trainer.world_size > 1 else ""
-        for key, items in self._predictions.items():
-            stim = torch.cat([i["stimulus"] for i in items]).numpy()
-            pred = torch.cat([i["pred"] for i in items]).float().numpy()
-            order = np.argsort(stim, kind="stable")
-            with atomic_path(out_dir / f"{key.replace('/', '__')}{suffix}.h5") as tmp:
-                with h5py.File(tmp, "w") as f:
-                    f["stimulus"] = stim[order]
-                    f["pred"] = pred[order]
-                    if dm is not None and hasattr(dm, "pair"):
-                        ids = dm.pair(key).store.stimulus_ids[stim[order]]
-                        f.create_dataset("stimulus_id", data=list(ids), dtype=h5py.string_dtype())
-                    f.attrs["pair"], f.attrs["model"] = key, self.model_name
+        attrs = {"model": self.model_name, "source": "test images of the stores" if source is None
+                 else str(Path(source.path).resolve())}
+        pairs = getattr(dm, "pairs", None) or []
+        # every pair the run was trained on (data.subjects narrows it: the datamodule's pairs)
+        self._predict_pairs = [p.key for p in pairs if p.key in self.voxel_counts] or list(self.voxel_counts)
+        rois = {p.key: p.info.rois for p in pairs if p.key in self.voxel_counts} if source is not None else None
+        self._prediction_writer = PredictionWriter(Path(self.trainer.default_root_dir) / "predictions", suffix,
+                                                   attrs, rois)
+        self._predict_total = len(source) if source is not None else None
+        self._predict_done, self._predict_t = 0, time.time()
+        if source is not None and self.trainer.is_global_zero:
+            print(f"predicting {len(source)} images of {source.path} for {len(self._predict_pairs)} "
+                  f"(dataset, subject) pairs", flush=True)
+
+    def _predict_progress(self, n: int) -> None:
+        """A line every 30 s when the progress bar is off (100,000 images take a while)."""
+        self._predict_done += n
+        if self.trainer.progress_bar_callback is None and time.time() - self._predict_t > 30:
+            self._predict_t = time.time()
+            total = f"/{self._predict_total}" if self._predict_total else ""
+            print(f"predict: {self._predict_done}{total} images", flush=True)
+
+    def on_predict_epoch_end(self) -> None:
+        """Close the prediction files (renamed into place only now: an interrupted prediction
+        leaves the previous files untouched)."""
+        writer = self._prediction_writer
+        written = writer.close()
+        self._prediction_writer = None
+        if writer.skipped:
+            print(f"skipped {len(writer.skipped)} unreadable images, listed in "
+                  f"{writer.out_dir / f'skipped{writer.suffix}.txt'}", flush=True)
+        if self.trainer.is_global_zero and written:
+            print(f"wrote {len(written)} files to {writer.out_dir}", flush=True)
+
+    def teardown(self, stage: str) -> None:
+        # a prediction that stopped early: drop its temporary files, keep the previous ones
+        writer = getattr(self, "_prediction_writer", None)
+        if writer is not None:
+            writer.abort()
+            self._prediction_writer = None
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

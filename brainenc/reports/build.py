@@ -30,6 +30,7 @@ from brainenc.results import roi_order as atlas_order
 
 from . import html as render
 from . import plots, tables
+from .insilico import insilico_blocks
 from .tables import ALL, ReportInputError
 
 #: Columns of paired comparisons shown in the report (tables/paired.csv has them all).
@@ -188,6 +189,7 @@ def build_report(run_dirs, out, *, threshold_p: float = 0.05, n_boot: int = 1000
                     "Image retrieval from predicted responses (fraction correct; tables/retrieval.csv)")]
 
     blocks += embedding_blocks(runs, out, figures)
+    blocks += insilico_blocks(runs)
 
     map_budget = max_brainmaps
     for dataset in sorted(df["dataset"].unique()):

@@ -11,6 +11,14 @@ Source layout (per subject, see ``data_manifests/algonauts2023.yaml``)::
     subjXX/roi_masks/{lh,rh}.all-vertices_fsaverage_space.npy       (163842,) 0/1: challenge vertices
 
 Training responses are already averaged over an image's repeats, so each image is one "trial".
+The test images (no responses) are kept in ``stimuli.h5`` (split TEST unless another subject
+trained on them), and each subject file records what a submission needs (``challenge/``):
+``test_stimulus`` int64 (n_test,) = the stimulus row of ``test-0001``, ``test-0002``, ... in the
+challenge's order, ``test_name`` the file names, attrs ``n_vertices`` = [lh, rh] challenge
+vertices and ``roi`` = the ROI selection of the import ("all" = every challenge vertex);
+``voxels/hemi`` and ``voxels/vertex`` keep each voxel's hemisphere and fsaverage vertex, so the
+voxels of hemisphere h, in store order, are that hemisphere's challenge vertices in order
+(``brainenc algonauts-submission`` writes the files).
 Vertex coordinates come from a FreeSurfer ``fsaverage`` subject directory (``surf/<hemi>.white``),
 indexed through the all-vertices masks.  The NSD ``nsd-XXXXX`` number is the 0-based 73k index
 (``nsd_id_base`` in the manifest), so stores of NSD and Algonauts share stimulus ids.
@@ -304,9 +312,19 @@ class Algonauts2023Importer(Importer):
         rows = np.array([stimuli.row[f"nsd-{nsd:05d}"] for _, nsd, _ in train], np.int64)
         n_lh = int(np.load(fmri[0], mmap_mode="r").shape[1])
         sel_lh, sel_rh = sel[:n_lh], sel[n_lh:]
+        test = self._images(subject, "test")
+        if [i for i, _, _ in test] != list(range(1, len(test) + 1)):
+            raise SourceError(self.path("test_images", subject=subject), "<directory>",
+                              "test-0001 ... test-NNNN images without gaps", str([i for i, _, _ in test][:5]))
+        test_rows = np.array([stimuli.row[f"nsd-{nsd:05d}"] for _, nsd, _ in test], np.int64)
 
         def write(w):
             w.write_group("voxels", {"hemi": hemi_idx, "vertex": vertex})
+            w.write_group("challenge", {"test_stimulus": test_rows,
+                                        "test_name": np.array([p.name for _, _, p in test], dtype=object).astype("S")},
+                          attrs={"n_vertices": np.array([n_lh, len(sel) - n_lh], np.int64), "roi": str(self.roi),
+                                 "description": "Algonauts 2023 test images in challenge order (stimulus rows) "
+                                                "and challenge vertex counts per hemisphere (lh, rh)"})
             lh, rh = np.load(fmri[0], mmap_mode="r"), np.load(fmri[1], mmap_mode="r")
             for start in range(0, len(rows), 256):  # memory-mapped, so only a block is read
                 sl = slice(start, start + 256)

@@ -1,0 +1,1 @@
+"""Files for others to read: benchmark submissions written from a trained run."""
