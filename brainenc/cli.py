@@ -445,17 +445,10 @@ def explain(e: BaseException) -> tuple[str, int] | None:
         code = getattr(err, "errno", None)
         name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
         if name in _WRITE_ERRORS:
-            where = err.filename if getattr(err, "filename", None) else "a file"
+            # shutil.move(src, dst) names both; the destination is the user's file
+            where = getattr(err, "filename2", None) or getattr(err, "filename", None) or "a file"
             return f"{where}: cannot write: {_WRITE_ERRORS[name]}", 1
-        if isinstance(err, RuntimeError) and _torch_write_failed(err):
-            return f"a checkpoint could not be written ({str(err).splitlines()[0][:120]}): {_WRITE_ERRORS['ENOSPC']}", 1
     return None
-
-
-def _torch_write_failed(err: RuntimeError) -> bool:
-    """torch.save reports a short write (a full disk) as a RuntimeError of its zip writer."""
-    text = str(err)
-    return "PytorchStreamWriter failed" in text or "unexpected pos" in text
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Both are attached by the CLI to every ``brainenc fit`` (:meth:`brainenc.cli.Brai
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -31,7 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):  # remote: Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         with atomic_path(Path(path)) as tmp:
-            torch.save(checkpoint, tmp)
+            try:
+                torch.save(checkpoint, tmp)
+            except RuntimeError as e:
+                # torch's zip writer reports a short write (a full disk or quota) as a RuntimeError
+                if "unexpected pos" in str(e) or "PytorchStreamWriter failed" in str(e):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+                raise
 
 
 def keep_last(cb) -> None:
