@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import (SourceError, affine_coords, load_image_file, read_nifti_masked,
+from brainenc.data.importers.source_files import (SourceError, affine_coords, load_image_file, load_nifti, nifti_array,
+                                                  read_nifti_masked,
                                                   zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
@@ -111,8 +112,8 @@ class BOLD5000Importer(Importer):
 
         src = self.source(subject)
         mpath = self.path("brainmask", subject=src)
-        mimg = nib.load(mpath)
-        brain = np.asarray(mimg.dataobj) > 0
+        mimg = load_nifti(mpath)
+        brain = nifti_array(mpath) > 0
         shape, affine = brain.shape, mimg.affine
         files = [mpath, self.path("imgnames", subject=src)]
         roi_vol = np.zeros(shape, np.int16)
@@ -123,7 +124,7 @@ class BOLD5000Importer(Importer):
                 p = self.path("roi", subject=src, hemi=h, roi=roi)
                 if not p.exists():
                     continue
-                m = np.asarray(nib.load(p).dataobj) > 0
+                m = nifti_array(p) > 0
                 if m.shape != shape:
                     raise SourceError(p, "<volume>", f"shape {shape} like the brain mask", str(m.shape))
                 roi_vol[m & (roi_vol == 0)] = value
@@ -139,7 +140,7 @@ class BOLD5000Importer(Importer):
         names = self.trial_names(subject)
         n_sess = self.n_sessions(subject)
         betas = [self.path("betas", subject=src, session=s) for s in range(1, n_sess + 1)]
-        counts = [int(nib.load(p).shape[3]) if len(nib.load(p).shape) == 4 else -1 for p in betas]
+        counts = [int(load_nifti(p).shape[3]) if len(load_nifti(p).shape) == 4 else -1 for p in betas]
         full_counts_ok = n_sess < int(self.subject_table()[subject]["sessions"]) or sum(counts) == len(names)
         if not full_counts_ok or sum(counts) > len(names):
             raise SourceError(self.path("imgnames", subject=src), "<lines>",
