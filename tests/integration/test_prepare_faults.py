@@ -70,3 +70,20 @@ def test_truncated_source_file_during_a_reprepare_is_named(nsd_source, tmp_path,
     assert f"{f}: field '{field}" in last and "truncated or damaged?" in last
     with pytest.raises(StoreError, match="manifest.yaml"):  # the half-rewritten store is not trusted
         Store(out)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.geteuid() == 0), reason="mounts a tmpfs (Linux, root)")
+def test_simulate_onto_a_full_disk_is_one_line_not_a_segfault(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        r = subprocess.run([sys.executable, "-m", "brainenc.cli", "simulate", "--preset", "tiny", "--out",
+                            str(disk / "sim")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"brainenc: error: {disk}/sim/simbrain7t: field '<disk>': expected about 2.")
+        assert not (disk / "sim" / "simbrain7t" / "manifest.yaml").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
