@@ -429,7 +429,8 @@ _WRITE_ERRORS = {
 
 def explain(e: BaseException) -> tuple[str, int] | None:
     """(one-line message, exit status) for an error the user can act on without a traceback, or
-    None.  Walks the chain of causes, so a brainenc input error (``input_error``: status 2) or an
+    None.  Walks the chain of causes (``raise ... from``, not errors raised while handling
+    another, which may be bugs), so a brainenc input error (``input_error``: status 2) or an
     unwritable file (status 1) wrapped by a library is still shown as itself."""
     import errno
 
@@ -437,7 +438,7 @@ def explain(e: BaseException) -> tuple[str, int] | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     for err in chain:
         if getattr(err, "input_error", False):
             return str(err), 2
