@@ -98,12 +98,12 @@ def _check_fields(path: Path, where: str, tree, allowed: dict) -> None:
                                       "partition)", tree[key])
 
 
-def load_recipe(path: str | Path) -> dict:
+def load_recipe(path: str | Path, out: Optional[str] = None) -> dict:
     """The recipe as plain dicts; ``base`` is loaded (not resolved: ``${...}`` stay for the CLI).
 
     Every field is checked against :data:`RECIPE_FIELDS`, :data:`PARTITION_FIELDS` and
     :data:`STAGE_FIELDS`: an unknown or mistyped field is a ConfigError naming it and the fields
-    allowed there."""
+    allowed there. ``out`` (``--out``) replaces the recipe's output directory."""
     from brainenc.errors import ConfigError
 
     path = Path(path)
@@ -135,6 +135,8 @@ def load_recipe(path: str | Path) -> dict:
                               f"({str(e).splitlines()[0]})") from None
     if not isinstance(recipe["base"], dict):
         raise ConfigError(f"{path}: base", "a fit config (a mapping with trainer, model and data)", recipe["base"])
+    if out:
+        recipe["out"] = str(out)
     if not isinstance(recipe.get("out"), str) or not recipe["out"]:
         raise ConfigError(f"{path}: out", "the recipe's output directory", recipe.get("out"))
     recipe["stages"] = {k: v or {} for k, v in stages.items()}
@@ -387,9 +389,7 @@ def main_afo(argv: list[str]) -> int:
                     help="after the stages, write <out>/summary.json: per-ROI r/oracle, student vs whole "
                          "(Wilcoxon), pRF-centre recovery (simbrain truth)")
     a = ap.parse_args(argv)
-    recipe = load_recipe(a.config)
-    if a.out:
-        recipe["out"] = a.out
+    recipe = load_recipe(a.config, a.out)
     r = AFORecipe(recipe)
     r.run(a.only_stage, a.only_expert)
     if a.summary:
