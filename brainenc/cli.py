@@ -15,8 +15,8 @@ from typing import Callable
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from brainenc.rundir import (LIGHTNING_SHORTCUTS, check_checkpoint_file, check_run_folder, checkpoint_to_test,
-                             follow_moved_folder)
+from brainenc.rundir import (LIGHTNING_SHORTCUTS, RunDir, RunFolderError, check_checkpoint_file, check_run_folder,
+                             checkpoint_to_test, follow_moved_folder, lock_run_folder, unlock_run_folders)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -41,6 +41,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 
 class BrainencCLI(LightningCLI):
     """LightningCLI with data-to-model links and results written next to the run."""
+
+    _argv: list = []  # the command line, recorded in the run folder's lock
 
     def add_arguments_to_parser(self, parser) -> None:
         # voxel counts exist only once the stores are opened, hence apply_on="instantiate"
@@ -110,13 +112,35 @@ class BrainencCLI(LightningCLI):
             kwargs["weights_only"] = True
         return kwargs
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        _find_unused_parameters(trainer)
+        return trainer
+
+    def _lock(self) -> None:
+        """One command writes a run folder at a time (rank zero holds the lock for all ranks)."""
+        if _launch_rank() == 0:
+            lock_run_folder(self.trainer.default_root_dir, "brainenc " + " ".join(map(str, self._argv)))
+
     def before_fit(self) -> None:
+        from brainenc.errors import ConfigError
+        from brainenc.lit.run_guard import AtomicCheckpointIO, keep_last
+
         ckpt = self.config[self.subcommand].get("ckpt_path")
-        check_run_folder(self.trainer, ckpt)
+        trainer = self.trainer
+        for option in ("max_epochs", "max_steps", "limit_train_batches"):
+            if getattr(trainer, option, None) == 0 or getattr(trainer.fit_loop, option, None) == 0:
+                raise ConfigError(f"trainer.{option}", "a positive value (a fit of 0 epochs or steps trains "
+                                  "nothing; to evaluate a checkpoint use brainenc test --ckpt_path=...)", 0)
+        self._lock()
+        check_run_folder(trainer, ckpt)
         self._check_matches_model(ckpt)
-        if ckpt:
-            for cb in self.trainer.checkpoint_callbacks:
+        for cb in trainer.checkpoint_callbacks:
+            if ckpt:
                 follow_moved_folder(cb)
+            keep_last(cb)  # last.ckpt at every epoch end and on SIGTERM
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":  # not a user's plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # checkpoints complete or absent
         self._add_console_feedback()
 
     def _add_console_feedback(self) -> None:
@@ -135,7 +159,11 @@ class BrainencCLI(LightningCLI):
     def before_validate(self) -> None:
         self._check_matches_model(self.config[self.subcommand].get("ckpt_path"))
 
-    before_test = before_predict = before_validate
+    def before_test(self) -> None:
+        self._lock()
+        self.before_validate()
+
+    before_predict = before_test
 
     def _check_matches_model(self, ckpt) -> None:
         """A checkpoint of another model (other voxel counts, readout or backbone) is a clear
@@ -159,7 +187,11 @@ class BrainencCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint_to_test(self.trainer),
+        ckpt = checkpoint_to_test(self.trainer)
+        if ckpt is None and self.trainer.global_step == 0:
+            raise RunFolderError(f"{self.trainer.default_root_dir}: the fit trained no step and left no "
+                                 "checkpoint; nothing to test (--test_after_fit)")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt,
                           weights_only=True)
         self._write_results_config()
 
@@ -173,6 +205,9 @@ class BrainencCLI(LightningCLI):
         from brainenc.ioutil import atomic_write
 
         out = Path(self.trainer.default_root_dir) / "results"
+        if not RunDir(self.trainer.default_root_dir).tested():  # e.g. --trainer.limit_test_batches=0
+            raise RunFolderError(f"{out}: the test wrote no results table (did it see any test batch? "
+                                 "check --trainer.limit_test_batches and the data's test split)")
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         atomic_write(out / "config.yaml", yaml.safe_dump(dumped.get(self.subcommand, dumped), sort_keys=False))
 
@@ -233,8 +268,52 @@ def build_cli(args: list[str], run: bool = True, **kwargs) -> BrainencCLI:
                            auto_configure_optimizers=False, **kwargs)
 
 
+class Terminated(RuntimeError):
+    """The command was stopped by SIGTERM (a scheduler's preemption, ``kill``): exit status 143."""
+
+    exit_status = 143
+
+
 def lightning_main(argv: list[str]) -> None:
-    build_cli(argv, save_config_kwargs={"overwrite": True})
+    import warnings
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    BrainencCLI._argv = list(argv)
+    try:
+        with warnings.catch_warnings():  # filters set while this command runs are undone after it
+            # we pass argv as `args` on purpose (`brainenc fit ...` is sys.argv too): not a mistake
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            build_cli(argv, save_config_kwargs={"overwrite": True})
+    except SIGTERMException:
+        # Lightning stops the loops with SystemExit(None), i.e. status 0: a script's `fit && test`
+        # would carry on without results
+        raise Terminated("stopped by SIGTERM before it finished; no results were written. The "
+                         "run's checkpoints/last.ckpt holds where it stopped: rerun with "
+                         "--ckpt_path=<run>/checkpoints/last.ckpt to resume") from None
+    finally:
+        unlock_run_folders()
+
+
+def _launch_rank() -> int:
+    """This process' rank as its launcher set it (Lightning's relaunch, torchrun, SLURM); 0 alone."""
+    import os
+
+    return max(int(os.environ.get(k, 0) or 0) for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK",
+                                                         "SLURM_PROCID"))
+
+
+def _find_unused_parameters(trainer) -> None:
+    """Plain DDP (``--trainer.strategy=ddp``, or ``auto`` on several devices) with
+    ``find_unused_parameters=True`` unless the config chose otherwise: each batch comes from one
+    (dataset, subject) pair, so the other pairs' readout weights get no gradient in that step and
+    DDP's default raises.  ``ddp_find_unused_parameters_false`` (or a DDPStrategy with the
+    argument) still turns the search off."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and "find_unused_parameters" not in strategy._ddp_kwargs:
+        strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
 #: Top-level sections of a config that describe the model and its data (a config saved by
@@ -354,7 +433,10 @@ def _main(argv: list[str]) -> int:
 def console_main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainenc`` command: :func:`main`, with the errors brainenc raises for bad
     input (they name the file, the field and what was expected) printed as one message instead
-    of a traceback.  ``BRAINENC_TRACEBACK=1`` shows the traceback too."""
+    of a traceback, also when a library wrapped them (jsonargparse re-raises an error of a class's
+    ``__init__`` as its own ``ValueError``).  A file that cannot be written (read-only folder, disk
+    full) is one line naming the file, ctrl-C one line and status 130.  ``BRAINENC_TRACEBACK=1``
+    shows the traceback too."""
     import os
 
     try:
@@ -365,12 +447,59 @@ def console_main(argv: list[str] | None = None) -> int:
         if not _stdout_closed():
             raise
         return _quiet_broken_pipe()
-    except Exception as e:
-        # bad input (StoreError and its kin set `input_error`): the message is the whole story
-        if not getattr(e, "input_error", False) or os.environ.get("BRAINENC_TRACEBACK"):
+    except KeyboardInterrupt:
+        if os.environ.get("BRAINENC_TRACEBACK"):
             raise
-        print(f"brainenc: error: {e}", file=sys.stderr)
-        return 2
+        print("\nbrainenc: interrupted (ctrl-C); files being written were left out (rerun the command "
+              "to continue)", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print(f"brainenc: {e}", file=sys.stderr)
+        return e.exit_status
+    except Exception as e:
+        shown = explain(e)
+        if shown is None or os.environ.get("BRAINENC_TRACEBACK"):
+            raise
+        message, status = shown
+        print(f"brainenc: error: {message}", file=sys.stderr)
+        return status
+
+
+#: errno -> what the user can do about a file that could not be written
+_WRITE_ERRORS = {
+    "ENOSPC": "no space left on the device: free space (or choose an output folder on another disk) "
+              "and rerun; a fit resumes from its last.ckpt",
+    "EDQUOT": "disk quota exceeded: free space and rerun; a fit resumes from its last.ckpt",
+    "EACCES": "permission denied: choose a writable output folder (e.g. --trainer.default_root_dir, "
+              "--out) or fix the folder's permissions",
+    "EROFS": "read-only file system: choose an output folder on a writable disk",
+    "EPERM": "operation not permitted: choose a writable output folder or fix its permissions",
+}
+
+
+def explain(e: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit status) for an error the user can act on without a traceback, or
+    None.  Walks the chain of causes (``raise ... from``, not errors raised while handling
+    another, which may be bugs), so a brainenc input error (``input_error``: status 2) or an
+    unwritable file (status 1) wrapped by a library is still shown as itself."""
+    import errno
+
+    seen, chain = set(), []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__
+    for err in chain:
+        if getattr(err, "input_error", False):
+            return str(err), 2
+    for err in chain:
+        code = getattr(err, "errno", None)
+        name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+        if name in _WRITE_ERRORS:
+            # shutil.move(src, dst) names both; the destination is the user's file
+            where = getattr(err, "filename2", None) or getattr(err, "filename", None) or "a file"
+            return f"{where}: cannot write: {_WRITE_ERRORS[name]}", 1
+    return None
 
 
 def _stdout_closed() -> bool:

@@ -48,3 +48,32 @@ def smoke_fit_args(brain, run, *extra) -> list[str]:
     return ["-c", str(SMOKE_LINEAR), f"--data.stores=[{brain['simbrain7t']}]", "--data.simulate=null",
             f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", *extra]
+
+
+class WaitAtStep(L.Callback):
+    """Write this process' id to ``flag`` at the start of optimizer step ``step`` and wait there,
+    in short sleeps, until Lightning has received a SIGTERM (then the fit loop stops at its next
+    check).  A stand-in for a long run that a scheduler preempts."""
+
+    def __init__(self, step: int, flag: str):
+        self.step, self.flag = int(step), flag
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not trainer.received_sigterm:
+            tmp = Path(self.flag + ".tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, self.flag)
+            deadline = time.time() + 600
+            while not trainer.received_sigterm and time.time() < deadline:
+                time.sleep(0.05)
+
+
+def hang_config(tmp_path: Path, callback: dict, base: Path = None) -> Path:
+    """A copy of the smoke linear config (or ``base``) with ``callback`` added to its trainer."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(base or SMOKE_LINEAR).read_text())
+    cfg["trainer"]["callbacks"].append(callback)
+    config = tmp_path / "hang.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config

@@ -25,7 +25,7 @@ Recipe YAML::
     out: runs/afo/quickstart
     cli_args: ["--trainer.enable_progress_bar=false"]   # appended to every fit/test command
     partitions: {atlases: [simbrain], kmeans: [8], n_random: 2, random_k: 8, seed: 0}
-    stages:
+    stages:                       # each optional; an unknown or mistyped field is an error
       whole: {max_epochs: 4}
       experts: {max_epochs: 4, expert: {width: 16}, separate: false, init: scratch}   # or init: whole
       dark: {batch_size: 128, extra_images: [], check_experts: true}   # store dirs or folders of PNG/JPG
@@ -54,23 +54,94 @@ STAGES = ("whole", "partitions", "experts", "dark", "student")
 
 
 # ----------------------------------------------------------------------------- configs
-def load_recipe(path: str | Path) -> dict:
-    """The recipe as plain dicts; ``base`` is loaded (not resolved: ``${...}`` stay for the CLI)."""
+_INT, _POS, _BOOL, _MAP, _LIST = "an integer", "a positive integer", "true or false", "a mapping", "a list"
+_INIT = "'scratch' or 'whole'"
+#: every field a recipe may hold -> what it must be (anything else is an error, not ignored)
+RECIPE_FIELDS = {"base": None, "out": None, "cli_args": _LIST, "partitions": _MAP, "stages": _MAP}
+PARTITION_FIELDS = {"atlases": _LIST, "kmeans": _LIST, "n_random": _INT, "random_k": _POS, "seed": _INT}
+STAGE_FIELDS = {
+    "whole": {"max_epochs": _POS},
+    "partitions": {},
+    "experts": {"max_epochs": _POS, "expert": _MAP, "separate": _BOOL, "init": _INIT, "init_args": _MAP},
+    "dark": {"batch_size": _POS, "extra_images": _LIST, "check_experts": _BOOL},
+    "student": {"max_epochs": _POS, "ramp_epochs": _INT, "extra_per_step": _INT, "init": _INIT,
+                "init_args": _MAP},
+}
+
+
+def _check_fields(path: Path, where: str, tree, allowed: dict) -> None:
+    """ConfigError for a field of ``tree`` that is not in ``allowed`` or not of its kind."""
+    from brainenc.errors import ConfigError
+
+    prefix = f"{path}: {where}." if where else f"{path}: "
+    if not isinstance(tree, dict):
+        raise ConfigError(prefix.rstrip(". :") if where else str(path), "a mapping", tree)
+    for key, value in tree.items():
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", f"one of the fields {sorted(allowed)} (unknown fields are "
+                              "not ignored: check the spelling)", value)
+        kind = allowed[key]
+        ok = {None: True,
+              _INT: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              _POS: isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              _BOOL: isinstance(value, bool), _MAP: isinstance(value, dict) or value is None,
+              _LIST: isinstance(value, list) or value is None, _INIT: value in ("scratch", "whole")}[kind]
+        if key == "ramp_epochs" and value is None:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{prefix}{key}", "a non-negative integer" if kind == _INT else kind, value)
+    if where == "partitions":
+        for key in ("kmeans",):
+            for k in tree.get(key) or []:
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise ConfigError(f"{prefix}{key}", "a list of positive integers (ROIs per k-means "
+                                      "partition)", tree[key])
+
+
+def load_recipe(path: str | Path, out: Optional[str] = None) -> dict:
+    """The recipe as plain dicts; ``base`` is loaded (not resolved: ``${...}`` stay for the CLI).
+
+    Every field is checked against :data:`RECIPE_FIELDS`, :data:`PARTITION_FIELDS` and
+    :data:`STAGE_FIELDS`: an unknown or mistyped field is a ConfigError naming it and the fields
+    allowed there. ``out`` (``--out``) replaces the recipe's output directory."""
+    from brainenc.errors import ConfigError
+
     path = Path(path)
-    recipe = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError("-c", "a recipe YAML file", f"{path} (not found)")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), "a YAML recipe", f"unreadable YAML ({str(e).splitlines()[0]})") from None
+    recipe = {} if recipe is None else recipe
+    _check_fields(path, "", recipe, RECIPE_FIELDS)
+    _check_fields(path, "partitions", recipe.get("partitions") or {}, PARTITION_FIELDS)
+    stages = recipe.get("stages") or {}
+    _check_fields(path, "stages", {k: None for k in stages}, {k: None for k in STAGE_FIELDS})
+    for name, settings in stages.items():
+        _check_fields(path, f"stages.{name}", settings or {}, STAGE_FIELDS[name])
     base = recipe.get("base")
     if base is None:
-        raise ValueError(f"{path}: field 'base': expected a fit config (a path or an inline mapping)")
+        raise ConfigError(f"{path}: base", "a fit config (a path or an inline mapping)", None)
     if isinstance(base, str):
         bp = Path(base)
         if not bp.is_file():
-            raise FileNotFoundError(f"{path}: field 'base': config file {bp} not found")
-        recipe["base"] = yaml.safe_load(bp.read_text())
-    if "out" not in recipe:
-        raise ValueError(f"{path}: field 'out': expected the recipe's output directory")
-    recipe.setdefault("stages", {})
-    recipe.setdefault("partitions", {})
-    recipe.setdefault("cli_args", [])
+            raise ConfigError(f"{path}: base", "a fit config file (a path relative to the folder the command "
+                              "runs in, or an inline mapping)", f"{base} (no such file)")
+        try:
+            recipe["base"] = yaml.safe_load(bp.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: base", "a YAML fit config", f"{bp}: unreadable YAML "
+                              f"({str(e).splitlines()[0]})") from None
+    if not isinstance(recipe["base"], dict):
+        raise ConfigError(f"{path}: base", "a fit config (a mapping with trainer, model and data)", recipe["base"])
+    if out:
+        recipe["out"] = str(out)
+    if not isinstance(recipe.get("out"), str) or not recipe["out"]:
+        raise ConfigError(f"{path}: out", "the recipe's output directory", recipe.get("out"))
+    recipe["stages"] = {k: v or {} for k, v in stages.items()}
+    recipe["partitions"] = recipe.get("partitions") or {}
+    recipe["cli_args"] = recipe.get("cli_args") or []
     return recipe
 
 
@@ -162,7 +233,10 @@ class AFORecipe:
         names = self.partition_names()
         if only is not None:
             if only not in names:
-                raise ValueError(f"--only-expert {only!r}: no such partition; have {names}")
+                from brainenc.errors import ConfigError
+
+                raise ConfigError("--only-expert", f"a partition of {self.dir('partitions') / 'partitions.h5'} "
+                                  f"({', '.join(names)})", only)
             root = self.out / f"experts-{only}"
             run_fit_test(root, self._experts_cfg(root, [only]), self.cli_args)
             return
@@ -191,7 +265,48 @@ class AFORecipe:
                            "brainenc.lit.distill.DistillModule", init_args=args)
         run_fit_test(self.dir("student"), cfg, self.cli_args)
 
+    def missing_inputs(self, stage: str) -> list[tuple[Path, str]]:
+        """(file, the stage that writes it) for each input of ``stage`` that is not there yet."""
+        whole = RunDir(self.dir("whole"))
+        parts = self.dir("partitions") / "partitions.h5"
+        need: list[tuple[Optional[Path], Path, str]] = []  # (found, expected, producer)
+
+        def init_whole(settings: dict) -> None:
+            if settings.get("init", "scratch") == "whole":
+                need.append((whole.checkpoint(), whole.checkpoints / "best.ckpt", "whole"))
+        if stage == "partitions":
+            need.append((whole.checkpoint(), whole.checkpoints / "best.ckpt", "whole"))
+        elif stage == "experts":
+            need.append((parts if parts.exists() else None, parts, "partitions"))
+            init_whole(self.stages.get("experts") or {})
+        elif stage == "dark":
+            if not parts.exists():
+                return [(parts, "partitions")]
+            for root, _ in self.expert_runs():
+                need.append((RunDir(root).checkpoint(), root / "checkpoints" / "best.ckpt", "experts"))
+            if (self.stages.get("dark") or {}).get("check_experts", True):
+                need.append((whole.checkpoint(), whole.checkpoints / "best.ckpt", "whole"))
+        elif stage == "student":
+            targets = self.dir("dark") / "dark_targets.h5"
+            need.append((targets if targets.exists() else None, targets, "dark"))
+            init_whole(self.stages.get("student") or {})
+        return [(expected, producer) for found, expected, producer in need if found is None]
+
+    def _require_inputs(self, stage: str, how: str) -> None:
+        from brainenc.errors import ConfigError
+
+        missing = self.missing_inputs(stage)
+        if missing:
+            path, producer = missing[0]
+            raise ConfigError(how, f"the inputs of stage '{stage}': {path} is written by stage '{producer}'; "
+                              f"run that stage first (brainenc afo -c RECIPE --only-stage {producer}, or "
+                              "without --only-stage to run every stage in order)", f"no {path.name}")
+
     def run(self, only_stage: Optional[str] = None, only_expert: Optional[str] = None) -> None:
+        if only_stage is not None:
+            self._require_inputs(only_stage, f"--only-stage {only_stage}")
+        if only_expert is not None:
+            self._require_inputs("experts", f"--only-expert {only_expert}")
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if only_expert is not None:
@@ -274,9 +389,7 @@ def main_afo(argv: list[str]) -> int:
                     help="after the stages, write <out>/summary.json: per-ROI r/oracle, student vs whole "
                          "(Wilcoxon), pRF-centre recovery (simbrain truth)")
     a = ap.parse_args(argv)
-    recipe = load_recipe(a.config)
-    if a.out:
-        recipe["out"] = a.out
+    recipe = load_recipe(a.config, a.out)
     r = AFORecipe(recipe)
     r.run(a.only_stage, a.only_expert)
     if a.summary:

@@ -49,13 +49,28 @@ def stage_done(root: Path) -> bool:
     return (root / "results" / "voxels.csv").exists() or (root / "DONE").exists()
 
 
+class StageFailed(RuntimeError):
+    """A stage's ``brainenc`` child failed; its own messages are above (printed as one line)."""
+
+    input_error = True
+
+
 def brainenc_command(args: list[str]) -> None:
-    """Run ``brainenc ARGS`` in a child process that dies with the recipe; raise when it fails."""
+    """Run ``brainenc ARGS`` in a child process that dies with the recipe; :class:`StageFailed`
+    when it fails."""
+    import signal
+
     cmd = [sys.executable, "-m", "brainenc.cli", *args]
     log("$ brainenc " + " ".join(args))
     from brainenc.subprocs import die_with_parent
 
-    subprocess.run(cmd, check=True, preexec_fn=die_with_parent())  # the stage dies with the recipe
+    rc = subprocess.run(cmd, preexec_fn=die_with_parent()).returncode  # the stage dies with the recipe
+    if rc != 0:
+        how = (f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals()
+               else f"failed with exit status {rc}")
+        raise StageFailed(f"`brainenc {' '.join(args)}` {how} (its messages are above). Fix the cause and "
+                          "rerun the recipe: finished stages are skipped and an interrupted fit resumes "
+                          "from its checkpoint")
 
 
 def run_fit_test(root: Path, cfg: dict, cli_args: list[str]) -> None:

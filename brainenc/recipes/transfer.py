@@ -40,6 +40,13 @@ from brainenc.rundir import RunDir
 INIT_MODES = ("random", "coords", "fit")
 
 
+class TransferError(ValueError):
+    """A transfer that cannot run as asked (the subject is already in the base model, a wrong
+    image size, a reference that is not there); the CLI prints it as one line."""
+
+    input_error = True
+
+
 def base_fingerprint(module) -> dict[str, str]:
     """sha256 of every base tensor (parameters and buffers) outside the new embedding tables."""
     out = {}
@@ -59,7 +66,7 @@ def load_base(ckpt: str | Path):
     if ckpt.is_dir():  # a run directory: the checkpoint its test used
         ckpt = RunDir(ckpt).require_checkpoint()
     if not ckpt.exists():
-        raise FileNotFoundError(f"base checkpoint not found: {ckpt}")
+        raise TransferError(f"--base {ckpt}: expected a checkpoint or run directory of a universal model, found no such file")
     try:
         base = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # an object in the file: refused by torch, never run
@@ -69,7 +76,7 @@ def load_base(ckpt: str | Path):
                               "values; brainenc never unpickles objects)",
                               (str(e).strip().splitlines() or [""])[0][:200]) from None
     if not isinstance(base.readout, UniversalReadout):
-        raise ValueError(f"{ckpt}: readout is {type(base.readout).__name__}; transfer needs a UniversalReadout")
+        raise TransferError(f"{ckpt}: readout is {type(base.readout).__name__}; transfer needs a UniversalReadout")
     base.requires_grad_(False)
     base.eval()
     return base
@@ -90,7 +97,7 @@ def coords_init(readout: UniversalReadout, coords: np.ndarray, reference: dict[s
     from scipy.spatial import cKDTree
 
     if not reference:
-        raise ValueError("coords init: no reference subjects in the base model")
+        raise TransferError("coords init: no reference subjects in the base model")
     ref_xyz = np.concatenate([reference[p] for p in reference])
     ref_emb = torch.cat([readout.embeddings(p).detach().cpu() for p in reference])
     _, idx = cKDTree(ref_xyz).query(np.asarray(coords, dtype=np.float64), k=min(k, len(ref_xyz)))
@@ -155,21 +162,22 @@ def transfer(base_ckpt: str | Path, stores: Sequence[str], subject: str, out: st
     from brainenc.lit.encoder_module import EncoderModule
 
     if init not in INIT_MODES:
-        raise ValueError(f"transfer: init must be one of {INIT_MODES}, got {init!r}")
+        raise TransferError(f"transfer: init must be one of {INIT_MODES}, got {init!r}")
     out = Path(out)
     L.seed_everything(seed, workers=True, verbose=False)
     base = load_base(base_ckpt)
     readout: UniversalReadout = base.readout
     if readout.has_pair(subject):
-        raise ValueError(f"transfer: {subject!r} is already in the base model ({readout.pairs}); "
-                         "hold it out of the base run to measure transfer")
+        raise TransferError(f"transfer: --subject {subject!r} is already in the base model {base_ckpt} "
+                            f"({', '.join(readout.pairs)}); transfer is to a subject the base never saw: "
+                            "choose another subject, or fit a base run without it (--data.subjects)")
     before = base_fingerprint(base)
     hp = base.hparams
     if lr is None:
         lr = float(base.lr)
     size = base.backbone.image_size  # the base backbone was built for its image size
     if image_size not in (None, size):
-        raise ValueError(f"transfer: --image-size {image_size}: the base model's backbone takes {size} px "
+        raise TransferError(f"transfer: --image-size {image_size}: the base model's backbone takes {size} px "
                          f"images ({base_ckpt}); leave --image-size out")
     dm = BrainDataModule(stores=list(stores), subjects=[subject], image_size=size, batch_size=batch_size,
                          eval_batch_size=128, train_limit=n_images, seed=seed)
@@ -184,11 +192,11 @@ def transfer(base_ckpt: str | Path, stores: Sequence[str], subject: str, out: st
         ref = {}
         for key in ref_pairs:
             if key not in readout.offsets:
-                raise ValueError(f"transfer: reference {key!r} is not in the base model {readout.pairs}")
+                raise TransferError(f"transfer: reference {key!r} is not in the base model {readout.pairs}")
             ds, s = key.split("/")
             info = _find_subject(stores, ds, s)
             if info.space != pair.info.space:
-                raise ValueError(f"transfer: reference {key} is in space {info.space!r}, "
+                raise TransferError(f"transfer: reference {key} is in space {info.space!r}, "
                                  f"{subject} in {pair.info.space!r}; coords init needs one space")
             ref[key] = info.coords
         start = coords_init(readout, pair.info.coords, ref, k)
@@ -249,7 +257,7 @@ def _find_subject(stores: Sequence[str], dataset: str, subject: str):
         st = Store(d)
         if st.name == dataset and subject in st.subjects:
             return st.subject(subject)
-    raise ValueError(f"transfer: reference {dataset}/{subject} not found in stores {list(stores)}; "
+    raise TransferError(f"transfer: reference {dataset}/{subject} not found in stores {list(stores)}; "
                      "pass its store with --store")
 
 

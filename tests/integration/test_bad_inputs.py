@@ -59,6 +59,17 @@ def test_unknown_backbone_name_says_how_to_find_names():
         Backbone("resnet5O")
 
 
+def test_unknown_backbone_name_on_the_command_line_is_one_line(tiny_brain, tmp_path, capsys):
+    # jsonargparse wraps the ConfigError of Backbone.__init__ in its own ValueError (~95 lines)
+    from brainenc.cli import console_main
+
+    rc = console_main(["fit", *_args(tiny_brain, tmp_path / "run", "--model.init_args.backbone.init_args.name=resnet5O")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("brainenc: error: option 'model.init_args.backbone.init_args.name': expected a timm "
+                             "model name") and "close matches: resnet50" in err[0]
+
+
 def test_unknown_subject_mixed_with_known_ones(tiny_brain):
     dm = BrainDataModule(stores=[str(tiny_brain["simbrain7t"])], subjects=["subj01", "subj09"])
     with pytest.raises(StoreError, match=r"field 'data.subjects'.*unknown \['subj09'\]"):

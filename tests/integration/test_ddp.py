@@ -83,3 +83,18 @@ def _close(a, b, tol: float = 1e-6) -> bool:
     if isinstance(a, (int, float)):
         return abs(a - b) <= tol
     return a == b
+
+
+@pytest.mark.slow  # ~60 s of process start-up on 2 cores
+def test_readme_plain_ddp_example_fits(tiny, tmp_path):
+    """README: `--trainer.strategy=ddp --trainer.devices=2` (plain DDP, no overlay). Each batch
+    comes from one pair, so the other pairs' readout weights get no gradient; the CLI turns on
+    DDP's search for unused parameters, which plain `ddp` leaves off (it used to raise)."""
+    run = tmp_path / "fit"
+    brainenc("fit", "-c", str(REPO / "experiments" / "smoke" / "linear.yaml"), f"--data.stores=[{tiny}]",
+             "--data.simulate=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.logger=false", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
+             "--trainer.limit_train_batches=4", f"--trainer.default_root_dir={run}", "--test_after_fit=true",
+             cwd=tmp_path)
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "results" / "voxels.csv").exists()
+    assert not (run / "run.lock").exists()

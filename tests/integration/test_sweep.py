@@ -111,9 +111,15 @@ def test_resume_decisions(tmp_path, tiny_brain, monkeypatch):
             c.voxels.write_text("pearson\n0.5\n0.1\n")
         return 0, c.run_dir / "o", c.run_dir / "e"
 
+    def ckpt(name):  # a complete file as far as resuming checks (a zip archive, as torch.save writes)
+        import zipfile
+
+        with zipfile.ZipFile(cell.ckpt_dir / name, "w") as z:
+            z.writestr("data.pkl", b"x")
+
     monkeypatch.setattr(sw, "_run_step", fake_step)
     cell.ckpt_dir.mkdir(parents=True)
-    (cell.ckpt_dir / "last.ckpt").write_bytes(b"")
+    ckpt("last.ckpt")
     state = sw.run_cell(sweep, cell)  # interrupted fit: resume it from last.ckpt
     assert calls == [("fit", [f"--ckpt_path={cell.ckpt_dir / 'last.ckpt'}"]),
                      ("test", [f"--ckpt_path={cell.ckpt_dir / 'last.ckpt'}"])]
@@ -125,7 +131,7 @@ def test_resume_decisions(tmp_path, tiny_brain, monkeypatch):
 
     calls.clear()
     cell.voxels.unlink()  # fit finished but the test never wrote results: test only
-    (cell.ckpt_dir / "best.ckpt").write_bytes(b"")
+    ckpt("best.ckpt")
     sw.run_cell(sweep, cell)
     assert calls == [("test", [f"--ckpt_path={cell.ckpt_dir / 'best.ckpt'}"])]
 

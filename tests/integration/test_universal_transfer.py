@@ -122,3 +122,15 @@ def test_transfer_cli_refuses_a_pair_of_the_base(stores, crowd, tmp_path):
     with pytest.raises(ValueError, match="already in the base model"):
         brainenc(["transfer", "--base", str(run), "--store", stores[1], "--subject", "simbrain3t/subj01",
                   "--out", str(tmp_path)])
+
+
+def test_transfer_to_a_pair_of_the_base_is_one_line_on_the_command_line(stores, crowd, tmp_path, capsys):
+    from brainenc.cli import console_main
+
+    run, _ = crowd
+    rc = console_main(["transfer", "--base", str(run), "--store", stores[1], "--subject", "simbrain3t/subj01",
+                       "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("brainenc: error: transfer: --subject 'simbrain3t/subj01' is "
+                                          "already in the base model"), err
+    assert "choose another subject" in err[-1] and not (tmp_path / "t" / "results").exists()

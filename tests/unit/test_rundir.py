@@ -8,9 +8,13 @@ from brainenc.rundir import RunDir, find_checkpoint, fit_then_test, next_step, r
 
 
 def _ckpt(run: RunDir, *names: str) -> None:
+    """Complete checkpoint files as far as the run directory checks (a zip archive)."""
+    import zipfile
+
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     for n in names:
-        (run.checkpoints / n).write_bytes(b"x")
+        with zipfile.ZipFile(run.checkpoints / n, "w") as z:
+            z.writestr("data.pkl", b"x")
 
 
 def test_checkpoint_order_is_best_then_last_and_resume_uses_last(tmp_path):
@@ -70,3 +74,14 @@ def test_fresh_fit_starts_without_a_checkpoint(tmp_path):
 def test_a_broken_state_file_counts_as_no_state(tmp_path):
     (tmp_path / "run_state.json").write_text('{"fit_done": tr')
     assert read_state(tmp_path / "run_state.json") == {}
+
+
+def test_resume_falls_back_to_best_and_sets_incomplete_checkpoints_aside(tmp_path):
+    run, calls = RunDir(tmp_path / "run"), []
+    _ckpt(run, "best.ckpt")  # killed between the first epoch's best.ckpt and last.ckpt
+    assert next_step(run) == "resume" and run.resume_checkpoint() == run.checkpoints / "best.ckpt"
+    (run.checkpoints / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")  # a write cut short
+    assert run.resume_checkpoint() == run.checkpoints / "best.ckpt"
+    fit_then_test(run, *_recorder(run, calls))
+    assert calls[0] == ("fit", "best.ckpt")
+    assert (run.checkpoints / "last.ckpt.incomplete").read_bytes() == b"PK\x03\x04 cut short"

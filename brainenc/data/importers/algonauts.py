@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import SourceError, load_image_file
+from brainenc.data.importers.source_files import SourceError, load_image_file, nifti_array
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 HEMIS = ("lh", "rh")
@@ -306,7 +306,7 @@ class Algonauts2023Importer(Importer):
             for h_i, h in enumerate(HEMIS):
                 p = Path(self.options["nsd_root"]) / self.manifest["files"]["nsd_ncsnr"].format(subject=subject, hemi=h)
                 self.need(p, f"NSD fsaverage ncsnr of {subject} (option nsd_root)")
-                parts.append(np.asarray(nib.load(p).dataobj, np.float32).ravel()[vertex[hemi_idx == h_i]])
+                parts.append(nifti_array(p, np.float32).ravel()[vertex[hemi_idx == h_i]])
                 files.append(p)
             ncsnr = np.concatenate(parts)
         rows = np.array([stimuli.row[f"nsd-{nsd:05d}"] for _, nsd, _ in train], np.int64)

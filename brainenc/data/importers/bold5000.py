@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import (SourceError, affine_coords, nan_voxel_policy, nifti_image,
-                                                  read_nifti_masked, zscore_rows)
+from brainenc.data.importers.source_files import (SourceError, affine_coords, nan_voxel_policy, nifti_array,
+                                                  nifti_image, read_nifti_masked, zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 
@@ -158,7 +158,7 @@ class BOLD5000Importer(Importer):
         report: dict = {}
         mpath = self.path("brainmask", subject=src)
         mimg = nifti_image(mpath)
-        brain = np.asarray(mimg.dataobj) > 0
+        brain = nifti_array(mpath) > 0
         shape, affine = brain.shape, mimg.affine
         files = [mpath, self.path("imgnames", subject=src)]
         roi_vol = np.zeros(shape, np.int16)
@@ -167,7 +167,7 @@ class BOLD5000Importer(Importer):
         value_of = {v: k for k, v in labels.items()}
         masks = self.roi_masks(subject, report)
         for (h, roi), p in masks.items():
-            m = np.asarray(nifti_image(p).dataobj) > 0
+            m = nifti_array(p) > 0
             if m.shape != shape:
                 raise SourceError(p, "<volume>", f"shape {shape} like the brain mask", str(m.shape))
             roi_vol[m & (roi_vol == 0)] = value_of[roi]

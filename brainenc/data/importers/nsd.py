@@ -30,13 +30,16 @@ missing.
 
 from __future__ import annotations
 
+import zlib
+
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import SourceError, affine_coords, iter_blocks, read_mat, zscore_rows
+from brainenc.data.importers.source_files import (SourceError, affine_coords, iter_blocks, load_nifti, nifti_array,
+                                                  read_mat, truncated_nifti, zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 TRIALS_PER_SESSION = 750
@@ -296,8 +299,8 @@ class NSDImporter(Importer):
             p = self.roi_file(subject, atlas)
             if atlas in absent:
                 continue
-            img = nib.load(p)
-            data = np.asarray(img.dataobj)
+            img = load_nifti(p)
+            data = nifti_array(p)
             if data.ndim == 4 and data.shape[3] == 1:
                 data = data[..., 0]
             if shape is None:
@@ -324,7 +327,7 @@ class NSDImporter(Importer):
         ncsnr = None
         npath = self.path("ncsnr", subject=subject, space=self.space)
         if npath.exists():
-            nc = np.asarray(nib.load(npath).dataobj, dtype=np.float32)
+            nc = nifti_array(npath, np.float32)
             if nc.shape[:3] != shape:
                 raise SourceError(npath, "<volume>", f"shape {shape} like the ROI volumes", str(nc.shape))
             ncsnr = nc.reshape(shape)[mask]
@@ -345,7 +348,7 @@ class NSDImporter(Importer):
             for atlas in self.atlases():
                 p = self.roi_file(subject, atlas, hemi)
                 if atlas not in absent:
-                    v = np.rint(np.asarray(nib.load(p).dataobj).ravel()).astype(np.int16)
+                    v = np.rint(nifti_array(p).ravel()).astype(np.int16)
                     if len(v) != len(coords):
                         raise SourceError(p, "<surface>", f"{len(coords)} vertices like {surf.name}", str(len(v)))
                     atl[atlas] = v
@@ -363,7 +366,7 @@ class NSDImporter(Importer):
         ncsnr = None
         nfiles = [self.path("ncsnr_mgh", subject=subject, hemi=h) for h in ("lh", "rh")]
         if all(p.exists() for p in nfiles):
-            ncsnr = np.concatenate([np.asarray(nib.load(p).dataobj, np.float32).ravel() for p in nfiles])[mask]
+            ncsnr = np.concatenate([nifti_array(p, np.float32).ravel() for p in nfiles])[mask]
             files += nfiles
         n_per_hemi = [len(h[1]) for h in per_hemi]
         return (hemi, vertex, n_per_hemi), coords, rois, ncsnr, mask, files
@@ -474,8 +477,11 @@ class NSDImporter(Importer):
         # Integer betas without header scaling are percent signal change x 300, like the HDF5 files;
         # if the header carries a scale factor, nibabel has already applied it.
         divide = scale if raw_int and slope in (1.0, None) and inter in (0.0, None) else 1.0
-        for sl in iter_blocks(TRIALS_PER_SESSION, block):
-            out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        try:
+            for sl in iter_blocks(TRIALS_PER_SESSION, block):
+                out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
+        except (EOFError, OSError, ValueError, zlib.error) as e:  # a truncated file
+            raise truncated_nifti(path, e) from None
         out /= np.float32(divide)
         return out
 
@@ -489,15 +495,18 @@ class NSDImporter(Importer):
         for path, n in zip(paths, n_per_hemi):
             m = mask[start:start + n]
             start += n
-            img = nib.load(path)
+            img = load_nifti(path)
             if img.shape[0] != n or img.shape[-1] != TRIALS_PER_SESSION or int(np.prod(img.shape[1:-1])) != 1:
                 raise SourceError(path, "<surface>", f"shape ({n}, 1, 1, {TRIALS_PER_SESSION})", str(img.shape))
             raw_int = np.issubdtype(img.get_data_dtype(), np.integer)
             block = max(1, int(block_bytes // (n * 4)))
             out = np.empty((TRIALS_PER_SESSION, int(m.sum())), np.float32)
-            for sl in iter_blocks(TRIALS_PER_SESSION, block):
-                blk = np.asarray(img.dataobj[..., sl]).reshape(n, -1)
-                out[sl] = blk[m].T
+            try:
+                for sl in iter_blocks(TRIALS_PER_SESSION, block):
+                    blk = np.asarray(img.dataobj[..., sl]).reshape(n, -1)
+                    out[sl] = blk[m].T
+            except (EOFError, OSError, ValueError, zlib.error) as e:  # a truncated file
+                raise truncated_nifti(path, e) from None
             out /= np.float32(scale if raw_int else 1.0)
             parts.append(out)
         return np.concatenate(parts, axis=1)

@@ -7,6 +7,8 @@ is in :mod:`.base`.
 
 from __future__ import annotations
 
+import zlib
+
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -127,15 +129,34 @@ def read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def nifti_image(path: Path):
-    """``nibabel.load(path)`` with any failure as a one-line SourceError naming the file."""
+def load_nifti(path: Path):
+    """``nibabel.load(path)``; a file nibabel cannot open (a truncated or damaged header, not a
+    NIfTI/MGH file) is a SourceError naming it."""
     import nibabel as nib
 
     try:
         return nib.load(path)
     except Exception as e:  # nibabel raises several types for bad headers
-        raise SourceError(path, "<file>", "a readable NIfTI file", str(e).splitlines()[0] if str(e) else
-                          type(e).__name__) from None
+        raise SourceError(path, "<file>", "a readable NIfTI file", f"{e} (truncated or damaged? copy or "
+                          "download it again)") from None
+
+
+nifti_image = load_nifti  # the name the importers use for the header-only open
+
+
+def nifti_array(path: Path, dtype=None) -> np.ndarray:
+    """All values of the NIfTI (or MGH) file ``path`` as an array; a file whose data ends early
+    (truncated: gzip's EOFError, a short read) is a SourceError naming it."""
+    img = load_nifti(path)
+    try:
+        return np.asarray(img.dataobj, dtype)
+    except (EOFError, OSError, ValueError, zlib.error) as e:
+        raise truncated_nifti(path, e) from None
+
+
+def truncated_nifti(path: Path, e: Exception) -> "SourceError":
+    return SourceError(path, "<data>", "a complete NIfTI file", f"unreadable data ({type(e).__name__}: {e}; "
+                       "truncated or damaged? copy or download it again)")
 
 
 def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int | None = None,
@@ -145,7 +166,7 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     Reads blocks of volumes (bounded memory).  Integer data without header scaling are divided by
     ``int_scale`` (GLMsingle's int16 betas are percent signal change x 300).
     """
-    img = nifti_image(path)
+    img = load_nifti(path)
     if len(img.shape) != 4 or tuple(img.shape[:3]) != tuple(shape3):
         raise SourceError(path, "<volume>", f"4-D shape {tuple(shape3)} x volumes", str(img.shape))
     n = img.shape[3]
@@ -157,12 +178,11 @@ def read_nifti_masked(path: Path, ijk: np.ndarray, shape3: tuple, n_volumes: int
     i, j, k = np.asarray(ijk).T
     out = np.empty((n, len(i)), np.float32)
     block = max(1, int(block_bytes // (np.prod(shape3) * img.get_data_dtype().itemsize)))
-    for sl in iter_blocks(n, block):
-        try:
+    try:
+        for sl in iter_blocks(n, block):
             out[sl] = np.asarray(img.dataobj[..., sl])[i, j, k, :].T
-        except (OSError, EOFError, ValueError) as e:  # truncated or corrupt download
-            raise SourceError(path, "<volume>", f"readable volumes {sl.start}..{sl.stop - 1}",
-                              str(e).splitlines()[0]) from None
+    except (EOFError, OSError, ValueError, zlib.error) as e:
+        raise truncated_nifti(path, e) from None
     if raw_int and int_scale != 1.0:
         out /= np.float32(int_scale)
     return out

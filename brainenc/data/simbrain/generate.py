@@ -160,6 +160,8 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
                                             surround_gain=asm.surround_gain),
                          "sum": np.zeros(nvox), "sumsq": np.zeros(nvox)})
 
+    _check_free_space(root, spec, n * size * size * 3 + sum(
+        len(s["trials"]) * s["vt"].n * np.dtype(spec.dtype).itemsize + 2 * n * s["vt"].n * 4 for s in subjects))
     stim = StimuliWriter(root / STIMULI, n, (size, size), preset.visual_angle_deg,
                          attrs={"source": "simbrain"})
     writers = []
@@ -226,6 +228,19 @@ def write_dataset(root: Path, preset: Preset, spec: DatasetSpec, ids: np.ndarray
         },
     })
     (root / IN_PROGRESS).unlink(missing_ok=True)
+
+
+def _check_free_space(root: Path, spec: DatasetSpec, need: int) -> None:
+    """StoreError before anything is written when the disk cannot hold the dataset (``need``
+    bytes: images, trials and truth arrays, uncompressed).  A full disk in the middle of an HDF5
+    write leaves the HDF5 library with a file it cannot close, which ends the process in a
+    segmentation fault at exit; this check keeps that from happening."""
+    import shutil
+
+    free = shutil.disk_usage(root).free
+    if free < need * 1.05 + (1 << 20):
+        raise StoreError(root, "<disk>", f"about {need / 2**20:.1f} MB free to simulate {spec.name}",
+                         f"{free / 2**20:.1f} MB free on {root}: free space or choose another --out")
 
 
 N_SHARED_FACTORS = 4  # common noise factors per trial (global signal, physiology, motion, ...)
