@@ -77,3 +77,14 @@ def hang_config(tmp_path: Path, callback: dict, base: Path = None) -> Path:
     config = tmp_path / "hang.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config
+
+
+class Payload:
+    """Unpickling this calls open(path, "w"), i.e. creates a file: stands for any code a crafted
+    pickle could run (the no-code-execution tests check that the file never appears)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -14,15 +14,9 @@ import torch
 
 from brainenc.cli import main
 from brainenc.lit.checkpoint import CheckpointError
-from tests.helpers import smoke_fit_args
+from tests.helpers import Payload, smoke_fit_args
 
 
-class Payload:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")

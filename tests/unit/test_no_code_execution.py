@@ -20,16 +20,9 @@ import yaml  # noqa: E402
 from brainenc.data.importers import prepare  # noqa: E402
 from brainenc.data.store import Store, StoreError  # noqa: E402
 from tests.fixtures.algonauts import write_algonauts  # noqa: E402
+from tests.helpers import Payload  # noqa: E402
 
 
-class Payload:
-    """Unpickling this calls open(path, "w"), i.e. creates a file: stands for any code."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
