@@ -172,7 +172,7 @@ def test_experts_launched_separately_feed_the_dark_stage(afo, tmp_path):
     for name in names:
         results = pd.read_csv(tmp_path / "run" / f"experts-{name}" / "results" / "voxels.csv")
         assert len(results) == store.subject("subj01").n_voxels
-    with pytest.raises(ValueError, match="no such partition"):
+    with pytest.raises(ValueError, match=r"--only-expert.*expected a partition of .*partitions.h5.*found .nope."):
         r.run(only_expert="nope")
     r.dark()
     with h5py.File(tmp_path / "run" / "dark" / "dark_targets.h5", "r") as f:
