@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from brainenc.data.importers.base import Importer, StimulusPlan, SubjectPlan
-from brainenc.data.importers.source_files import (SourceError, affine_coords, nan_voxel_policy, nifti_array,
-                                                  nifti_image, read_nifti_masked, zscore_rows)
+from brainenc.data.importers.source_files import (SourceError, affine_coords, load_nifti, nan_voxel_policy,
+                                                  nifti_array, read_nifti_masked, zscore_rows)
 from brainenc.data.store import SPLIT_TEST, SPLIT_TRAIN, RoiAtlas
 
 
@@ -157,7 +157,7 @@ class BOLD5000Importer(Importer):
         src = self.source(subject)
         report: dict = {}
         mpath = self.path("brainmask", subject=src)
-        mimg = nifti_image(mpath)
+        mimg = load_nifti(mpath)
         brain = nifti_array(mpath) > 0
         shape, affine = brain.shape, mimg.affine
         files = [mpath, self.path("imgnames", subject=src)]
@@ -187,7 +187,7 @@ class BOLD5000Importer(Importer):
         betas = [self.path("betas", subject=src, session=s) for s in sessions]
         counts = []
         for p in betas:
-            shp = nifti_image(p).shape
+            shp = load_nifti(p).shape
             if len(shp) != 4 or tuple(shp[:3]) != shape:
                 raise SourceError(p, "<volume>", f"4-D shape {shape} x trials like the brain mask", str(shp))
             counts.append(int(shp[3]))

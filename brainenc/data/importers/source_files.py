@@ -141,9 +141,6 @@ def load_nifti(path: Path):
                           "download it again)") from None
 
 
-nifti_image = load_nifti  # the name the importers use for the header-only open
-
-
 def nifti_array(path: Path, dtype=None) -> np.ndarray:
     """All values of the NIfTI (or MGH) file ``path`` as an array; a file whose data ends early
     (truncated: gzip's EOFError, a short read) is a SourceError naming it."""
