@@ -19,8 +19,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m brainenc.quickstart
 
+# one worker per core (at most 4: each holds torch); a test file stays on one worker, so its
+# module fixtures (trained tiny runs, the AFO smoke recipe) are built once
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -399,7 +399,8 @@ def usage() -> str:
     lines = ["usage: brainenc <command> [options]", "", "Lightning commands (YAML configs via -c, --print_config):"]
     helps = {"fit": "train an encoder", "validate": "evaluate on the validation split",
              "test": "evaluate on the test split and write the per-voxel results table",
-             "predict": "predict responses for the test images"}
+             "predict": "predict responses: the stores' test images, or any images "
+                        "with --data.predict_images=FOLDER|.npy|.h5"}
     lines += [f"  {c:<15} {helps[c]}" for c in LIGHTNING_COMMANDS]
     lines += ["", "brainenc commands:"]
     lines += [f"  {c:<15} {h}" for c, (_, h) in EXTRA_COMMANDS.items()]

@@ -20,8 +20,11 @@ SMOKE = REPO / "experiments" / "smoke"
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for cmd in ("fit", "test", "simulate", "prepare", "report", "sweep", "afo", "transfer"):
+    for cmd in ("fit", "test", "simulate", "prepare", "report", "sweep", "afo", "transfer", "insilico",
+                "algonauts-submission"):
         assert f"  {cmd}" in out
+    # predict is not limited to the stores' test images: the help says how to give it new ones
+    assert "--data.predict_images" in next(line for line in out.splitlines() if line.startswith("  predict"))
 
 
 def test_print_config_resolves_interpolation(capsys, monkeypatch):

@@ -57,19 +57,22 @@ def test_ctrl_c_during_prepare_exits_130_and_leaves_no_trusted_store(nsd_source,
 @pytest.mark.parametrize("name, field, store_kept", [
     ("betas_session02.nii.gz", "<data>': expected a complete NIfTI file", False),
     ("ncsnr.nii.gz", "<data>': expected a complete NIfTI file", True)])
-def test_truncated_source_file_during_a_reprepare_is_named(nsd_source, tmp_path, name, field, store_kept):
+def test_truncated_source_file_during_a_reprepare_is_named(nsd_source, tmp_path, capsys, name, field, store_kept):
     import shutil
+
+    from brainenc.cli import console_main  # in-process: the same one-line handling as the command
 
     src = Path(shutil.copytree(nsd_source, tmp_path / "src"))
     out = tmp_path / "store"
-    assert subprocess.run(_prepare(src, out), cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+    assert console_main(_prepare(src, out)[3:]) == 0
     f = src / "nsddata_betas/ppdata/subj02/func1pt8mm/betas_fithrf_GLMdenoise_RR" / name
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    r = subprocess.run(_prepare(src, out, "--restart"), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    rc = console_main(_prepare(src, out, "--restart")[3:])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
     assert f"{f}: field '{field}" in last and "truncated or damaged?" in last
     if store_kept:
         assert Store(out).subjects == ["subj01", "subj02"]
