@@ -95,11 +95,11 @@ def from_log(path: Path) -> None:
     for stage, sec in re.findall(r"^\[afo\] stage (\w+): (\d+) s$", text, re.M):
         print(f"  afo stage {stage:<12} {sec:>5} s")
     runs: dict[str, dict] = {}
-    for run, sec in re.findall(r"^\[([^\]]+)\] started in ([\d.]+)s$", text, re.M):
+    for run, sec in re.findall(r"^\[([^\]]+)\] started in ([\d.]+)s\b", text, re.M):
         runs.setdefault(run, {})["start-up"] = float(sec)
     for run, sec in re.findall(r"^\[([^\]]+)\] epoch \d+/\d+ .*?([\d.]+)s/epoch", text, re.M):
         runs.setdefault(run, {})["s/epoch"] = float(sec)  # the last epoch's running mean
-    for run, sec in re.findall(r"^\[([^\]]+)\] tested in ([\d.]+)s$", text, re.M):
+    for run, sec in re.findall(r"^\[([^\]]+)\] tested in ([\d.]+)s\b", text, re.M):
         runs.setdefault(run, {})["test"] = float(sec)
     if runs:
         print("fit children                start-up s   s/epoch   test s")

@@ -191,8 +191,9 @@ class BrainencCLI(LightningCLI):
         if ckpt is None and self.trainer.global_step == 0:
             raise RunFolderError(f"{self.trainer.default_root_dir}: the fit trained no step and left no "
                                  "checkpoint; nothing to test (--test_after_fit)")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt,
-                          weights_only=True)
+        # without a progress bar, EpochLine's "tested in" line gives the result (no metrics table)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True,
+                          verbose=self.trainer.progress_bar_callback is not None)
         self._write_results_config()
 
     def after_test(self) -> None:

@@ -29,11 +29,24 @@ LIGHTNING_ARGS_WARNING = r"LightningCLI's args parameter is intended"
 TORCH_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 #: Lightning's advertisements for its cloud services (litlogger, litmodels), logged at info level
 LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
+#: Lightning's info lines that every command repeats and that say nothing a brainenc user acts on:
+#: the seed (in the saved config), the accelerators found (a GPU left unused is still a warning),
+#: how it counts steps, and which checkpoint it loads (brainenc's own lines name the checkpoint of a
+#: resume and the test's result)
+LIGHTNING_BOILERPLATE = (LIGHTNING_TIP, "Seed set to ", "GPU available: ", "TPU available: ", "HPU available: ",
+                         "Loading `train_dataloader` to estimate number of stepping batches",
+                         "Restoring states from the checkpoint path at ", "Loaded model weights from the checkpoint at ",
+                         "Restored all states from the checkpoint at ")
+#: the loggers whose handlers print Lightning's info lines (records of their children propagate here)
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
-class _DropTips(logging.Filter):
+class _DropBoilerplate(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(LIGHTNING_TIP)
+        message = str(record.getMessage())
+        if message.startswith("[rank"):  # under DDP: "[rank: 1] Seed set to 0"
+            message = message.split("] ", 1)[-1]
+        return not message.startswith(LIGHTNING_BOILERPLATE)
 
 
 @contextlib.contextmanager
@@ -43,11 +56,12 @@ def quiet_lightning(eval_mode_intended: bool = False):
     in eval mode on purpose, e.g. transfer's frozen base — Lightning's eval-mode warning); every other warning
     and log line passes, and the filters are undone on exit (no global state left behind, e.g.
     for a test run in the same process)."""
-    # Lightning logs its rank-zero messages through this module's logger (set at import time)
-    from lightning_utilities.core import rank_zero
-
-    logger, tips = rank_zero.log, _DropTips()
-    logger.addFilter(tips)
+    # a filter on the handlers, not the loggers: it then also sees the records of child loggers
+    # (lightning.fabric.utilities.seed, ...) that propagate to them
+    drop = _DropBoilerplate()
+    handlers = {h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers}
+    for h in handlers:
+        h.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
@@ -56,7 +70,8 @@ def quiet_lightning(eval_mode_intended: bool = False):
                 warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
             yield
     finally:
-        logger.removeFilter(tips)
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -84,14 +99,18 @@ class EpochLine(L.Callback):
 
         self._t0, self._epochs_timed = time.monotonic(), 0
         if trainer.is_global_zero:
-            print(f"[{self._label(trainer)}] started in {self._t0 - brainenc.STARTED:.1f}s", flush=True)
+            resumed = (f" (resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch + 1}, "
+                       f"step {trainer.global_step})" if trainer.ckpt_path else "")
+            print(f"[{self._label(trainer)}] started in {self._t0 - brainenc.STARTED:.1f}s{resumed}", flush=True)
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._test_t0 = time.monotonic()
 
     def on_test_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self._test_t0 is not None:
-            print(f"[{self._label(trainer)}] tested in {time.monotonic() - self._test_t0:.1f}s", flush=True)
+            value = trainer.callback_metrics.get("test/pearson_median")
+            result = f": test median r {float(value):.3f}" if value is not None else ""
+            print(f"[{self._label(trainer)}] tested in {time.monotonic() - self._test_t0:.1f}s{result}", flush=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or self._t0 is None or trainer.sanity_checking:

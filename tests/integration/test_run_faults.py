@@ -149,7 +149,7 @@ def test_last_ckpt_is_written_at_every_epoch_end_even_when_validation_does_not_i
     assert _epoch(run / "checkpoints" / "last.ckpt")[0] == 1  # the latest epoch, not the best's
 
 
-def test_sigterm_during_fit_exits_non_zero_and_saves_a_checkpoint_to_resume(tiny_brain, tmp_path):
+def test_sigterm_during_fit_exits_non_zero_and_saves_a_checkpoint_to_resume(tiny_brain, tmp_path, capsys):
     run = tmp_path / "run"
     proc, _ = _hung_fit(tiny_brain, tmp_path, run, "WaitAtStep", 25, "--trainer.max_epochs=2", "--test_after_fit=true")
     proc.send_signal(signal.SIGTERM)
@@ -162,8 +162,11 @@ def test_sigterm_during_fit_exits_non_zero_and_saves_a_checkpoint_to_resume(tiny
     # `fit && test` in a shell stops; the resume finishes the run
     sh = subprocess.run(["sh", "-c", "exit 143 && touch tested"], cwd=tmp_path)
     assert sh.returncode != 0 and not (tmp_path / "tested").exists()
+    capsys.readouterr()
     assert main(["fit", *_args(tiny_brain, run, "--trainer.max_epochs=2", "--test_after_fit=true",
                                 f"--ckpt_path={run}/checkpoints/last.ckpt")]) == 0
+    # the console says where it resumed (1-based epoch, as the epoch lines count)
+    assert f"(resumed from {run}/checkpoints/last.ckpt: epoch 2, step 26)" in capsys.readouterr().out
     assert _epoch(run / "checkpoints" / "last.ckpt")[0] == 1 and (run / "results" / "voxels.csv").exists()
 
 
