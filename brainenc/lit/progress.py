@@ -27,6 +27,8 @@ LIGHTNING_ARGS_WARNING = r"LightningCLI's args parameter is intended"
 #: Lightning's own use of torch's deprecated ``LeafSpec`` (lightning/pytorch/utilities/_pytree.py),
 #: nothing a user can act on
 TORCH_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+#: logged-metric frequency on a small training set: brainenc reports per epoch (EpochLine)
+LIGHTNING_LOG_INTERVAL_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
 #: Lightning's advertisements for its cloud services (litlogger, litmodels), logged at info level
 LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
 #: Lightning's info lines that every command repeats and that say nothing a brainenc user acts on:
@@ -36,7 +38,9 @@ LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
 LIGHTNING_BOILERPLATE = (LIGHTNING_TIP, "Seed set to ", "GPU available: ", "TPU available: ", "HPU available: ",
                          "Loading `train_dataloader` to estimate number of stepping batches",
                          "Restoring states from the checkpoint path at ", "Loaded model weights from the checkpoint at ",
-                         "Restored all states from the checkpoint at ")
+                         "Restored all states from the checkpoint at ",
+                         # a whole-state save (the ridge's own checkpoint after its closed-form solve)
+                         "`weights_only` was not set, defaulting to `False`")
 #: the loggers whose handlers print Lightning's info lines (records of their children propagate here)
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -51,8 +55,9 @@ class _DropBoilerplate(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_lightning(eval_mode_intended: bool = False):
-    """While inside: Lightning's tips, its ``args`` notice and torch's ``_pytree`` deprecation
-    raised from Lightning are dropped (and, with ``eval_mode_intended`` — the caller keeps modules
+    """While inside: Lightning's tips and per-command info lines (:data:`LIGHTNING_BOILERPLATE`), its
+    ``args`` notice, its logging-interval notice and torch's ``_pytree`` deprecation raised from
+    Lightning are dropped (and, with ``eval_mode_intended`` — the caller keeps modules
     in eval mode on purpose, e.g. transfer's frozen base — Lightning's eval-mode warning); every other warning
     and log line passes, and the filters are undone on exit (no global state left behind, e.g.
     for a test run in the same process)."""
@@ -66,6 +71,7 @@ def quiet_lightning(eval_mode_intended: bool = False):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
             warnings.filterwarnings("ignore", message=TORCH_PYTREE_WARNING, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=LIGHTNING_LOG_INTERVAL_WARNING)
             if eval_mode_intended:
                 warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
             yield

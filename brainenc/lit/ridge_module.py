@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -22,6 +23,8 @@ from brainenc.models.backbones import Backbone
 from brainenc.models.readout import pair_slot
 from brainenc.models.ridge import RidgeReadout
 from .encoder_module import EncoderModule, _object_args
+
+LIGHTNING_NO_OPTIMIZER_WARNING = r"`LightningModule.configure_optimizers` returned `None`"
 
 
 class RidgeModule(EncoderModule):
@@ -88,6 +91,9 @@ class RidgeModule(EncoderModule):
         if stage == "fit" and self.trainer.world_size > 1:
             raise RuntimeError("RidgeModule fits in closed form on one process; run it without DDP "
                                "(--trainer.devices=1); the gradient-trained encoders scale out instead")
+        # no optimiser on purpose (closed form); Lightning would call that out as a possible mistake.
+        # The brainenc CLI scopes warning filters to its command (no global state left behind)
+        warnings.filterwarnings("ignore", message=LIGHTNING_NO_OPTIMIZER_WARNING)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if bool(self.fitted):

@@ -74,3 +74,27 @@ def test_eval_mode_check_still_reports_modules_outside_a_frozen_backbone():
     module.readout[1].eval()  # a real mistake: reported
     with pytest.warns(UserWarning, match=r"1 module\(s\) outside a frozen backbone.*readout.1"):
         EvalModeCheck().on_train_start(trainer, module)
+
+
+def test_a_ridge_fit_prints_none_of_lightnings_notices(tiny_brain, tmp_path, capfd):
+    """The closed-form ridge has no optimiser and saves its own checkpoint: neither is worth a
+    notice, and a small training set's logging interval is not either."""
+    from brainenc.cli import console_main
+
+    env_warnings = os.environ.pop("PYTHONWARNINGS", None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # every warning raised once, as for a user
+            rc = console_main(["fit", "-c", str(REPO / "experiments/smoke/ridge.yaml"),
+                               f"--data.stores=[{tiny_brain['simbrain7t']}]", "--data.simulate=null",
+                               f"--trainer.default_root_dir={tmp_path / 'ridge'}", "--trainer.logger=false",
+                               "--trainer.enable_progress_bar=false", "--test_after_fit=true"])
+    finally:
+        if env_warnings is not None:
+            os.environ["PYTHONWARNINGS"] = env_warnings
+    out, err = capfd.readouterr()
+    err += "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    assert rc == 0, (out + err)[-3000:]
+    assert re.search(r"^\[ridge\] tested in \d+\.\ds: test median r -?\d\.\d{3}$", out, re.M), out[-2000:]
+    noise = NOISE + ("configure_optimizers", "smaller than the logging interval", "`weights_only` was not set")
+    assert not [n for n in noise if n in out + err], (out + err)[-4000:]
