@@ -304,9 +304,16 @@ class EncoderModule(L.LightningModule):
         writer = self._prediction_writer
         written = writer.close()
         self._prediction_writer = None
-        if writer.skipped:
-            print(f"skipped {len(writer.skipped)} unreadable images, listed in "
-                  f"{writer.out_dir / f'skipped{writer.suffix}.txt'}", flush=True)
+        if self.trainer.world_size > 1:
+            from .predictions import merge_rank_files
+
+            self.trainer.strategy.barrier("predictions written")  # every rank's files are in place
+            if self.trainer.is_global_zero:
+                written = merge_rank_files(writer.out_dir, self.trainer.world_size)
+            self.trainer.strategy.barrier("predictions merged")
+        if self.trainer.is_global_zero and (writer.out_dir / "skipped.txt").exists():
+            n = len((writer.out_dir / "skipped.txt").read_text().splitlines())
+            print(f"skipped {n} unreadable images, listed in {writer.out_dir / 'skipped.txt'}", flush=True)
         if self.trainer.is_global_zero and written:
             print(f"wrote {len(written)} files to {writer.out_dir}", flush=True)
 

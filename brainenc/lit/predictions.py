@@ -10,7 +10,9 @@
       attrs: pair, model, source (what was predicted), n_skipped
 
   rows in increasing ``stimulus`` order (the loaders deliver sorted batches; anything else is
-  put in order when the file is closed); one file per rank under DDP.
+  put in order when the file is closed).  Under DDP every rank writes its own ``.rankR`` files;
+  rank 0 then merges them (:func:`merge_rank_files`) into the same files a single process
+  writes, and removes them.
 * ``predictions/roi_means.csv`` (``--data.predict_images``): one tidy row per image, pair and ROI of
   every atlas: image, category, dataset, subject, atlas, roi, mean (the ROI's mean predicted
   response).
@@ -183,3 +185,92 @@ def _sort_rows(f: h5py.File, order: np.ndarray, block: int = 4096) -> None:
             tmp[a:a + len(idx)] = out
         del f[name]
         f.move(f"_{name}", name)
+
+
+def merge_rank_files(out_dir: str | os.PathLike, world_size: int, block: int = 4096) -> list[Path]:
+    """Merge the ``.rank0`` .. ``.rank{world_size-1}`` files of one DDP prediction into the files a
+    single process writes: rows in ``stimulus`` order, each stimulus once (a distributed sampler may
+    give a rank a repeated sample to even out the batches), the skipped images and ROI-mean rows of
+    every rank.  Streams ``block`` rows at a time (bounded memory at any size); each output is
+    written under a temporary name and renamed, then the rank files are removed.
+
+    Returns the files written.
+    """
+    out_dir = Path(out_dir)
+    suffixes = [f".rank{r}" for r in range(world_size)]
+    written: list[Path] = []
+    pairs = sorted({p.name[: -len(f"{suffixes[0]}.h5")] for p in out_dir.glob(f"*{suffixes[0]}.h5")})
+    for stem in pairs:
+        parts = [out_dir / f"{stem}{s}.h5" for s in suffixes]
+        parts = [p for p in parts if p.exists()]
+        final = out_dir / f"{stem}.h5"
+        srcs = [h5py.File(p, "r") for p in parts]
+        try:
+            stim = [f["stimulus"][()] for f in srcs]
+            which = np.concatenate([np.full(len(s_), i) for i, s_ in enumerate(stim)]).astype(np.int64)
+            local = np.concatenate([np.arange(len(s_)) for s_ in stim]).astype(np.int64)
+            allstim = np.concatenate(stim) if stim else np.zeros(0, np.int64)
+            order = np.argsort(allstim, kind="stable")
+            keep = order[np.r_[True, np.diff(allstim[order]) != 0]] if len(order) else order
+            n_vox = srcs[0]["pred"].shape[1]
+            with h5py.File(tmp_name(final), "w") as out:
+                for k, v in srcs[0].attrs.items():
+                    out.attrs[k] = v
+                out.attrs["n_skipped"] = int(sum(int(f.attrs.get("n_skipped", 0)) for f in srcs))
+                for name in ("pred", "stimulus", "stimulus_id", "category"):
+                    ds = srcs[0][name]
+                    out.create_dataset(name, (len(keep),) + ds.shape[1:], maxshape=(None,) + ds.shape[1:],
+                                       dtype=ds.dtype, chunks=ds.chunks)
+                for a in range(0, len(keep), block):
+                    rows = keep[a:a + block]
+                    for i, f in enumerate(srcs):
+                        mine = np.flatnonzero(which[rows] == i)
+                        if not len(mine):
+                            continue
+                        idx = local[rows[mine]]  # increasing: each rank's file is in stimulus order
+                        for name in ("pred", "stimulus", "stimulus_id", "category"):
+                            out[name][a + mine] = f[name][idx]
+            os.replace(tmp_name(final), final)
+        finally:
+            for f in srcs:
+                f.close()
+        written.append(final)
+        for p in parts:
+            p.unlink()
+    written += _merge_text(out_dir, "roi_means", ".csv", suffixes, header=True)
+    written += _merge_text(out_dir, "skipped", ".txt", suffixes, header=False)
+    return written
+
+
+def _merge_text(out_dir: Path, stem: str, ext: str, suffixes: list[str], header: bool) -> list[Path]:
+    """Concatenate the ranks' ``stem.rankR.ext`` files (one header; a line whose first field, the
+    image, an earlier rank already wrote is a repeated sample and left out) into ``stem.ext``,
+    streamed; remove them.  No rank file: any ``stem.ext`` of an earlier prediction goes too."""
+    parts = [out_dir / f"{stem}{s}{ext}" for s in suffixes]
+    parts = [p for p in parts if p.exists()]
+    final = out_dir / f"{stem}{ext}"
+    if not parts:
+        final.unlink(missing_ok=True)
+        return []
+    sep = "," if ext == ".csv" else "\t"
+    earlier: set[str] = set()
+    with open(tmp_name(final), "w", newline="") as out:
+        write = csv.writer(out).writerow if ext == ".csv" else (lambda row: out.write(sep.join(row) + "\n"))
+        for i, p in enumerate(parts):
+            mine: set[str] = set()
+            with open(p, newline="") as f:
+                if header:
+                    first = f.readline()
+                    if i == 0:
+                        out.write(first)
+                for row in (csv.reader(f, delimiter=sep) if ext == ".csv" else (ln.rstrip("\n").split(sep) for ln in f)):
+                    if not row or row[0] in earlier:
+                        continue
+                    mine.add(row[0])
+                    write(row)
+            earlier |= mine
+    os.replace(tmp_name(final), final)
+    for p in parts:
+        p.unlink()
+    return [final]
+

@@ -98,3 +98,43 @@ def test_readme_plain_ddp_example_fits(tiny, tmp_path):
              cwd=tmp_path)
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "results" / "voxels.csv").exists()
     assert not (run / "run.lock").exists()
+
+
+@pytest.mark.slow  # three brainenc start-ups, one of them two processes
+def test_predict_images_under_ddp_writes_the_single_process_files(tiny, tmp_path):
+    """`brainenc predict --data.predict_images` with 2 processes: each rank predicts its share and
+    rank 0 merges them into the files one process writes (same rows, order, ids, values, ROI
+    means), with no per-rank file left behind."""
+    import h5py
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    rng = np.random.default_rng(3)
+    for i in range(7):  # odd: the ranks get different numbers of images
+        cat = images / ("face" if i % 2 else "noface")
+        cat.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(cat / f"{i}.png")
+    common = ["-c", str(REPO / "experiments" / "smoke" / "linear.yaml"), f"--data.stores=[{tiny}]",
+              "--data.simulate=null", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+              "--data.eval_batch_size=2"]
+    run = tmp_path / "fit"
+    brainenc("fit", *common, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1",
+             "--trainer.limit_train_batches=4", cwd=tmp_path)
+    ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    one, two = tmp_path / "one", tmp_path / "two"
+    brainenc("predict", *common, ckpt, f"--data.predict_images={images}", f"--trainer.default_root_dir={one}",
+             "--trainer.devices=1", cwd=tmp_path)
+    brainenc("predict", *common, "-c", str(DDP), ckpt, f"--data.predict_images={images}",
+             f"--trainer.default_root_dir={two}", cwd=tmp_path)
+    files1 = sorted(p.name for p in (one / "predictions").iterdir())
+    assert sorted(p.name for p in (two / "predictions").iterdir()) == files1 and not [f for f in files1 if ".rank" in f]
+    for name in (f for f in files1 if f.endswith(".h5")):
+        with h5py.File(one / "predictions" / name) as a, h5py.File(two / "predictions" / name) as b:
+            assert a["pred"].shape == b["pred"].shape == (7, a["pred"].shape[1])
+            for field in ("stimulus", "stimulus_id", "category"):
+                assert list(a[field][()]) == list(b[field][()]), field
+            np.testing.assert_allclose(b["pred"][()], a["pred"][()], rtol=1e-5, atol=1e-6)
+    m1, m2 = (pd.read_csv(d / "predictions" / "roi_means.csv").sort_values(["image", "atlas", "roi"])
+              .reset_index(drop=True) for d in (one, two))
+    assert len(m1) == len(m2) > 0 and (m1.drop(columns="mean") == m2.drop(columns="mean")).all().all()
+    np.testing.assert_allclose(m2["mean"], m1["mean"], rtol=1e-4, atol=1e-6)
