@@ -354,7 +354,9 @@ class Backbone(nn.Module):
         except Exception as err:
             raise ValueError(f"timm cannot build {self.name!r} as a feature extractor "
                              f"(features_only=True): {err}") from err
-        self.net = net
+        # channels-last convolutions: 1.6x faster on CPU for EfficientNet-Lite0 at 224 px (64
+        # images 2.7 -> 1.7 s, benchmarks/backbone_memory_format.py), float rounding the only change
+        self.net = net.to(memory_format=torch.channels_last)
         self.has_cls = False
         dicts = net.feature_info.get_dicts()
         self.layers = [int(i) for i in net.feature_info.out_indices]
@@ -430,11 +432,12 @@ class Backbone(nn.Module):
 
     def _forward_cnn(self, x: Tensor) -> Features:
         maps = []
-        for level, fmap in enumerate(self.net(x)):
+        for level, fmap in enumerate(self.net(x.contiguous(memory_format=torch.channels_last))):
             c = self.feature_info[level]["channels"]
             if fmap.shape[1] != c and fmap.shape[-1] == c:  # some timm models (e.g. Swin) emit NHWC
-                fmap = fmap.permute(0, 3, 1, 2).contiguous()
-            maps.append(fmap)
+                fmap = fmap.permute(0, 3, 1, 2)
+            # the readouts and the cache expect plain (B, C, H, W) memory
+            maps.append(fmap.contiguous())
         return Features(maps)
 
     def _forward_vit(self, x: Tensor) -> Features:
