@@ -43,6 +43,10 @@ LIGHTNING_BOILERPLATE = (LIGHTNING_TIP, "Seed set to ", "GPU available: ", "TPU 
                          "`weights_only` was not set, defaulting to `False`")
 #: the loggers whose handlers print Lightning's info lines (records of their children propagate here)
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+#: the loggers that emit those lines: filtered themselves too, so no other handler (a user's log
+#: file, pytest's capture) receives them either
+LIGHTNING_SOURCES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.fabric.utilities.seed")
 
 
 class _DropBoilerplate(logging.Filter):
@@ -61,12 +65,13 @@ def quiet_lightning(eval_mode_intended: bool = False):
     in eval mode on purpose, e.g. transfer's frozen base — Lightning's eval-mode warning); every other warning
     and log line passes, and the filters are undone on exit (no global state left behind, e.g.
     for a test run in the same process)."""
-    # a filter on the handlers, not the loggers: it then also sees the records of child loggers
-    # (lightning.fabric.utilities.seed, ...) that propagate to them
+    # on the emitting loggers (no handler anywhere gets the record) and on the handlers that print
+    # Lightning's lines (they also see records propagated from any other child logger)
     drop = _DropBoilerplate()
-    handlers = {h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers}
-    for h in handlers:
-        h.addFilter(drop)
+    filtered = {h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers}
+    filtered |= {logging.getLogger(name) for name in LIGHTNING_SOURCES}
+    for f in filtered:
+        f.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LIGHTNING_ARGS_WARNING)
@@ -76,8 +81,8 @@ def quiet_lightning(eval_mode_intended: bool = False):
                 warnings.filterwarnings("ignore", message=LIGHTNING_EVAL_MODE_WARNING)
             yield
     finally:
-        for h in handlers:
-            h.removeFilter(drop)
+        for f in filtered:
+            f.removeFilter(drop)
 
 
 def _fmt_seconds(s: float) -> str:
