@@ -88,3 +88,15 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def console(capsys, *argv) -> tuple[int, str]:
+    """``brainenc ARGV`` in this process through the console entry point (errors as one line): its
+    exit status and the last line it printed to stderr.  A child start-up less than a subprocess,
+    for faults that need no signal."""
+    from brainenc.cli import console_main
+
+    capsys.readouterr()
+    rc = console_main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""

@@ -60,19 +60,16 @@ def test_ctrl_c_during_prepare_exits_130_and_leaves_no_trusted_store(nsd_source,
 def test_truncated_source_file_during_a_reprepare_is_named(nsd_source, tmp_path, capsys, name, field, store_kept):
     import shutil
 
-    from brainenc.cli import console_main  # in-process: the same one-line handling as the command
+    from tests.helpers import console  # in-process: the same one-line handling as the command
 
     src = Path(shutil.copytree(nsd_source, tmp_path / "src"))
     out = tmp_path / "store"
-    assert console_main(_prepare(src, out)[3:]) == 0
+    assert console(capsys, *_prepare(src, out)[3:])[0] == 0
     f = src / "nsddata_betas/ppdata/subj02/func1pt8mm/betas_fithrf_GLMdenoise_RR" / name
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    capsys.readouterr()
-    rc = console_main(_prepare(src, out, "--restart")[3:])
-    err = capsys.readouterr().err
-    assert rc == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
+    rc, last = console(capsys, *_prepare(src, out, "--restart")[3:])
+    assert rc == 2, last
     assert f"{f}: field '{field}" in last and "truncated or damaged?" in last
     if store_kept:
         assert Store(out).subjects == ["subj01", "subj02"]

@@ -21,7 +21,7 @@ import yaml
 from brainenc.cli import main
 from brainenc.rundir import RunFolderError
 
-from tests.helpers import REPO, hang_config, smoke_fit_args as _args
+from tests.helpers import REPO, console as _console, hang_config, smoke_fit_args as _args
 
 LINUX_ROOT = sys.platform.startswith("linux") and hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -71,17 +71,6 @@ def _mount(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _console(capsys, *argv) -> tuple[int, str]:
-    """``brainenc ARGV`` in this process (the console entry point: errors as one line), its exit
-    status and the last line it printed to stderr.  In-process: a child start-up less per call."""
-    from brainenc.cli import console_main
-
-    capsys.readouterr()
-    rc = console_main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    return rc, err[-1] if err else ""
 
 
 # ----------------------------------------------------------------------------- one command per folder
