@@ -15,8 +15,8 @@ from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
 from brainenc.models.experts import ExpertFeatures, ExpertsReadout
-from brainenc.models.retinotopic import (RetinotopicReadout, fourier_encode, normalise_coords, normalise_levels,
-                                         read_level, sample_at)
+from brainenc.models.retinotopic import (RetinotopicReadout, bilinear_matrix, fourier_encode, normalise_coords,
+                                         normalise_levels, read_level, sample_at, sampled_dot)
 from brainenc.models.partition_file import read_partitions, write_partitions
 from brainenc.recipes.partitions import kmeans_partition, random_partition
 
@@ -51,6 +51,40 @@ def test_grid_sample_at_pixel_centres_equals_indexing():
     assert out.shape == (2, 5, len(ij))
     ref = torch.stack([fmap[:, :, i, j] for i, j in ij], dim=2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (8, 8), (7, 5), (1, 3)])
+def test_bilinear_matrix_equals_grid_sample_with_gradients(h, w):
+    g = torch.Generator().manual_seed(h * 10 + w)
+    fmap = torch.randn(3, 4, h, w, generator=g, requires_grad=True)
+    pos = (torch.rand(50, 2, generator=g) * 2.6 - 1.3).requires_grad_(True)  # some off the image (border)
+    m = bilinear_matrix(pos, h, w)
+    assert m.shape == (50, h * w)
+    torch.testing.assert_close(m.sum(1), torch.ones(50))
+    assert int((m > 0).sum(1).max()) <= 4
+    got, want = fmap.flatten(2) @ m.t(), sample_at(fmap, pos)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    wt = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got * wt).sum(), [fmap, pos]),
+                    torch.autograd.grad((want * wt).sum(), [fmap, pos])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# batch x pixels picking each strategy: readout folded into the matrix (pixels <= batch), dense
+# sampling (batch < pixels <= 64), grid_sample (larger maps)
+@pytest.mark.parametrize("b,h,w", [(16, 4, 4), (4, 8, 8), (2, 12, 10), (40, 6, 6)])
+def test_sampled_dot_equals_sample_then_dot_in_every_strategy(b, h, w):
+    g = torch.Generator().manual_seed(b + h)
+    fmap = torch.randn(b, 5, h, w, generator=g, requires_grad=True)
+    pos = (torch.rand(30, 2, generator=g) * 2.2 - 1.1).requires_grad_(True)
+    readout = torch.randn(30, 5, generator=g, requires_grad=True)
+    got = sampled_dot(fmap, pos, readout)
+    want = torch.einsum("bcv,vc->bv", sample_at(fmap, pos), readout)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    wt = torch.randn(want.shape, generator=g)
+    for a, b_ in zip(torch.autograd.grad((got * wt).sum(), [fmap, pos, readout]),
+                     torch.autograd.grad((want * wt).sum(), [fmap, pos, readout])):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
 
 
 def test_position_convention_y_points_down_and_degrees_point_up():
@@ -439,9 +473,10 @@ def test_selector_prior_equals_a_direct_computation_and_fades_linearly():
     n, steps = 15, 4
     r = RetinotopicReadout({PAIR: n}, _spec(), selector_prior=0.2, selector_prior_steps=steps)
     r.set_voxel_info(PAIR, _coords(n))
+    g = torch.Generator().manual_seed(0)  # not the global RNG: the outcome must not depend on test order
     with torch.no_grad():  # non-uniform selectors, so the prior is not at its minimum
         for prm in [*r.layer_mlp.parameters(), *r.mix_mlp.parameters()]:
-            prm.add_(0.3 * torch.randn_like(prm))
+            prm.add_(0.3 * torch.randn(prm.shape, generator=g))
     r.train()
     feats = _feats()
     got = []
