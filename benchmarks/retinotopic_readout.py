@@ -15,6 +15,11 @@ the readout weights -- and, for the experts, all of it once per expert.  brainen
 sample-then-project or project-then-sample per level, and normalises the maps once for all
 experts.  Both are timed side by side in this process on the same features (forward + SmoothL1
 loss + backward + AdamW step, median over ``--seconds``), and their predictions compared.
+
+A third case is the quickstart's own readout (``grid: [8, 4]``: every level pooled to 8 x 8 and
+4 x 4) with brainenc's sampler (a dense bilinear matrix on such small maps, the readout folded
+into it while pixels <= batch: ``sampled_dot``) against the same readout sampling every map with
+``grid_sample`` (the sampler before), again side by side.
 """
 
 from __future__ import annotations
@@ -59,6 +64,13 @@ def reference_experts(ex, features, pair):
     for _, expert, cols, local in groups:
         out[:, cols] = reference(expert, features, pair, local, norms=ex.norm)
     return out.view(len(features), len(ex.partition_names), n)
+
+
+def grid_sample_dot(fmap, pos, readout, *_):
+    """``sampled_dot`` as it was: grid_sample at every size, then the dot with the readout."""
+    from brainenc.models.retinotopic import dot_channels, sample_at
+
+    return dot_channels(sample_at(fmap, pos), readout)
 
 
 def partitions(counts: dict[str, int], rng: np.random.Generator) -> dict:
@@ -107,8 +119,23 @@ def main() -> None:
         whole.set_voxel_info(key, c)
         experts.set_voxel_info(key, c)
 
+    import brainenc.models.retinotopic as retino
+
+    pooled = RetinotopicReadout(counts, spec, width=32, hidden=64, n_freq=6, jitter=0.01, grid=[8, 4])
+    for key, c in coords.items():
+        pooled.set_voxel_info(key, c)
+
+    def with_grid_sample():
+        dense, retino.sampled_dot = retino.sampled_dot, grid_sample_dot
+        try:
+            return pooled(feats, pair)
+        finally:
+            retino.sampled_dot = dense
+
     cases = [("whole-brain readout (width 32)", whole, lambda: whole(feats, pair),
               lambda: reference(whole, feats, pair), 1),
+             ("whole-brain readout on [8, 4] grids (quickstart), dense sampler vs grid_sample", pooled,
+              lambda: pooled(feats, pair), with_grid_sample, 1),
              (f"{len(experts.experts)} experts in {len(experts.partition_names)} partitions (width 16)", experts,
               lambda: experts.forward_partitions(feats, pair), lambda: reference_experts(experts, feats, pair),
               len(experts.partition_names))]
