@@ -49,7 +49,7 @@ def reference(readout, features, pair, voxels=None, norms=None):
     from brainenc.models.retinotopic import sample_at
 
     norms = readout.norm if norms is None else norms
-    pos, levels, mix, w, b = readout.point_params(pair, voxels)
+    pos, levels, mix, w, b, _ = readout.point_params(pair, voxels)
     maps = [conv(norm(m)) for m, norm, conv in zip(features.maps, norms, readout.bottleneck)]
     local = sum(sample_at(m, pos) * levels[:, l] for l, m in enumerate(maps))  # (B, width, V)
     glob = torch.stack([m.mean(dim=(2, 3)) for m in maps], dim=2) @ levels.t()

@@ -127,16 +127,59 @@ def bilinear_matrix(pos: Tensor, h: int, w: int) -> Tensor:
     return (wy[:, :, None] * wx[:, None, :]).flatten(1)
 
 
+def gaussian_matrix(pos: Tensor, sigma: Tensor, h: int, w: int) -> Tensor:
+    """Every voxel's Gaussian receptive field over the pixels of an ``h x w`` map.
+
+    The weight of pixel (i, j) is ``exp(-((cx_j - px)^2 / sx^2 + (cy_i - py)^2 / sy^2) / 2)``,
+    normalised to sum to 1 over the map's pixels (so a field hanging off the image averages what
+    is on it), with pixel centres ``cx_j = (2j + 1) / w - 1`` as in :func:`sample_at` and
+    ``sx^2 = sigma^2 + (1 / w)^2`` (half a pixel pitch added in quadrature: a map's pixel already
+    integrates over its own width, and the field stays smooth in ``pos`` however small ``sigma``).
+
+    Parameters
+    ----------
+    pos : Tensor (V, 2), grid units (x right, y down)
+    sigma : Tensor (V,), the field's standard deviation in grid units (the image is 2 wide)
+    h, w : the map's height and width
+
+    Returns
+    -------
+    Tensor (V, h * w), row-major pixels, rows summing to 1
+    """
+    cx = (2 * torch.arange(w, dtype=pos.dtype, device=pos.device) + 1) / w - 1
+    cy = (2 * torch.arange(h, dtype=pos.dtype, device=pos.device) + 1) / h - 1
+    s2 = sigma.to(pos.dtype)[:, None] ** 2
+    wx = torch.softmax(-(cx - pos[:, :1]) ** 2 / (2 * (s2 + 1.0 / w ** 2)), dim=1)  # (V, w)
+    wy = torch.softmax(-(cy - pos[:, 1:]) ** 2 / (2 * (s2 + 1.0 / h ** 2)), dim=1)  # (V, h)
+    return (wy[:, :, None] * wx[:, None, :]).flatten(1)
+
+
+def point_matrix(pos: Tensor, sigma: Optional[Tensor], h: int, w: int) -> Tensor:
+    """(V, h * w): :func:`bilinear_matrix` for point fields (``sigma`` None), else :func:`gaussian_matrix`."""
+    return bilinear_matrix(pos, h, w) if sigma is None else gaussian_matrix(pos, sigma, h, w)
+
+
+def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None) -> Tensor:
+    """The map read at every voxel's field: (B, C, H, W) -> (B, C, V).
+
+    A point (``sigma`` None) is sampled bilinearly (:func:`sample_at`); a Gaussian field of
+    standard deviation ``sigma`` (V,) averages the pixels under it (:func:`gaussian_matrix`).
+    """
+    if sigma is None:
+        return sample_at(fmap, pos)
+    return fmap.flatten(2) @ gaussian_matrix(pos.to(fmap.dtype), sigma, *fmap.shape[-2:]).t()
+
+
 # Maps of up to this many pixels (or up to batch-size pixels) are sampled through bilinear_matrix,
 # larger ones with grid_sample: a matmul over the pixels beats grid_sample's scattered backward on
 # pooled maps (8 x 8, 4 x 4) and loses on native ones (measured with benchmarks/retinotopic_readout.py)
 DENSE_MAX_PIXELS = 64
 
 
-def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor) -> Tensor:
+def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tensor] = None) -> Tensor:
     """Every voxel's readout weights dotted with the map sampled at its position.
 
-    ``out[b, v] = readout[v] . sample_at(fmap, pos)[b, :, v]``, computed the cheapest way for
+    ``out[b, v] = readout[v] . sample_points(fmap, pos, sigma)[b, :, v]``, computed the cheapest way for
     the map's size: grid_sample for large maps; for small ones a dense bilinear matrix, either
     sampling first (a (B, C, V) intermediate) or, while ``pixels <= B``, folding the readout into
     the matrix (a (V, C * pixels) intermediate no larger than (B, C, V)) so that one matmul does
@@ -147,15 +190,17 @@ def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor) -> Tensor:
     fmap : Tensor (B, C, H, W)
     pos : Tensor (V, 2), grid units
     readout : Tensor (V, C)
+    sigma : Tensor (V,) or None: Gaussian fields of this size instead of points (see
+        :func:`sample_points`; always through the dense matrix)
 
     Returns
     -------
     Tensor (B, V)
     """
     b, c, h, w = fmap.shape
-    if h * w > max(b, DENSE_MAX_PIXELS):
+    if sigma is None and h * w > max(b, DENSE_MAX_PIXELS):
         return dot_channels(sample_at(fmap, pos), readout)
-    m = bilinear_matrix(pos.to(fmap.dtype), h, w)  # (V, P)
+    m = point_matrix(pos.to(fmap.dtype), sigma, h, w)  # (V, P)
     if h * w <= b:
         return fmap.flatten(1) @ (readout[:, :, None] * m[:, None, :]).flatten(1).t()
     return dot_channels(fmap.flatten(2) @ m.t(), readout)
@@ -181,7 +226,7 @@ def _active(dropout: nn.Module) -> bool:
 
 
 def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
-               dropout: nn.Module) -> tuple[Tensor, Tensor]:
+               dropout: nn.Module, sigma: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One level's local contribution to every voxel's prediction, and the level's pooled features.
 
     Parameters
@@ -191,6 +236,7 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     pos : Tensor (N, 2) positions in grid units
     readout : Tensor (N, width), each voxel's readout weights of its local features
     dropout : applied to the voxel's bottlenecked features while training
+    sigma : Tensor (N,) Gaussian field sizes in grid units, or None for points
 
     Returns
     -------
@@ -206,18 +252,19 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     # with respect to the projected map; pick the cheaper order.
     if n * c <= SAMPLE_FIRST_ADVANTAGE * width * h * w:
         if _active(dropout):
-            feat = torch.einsum("bcn,wc->bwn", sample_at(fmap, pos), weight) + bias[:, None]
+            feat = torch.einsum("bcn,wc->bwn", sample_points(fmap, pos, sigma), weight) + bias[:, None]
             return dot_channels(dropout(feat), readout), pooled
         # fold the readout into the bottleneck: no (B, width, N) features at all
-        return sampled_dot(fmap, pos, readout @ weight) + readout @ bias, pooled
+        return sampled_dot(fmap, pos, readout @ weight, sigma) + readout @ bias, pooled
     proj = F.conv2d(fmap, weight[:, :, None, None], bias)  # (B, width, H, W)
     if _active(dropout):
-        return dot_channels(dropout(sample_at(proj, pos)), readout), pooled
-    return sampled_dot(proj, pos, readout), pooled
+        return dot_channels(dropout(sample_points(proj, pos, sigma)), readout), pooled
+    return sampled_dot(proj, pos, readout, sigma), pooled
 
 
 def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
-                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, dropout: nn.Module) -> Tensor:
+                   mix: Optional[Tensor], weight: Tensor, bias: Tensor, sigma: Optional[Tensor] = None, *,
+                   dropout: nn.Module) -> Tensor:
     """The retinotopic prediction of N voxels.
 
     ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
@@ -233,6 +280,7 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
         no global term
     weight : (N, D) per-voxel readout weights (D = 2 * width or width, see above)
     bias : (N,)
+    sigma : (N,) Gaussian receptive-field sizes in grid units, or None for point fields
     dropout : applied to each level's local features, and the global features, while training
 
     Returns
@@ -245,7 +293,7 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     w_local = weight if mix is None else weight[:, :width] * mix[:, None]
     pred, pooled = bias, []
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout)
+        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout, sigma)
         pred = pred + local * levels[:, l]
         pooled.append(pl)
     if mix is None:
@@ -334,6 +382,12 @@ class RetinotopicReadout(Readout):
         moves by gradient; "small" (earlier default) only shrinks the position layer
     shared_readout : one readout vector per voxel for the local and the global features
         (``w . (m * local + (1 - m) * global)``, width values) instead of one each (2 * width)
+    rf : "point" samples each level bilinearly at the voxel's position; "gaussian" averages it
+        under a Gaussian field whose size is learned per voxel like the position (a third
+        coordinate MLP, or one free value per voxel with ``positions="free"``); see
+        :func:`gaussian_matrix`
+    rf_size_init : the Gaussian fields' starting standard deviation in grid units (the image is 2
+        wide, so 0.1 is 1/20 of the image)
     selector_prior : weight of a prior that holds the selectors near their neutral start
         (normalised negative entropy of the level weights, minimal when uniform, plus
         ``(mix - 0.5)^2``) and fades linearly to 0 over ``selector_prior_steps`` training steps,
@@ -345,8 +399,12 @@ class RetinotopicReadout(Readout):
                  layer_entropy: float = 0.0, global_term: bool = True, dropout: float = 0.0,
                  normalise: bool = True, grid: Union[int, list[int], None] = None,
                  selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
-                 selector_prior: float = 0.0, selector_prior_steps: int = 2000):
+                 selector_prior: float = 0.0, selector_prior_steps: int = 2000,
+                 rf: Literal["point", "gaussian"] = "point", rf_size_init: float = 0.1):
         super().__init__(voxel_counts, spec)
+        if rf not in ("point", "gaussian") or not rf_size_init > 0:
+            raise ValueError(f"RetinotopicReadout: rf must be 'point' or 'gaussian' and rf_size_init > 0, got "
+                             f"{rf!r} and {rf_size_init!r}")
         if positions not in ("mlp", "free"):
             raise ValueError(f"RetinotopicReadout: positions must be 'mlp' or 'free', got {positions!r}")
         if selector_init not in ("zero", "small"):
@@ -358,6 +416,7 @@ class RetinotopicReadout(Readout):
         self.width, self.n_freq, self.positions_mode = int(width), int(n_freq), positions
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
         self.shared_readout = bool(shared_readout)
+        self.rf, self.rf_size_init = rf, float(rf_size_init)
         self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
         # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
         self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
@@ -370,6 +429,9 @@ class RetinotopicReadout(Readout):
         d_feat = 2 * self.width if self.global_term and not self.shared_readout else self.width
         self.pos_mlp, self.layer_mlp, self.mix_mlp = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.free_pos = nn.ParameterDict()
+        self.size_mlp, self.free_size = nn.ModuleDict(), nn.ParameterDict()
+        # sigma = softplus(raw): the raw value that starts every field at rf_size_init
+        size0 = self.rf_size_init + math.log(-math.expm1(-self.rf_size_init))
         self.weight, self.bias = nn.ParameterDict(), nn.ParameterDict()
         gen = torch.Generator().manual_seed(0)
         for key, n in self.voxel_counts.items():
@@ -387,6 +449,12 @@ class RetinotopicReadout(Readout):
                     torch.zeros(n, 2) if selector_init == "zero" else 0.1 * torch.randn(n, 2, generator=gen))
             self.layer_mlp[s] = _mlp(d_enc, hidden, self.n_levels)
             self.mix_mlp[s] = _mlp(d_enc, hidden, 1)
+            if rf == "gaussian" and positions == "mlp":
+                self.size_mlp[s] = _mlp(d_enc, hidden, 1)
+                nn.init.normal_(self.size_mlp[s][-1].weight, std=0.01)
+                nn.init.constant_(self.size_mlp[s][-1].bias, size0)
+            elif rf == "gaussian":
+                self.free_size[s] = nn.Parameter(torch.full((n,), size0))
             if selector_init == "zero":
                 # a neutral start: centre, uniform levels, even mix; the hidden layers keep their
                 # random init, so the first gradient step already differs between voxels
@@ -394,6 +462,8 @@ class RetinotopicReadout(Readout):
                     if mlp is not None:
                         nn.init.zeros_(mlp[-1].weight)
                         nn.init.zeros_(mlp[-1].bias)
+                if s in self.size_mlp:
+                    nn.init.zeros_(self.size_mlp[s][-1].weight)
             self.weight[s] = nn.Parameter(torch.randn(n, d_feat, generator=gen) * (0.1 / math.sqrt(d_feat)))
             self.bias[s] = nn.Parameter(torch.zeros(n))
         self._entropy: Optional[Tensor] = None
@@ -407,19 +477,20 @@ class RetinotopicReadout(Readout):
         Both readouts must have the same architecture; with coordinates in the same frame (see
         :meth:`set_voxel_info`), this readout then predicts exactly what ``other`` does for those voxels.
         """
-        if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout) != (
-                self.width, self.n_freq, self.positions_mode, self.global_term, self.shared_readout):
+        if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout, other.rf) != (
+                self.width, self.n_freq, self.positions_mode, self.global_term, self.shared_readout, self.rf):
             raise ValueError("RetinotopicReadout.copy_from: the two readouts differ in width, n_freq, positions, "
-                             "global_term or shared_readout")
+                             "global_term, shared_readout or rf")
         self.bottleneck.load_state_dict(other.bottleneck.state_dict())
         for key, idx in voxels.items():
             s = pair_slot(key)
             for mine, theirs in ((self.pos_mlp, other.pos_mlp), (self.layer_mlp, other.layer_mlp),
-                                 (self.mix_mlp, other.mix_mlp)):
+                                 (self.mix_mlp, other.mix_mlp), (self.size_mlp, other.size_mlp)):
                 if s in theirs:
                     mine[s].load_state_dict(theirs[s].state_dict())
-            if s in other.free_pos:
-                self.free_pos[s].copy_(other.free_pos[s][idx])
+            for mine, theirs in ((self.free_pos, other.free_pos), (self.free_size, other.free_size)):
+                if s in theirs:
+                    mine[s].copy_(theirs[s][idx])
             self.weight[s].copy_(other.weight[s][idx])
             self.bias[s].copy_(other.bias[s][idx])
 
@@ -459,6 +530,17 @@ class RetinotopicReadout(Readout):
         mix = torch.sigmoid(self.mix_mlp[s](enc)).squeeze(-1)
         return pos, levels, mix
 
+    def rf_sizes(self, pair: str, voxels: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Gaussian field sizes (V,) in grid units (standard deviations), or None for point fields."""
+        if self.rf == "point":
+            return None
+        s = pair_slot(pair)
+        if s in self.size_mlp:
+            raw = self.size_mlp[s](fourier_encode(self._coords(s, voxels), self.n_freq)).squeeze(-1)
+        else:
+            raw = self.free_size[s] if voxels is None else self.free_size[s][voxels]
+        return F.softplus(raw)
+
     @torch.no_grad()
     def positions(self, pair: str) -> Tensor:
         """Learned receptive-field centres (n_voxels, 2) in grid units (x right, y down)."""
@@ -480,7 +562,8 @@ class RetinotopicReadout(Readout):
         """Everything :func:`predict_points` needs per voxel, as used for training or evaluation.
 
         Returns positions (V, 2) (jittered while training), level weights (V, L), local weight (V,)
-        or None without the global term, readout weights (V, D) and biases (V,).  While training
+        or None without the global term, readout weights (V, D), biases (V,) and the Gaussian
+        field sizes (V,) or None for point fields (:meth:`rf_sizes`).  While training
         with ``layer_entropy > 0`` it also records the level weights' entropy for
         :meth:`regularization`.
         """
@@ -496,7 +579,7 @@ class RetinotopicReadout(Readout):
         w, b = self.weight[s], self.bias[s]
         if voxels is not None:
             w, b = w[voxels], b[voxels]
-        return pos, levels, mix if self.global_term else None, w, b
+        return pos, levels, mix if self.global_term else None, w, b, self.rf_sizes(pair, voxels)
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""

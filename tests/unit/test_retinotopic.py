@@ -15,8 +15,9 @@ from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
 from brainenc.models.experts import ExpertFeatures, ExpertsReadout
-from brainenc.models.retinotopic import (RetinotopicReadout, bilinear_matrix, fourier_encode, normalise_coords,
-                                         normalise_levels, read_level, sample_at, sampled_dot)
+from brainenc.models.retinotopic import (RetinotopicReadout, bilinear_matrix, fourier_encode, gaussian_matrix,
+                                         normalise_coords, normalise_levels, read_level, sample_at, sample_points,
+                                         sampled_dot)
 from brainenc.models.partition_file import read_partitions, write_partitions
 from brainenc.recipes.partitions import kmeans_partition, random_partition
 
@@ -85,6 +86,62 @@ def test_sampled_dot_equals_sample_then_dot_in_every_strategy(b, h, w):
     for a, b_ in zip(torch.autograd.grad((got * wt).sum(), [fmap, pos, readout]),
                      torch.autograd.grad((want * wt).sum(), [fmap, pos, readout])):
         torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
+
+
+def test_gaussian_field_weights_pixels_by_distance_and_narrows_to_the_nearest_pixels():
+    h = w = 8
+    pos = torch.tensor([_pixel_centre(2, 5, h, w), _pixel_centre(0, 0, h, w), (1.6, -1.4)])
+    m = gaussian_matrix(pos, torch.tensor([0.3, 1e-4, 0.1]), h, w)
+    torch.testing.assert_close(m.sum(1), torch.ones(3))
+    grid = m.view(3, h, w)
+    # centred on pixel (2, 5): the largest weight there, falling off with distance, symmetric
+    assert int(grid[0].argmax()) == 2 * w + 5
+    assert grid[0, 2, 4] == pytest.approx(float(grid[0, 2, 6]), rel=1e-5) and grid[0, 2, 3] < grid[0, 2, 4]
+    # a tiny field is the pixel it sits on plus what half a pixel pitch adds: neighbours get
+    # exp(-2) of the centre's weight per axis
+    assert float(grid[1, 0, 1] / grid[1, 0, 0]) == pytest.approx(math.exp(-2), rel=1e-3)
+    # a field off the image's corner reads the nearest corner pixel most
+    assert int(grid[2].argmax()) == 0 * w + (w - 1)
+    # readout through the matrix == sample_points; gradients reach position and size
+    fmap = torch.randn(2, 3, h, w)
+    sig = torch.tensor([0.3, 0.05, 0.1], requires_grad=True)
+    pos = pos.clone().requires_grad_(True)
+    out = sample_points(fmap, pos, sig)
+    torch.testing.assert_close(out, fmap.flatten(2) @ gaussian_matrix(pos, sig, h, w).t())
+    gp, gs = torch.autograd.grad(out.pow(2).sum(), [pos, sig])
+    assert gp.abs().sum() > 0 and gs.abs().sum() > 0
+
+
+def test_gaussian_readout_starts_at_its_size_copies_into_experts_and_trains():
+    n = 12
+    r = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, rf="gaussian", rf_size_init=0.2,
+                           selector_init="zero")
+    r.set_voxel_info(PAIR, _coords(n))
+    torch.testing.assert_close(r.rf_sizes(PAIR), torch.full((n,), 0.2))
+    assert RetinotopicReadout({PAIR: n}, _spec()).rf_sizes(PAIR) is None
+    feats = _feats()
+    # the prediction uses the Gaussian field: the same readout read at points differs
+    point = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, selector_init="zero")
+    point.load_state_dict(r.state_dict(), strict=False)
+    r.eval(), point.eval()
+    assert not torch.allclose(r(feats, PAIR), point(feats, PAIR), atol=1e-4)
+    # a subset readout copied from it predicts the same columns
+    idx = torch.tensor([1, 4, 7])
+    sub = RetinotopicReadout({PAIR: 3}, _spec(), width=4, hidden=8, rf="gaussian")
+    sub.set_voxel_info(PAIR, _coords(n)[idx.numpy()], frame=_coords(n))
+    sub.copy_from(r, {PAIR: idx})
+    torch.testing.assert_close(sub.eval()(feats, PAIR), r(feats, PAIR)[:, idx], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rf"):
+        point.copy_from(r, {PAIR: torch.arange(n)})
+    # sizes are trained: one optimiser step moves them
+    r.train()
+    opt = torch.optim.SGD(r.parameters(), lr=0.5)
+    before = r.rf_sizes(PAIR).detach().clone()
+    r(feats, PAIR).pow(2).mean().backward()
+    opt.step()
+    assert not torch.allclose(r.rf_sizes(PAIR), before)
+    with pytest.raises(ValueError, match="rf must be"):
+        RetinotopicReadout({PAIR: n}, _spec(), rf="disc")
 
 
 def test_position_convention_y_points_down_and_degrees_point_up():
@@ -499,7 +556,7 @@ def test_shared_readout_uses_one_vector_for_local_and_global_terms():
     r.set_voxel_info(PAIR, _coords(n))
     assert r.weight[PAIR.replace("/", "__")].shape == (n, 4)
     feats = _feats()
-    pos, levels, mix, w, b = r.point_params(PAIR)
+    pos, levels, mix, w, b, _ = r.point_params(PAIR)
     maps = normalise_levels(feats, r.norm)
     local = torch.zeros(3, 4, n)
     glob = torch.zeros(3, 4, n)
