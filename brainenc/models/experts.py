@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .backbones import Features
 from .readout import FeatureSpec, Readout, pair_slot
-from .retinotopic import RetinotopicReadout, grid_sizes, level_norms, normalise_levels, predict_points
+from .retinotopic import (RetinotopicReadout, adapt_levels, grid_sizes, level_adapters, level_norms, normalise_levels,
+                          predict_points)
 
 
 def _key(name: str) -> str:
@@ -51,7 +52,9 @@ class ExpertsReadout(Readout):
     A partition assigns every voxel of every subject to exactly one ROI (see
     :mod:`brainenc.recipes.partitions`); the expert of ROI ``r`` is a retinotopic readout over only
     that ROI's voxels (its own coordinate MLPs, bottleneck and per-voxel weights, with
-    coordinates normalised over the ROI).  All experts share the backbone -- or each runs it with
+    coordinates normalised over the ROI).  All experts share the level norms and, with an
+    ``adapter`` in ``expert``, one nonlinear adapter (copied from the whole-brain model and trained
+    by all experts together); they share the backbone -- or each runs it with
     its own LoRA adapter (``ExpertsModule(expert_adapters=True)``, which passes
     :class:`ExpertFeatures`) -- and train together.
 
@@ -106,8 +109,10 @@ class ExpertsReadout(Readout):
                 if counts:
                     self.experts[self.expert_name(p, r)] = RetinotopicReadout(
                         counts, spec, **{**(expert or {}), "normalise": False})
-        # every expert standardises (and pools) the same features the same way: one shared set of norms
+        # every expert standardises (and pools) the same features the same way: one shared set of
+        # norms, and one shared nonlinear adapter when the experts read adapted maps
         self.norm = level_norms(spec)
+        self.adapter = level_adapters(spec, int((expert or {}).get("adapter", 0)))
         self.grids = grid_sizes((expert or {}).get("grid"))
         self._index = {name: i for i, name in enumerate(self.experts)}
         self.subject_frame = init_from is not None
@@ -135,6 +140,7 @@ class ExpertsReadout(Readout):
             raise ValueError(f"{path}: field 'state_dict': expected a whole-brain RetinotopicReadout over "
                              f"{sorted(self.voxel_counts)} built with expert={expert}: {err}") from err
         self.norm.load_state_dict(whole.norm.state_dict())
+        self.adapter.load_state_dict(whole.adapter.state_dict())
         for p in self.partition_names:
             for r in range(len(self.roi_names[p])):
                 name = self.expert_name(p, r)
@@ -191,16 +197,20 @@ class ExpertsReadout(Readout):
         """
         per_expert = isinstance(features, ExpertFeatures)
         groups, n = self._points(pair, voxels, self.label_device())
-        shared = None if per_expert else normalise_levels(features, self.norm, self.grids)
+        shared = None if per_expert else self.prepare_maps(features)
         preds = []
         for e, expert, _, local in groups:
-            maps = normalise_levels(features.of(e), self.norm, self.grids) if per_expert else shared
+            maps = self.prepare_maps(features.of(e)) if per_expert else shared
             preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
                                         dropout=expert.dropout))
         # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
         out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
         out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)
         return out.view(len(features), len(self.partition_names), n)
+
+    def prepare_maps(self, features: Features) -> list[Tensor]:
+        """The maps every expert reads: normalised, pooled to the grids and adapted, once for all."""
+        return adapt_levels(normalise_levels(features, self.norm, self.grids), self.adapter)
 
     def label_device(self) -> torch.device:
         return next(self.buffers()).device

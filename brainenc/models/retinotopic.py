@@ -334,6 +334,28 @@ def normalise_levels(features: Features, norms: nn.ModuleList, grid=None) -> lis
             for g in grid_sizes(grid) for m in maps]
 
 
+def level_adapters(spec: FeatureSpec, channels: int) -> nn.ModuleList:
+    """Per level a residual per-pixel MLP ``C_l -> channels -> C_l`` (1x1 convolutions, GELU) whose
+    output layer starts at zero; empty for ``channels == 0``."""
+    if channels <= 0:
+        return nn.ModuleList()
+    out = nn.ModuleList()
+    for c, _, _ in spec.shapes:
+        mlp = nn.Sequential(nn.Conv2d(c, channels, 1), nn.GELU(), nn.Conv2d(channels, c, 1))
+        nn.init.zeros_(mlp[-1].weight)
+        nn.init.zeros_(mlp[-1].bias)
+        out.append(mlp)
+    return out
+
+
+def adapt_levels(maps: list[Tensor], adapters: nn.ModuleList) -> list[Tensor]:
+    """``m + adapter(m)`` for the maps of :func:`normalise_levels` (size-major order: map ``i`` is
+    level ``i % n_levels``); unchanged without adapters."""
+    if not len(adapters):
+        return maps
+    return [m + adapters[i % len(adapters)](m) for i, m in enumerate(maps)]
+
+
 def selector_prior_term(levels: Tensor, mix: Optional[Tensor]) -> Tensor:
     """FactorTopy's selector prior: mean normalised negative entropy of the level weights plus the
     mean squared distance of the local/global mix from 0.5.
@@ -372,8 +394,9 @@ class RetinotopicReadout(Readout):
         (positive pushes each voxel towards one level)
     global_term : include the pooled (global) features
     dropout : dropout on the per-voxel features during training
-    normalise : standardise each level with its own parameter-free BatchNorm; False when the
-        caller passes already normalised maps (the experts of :class:`ExpertsReadout` share one)
+    normalise : standardise (and adapt, see ``adapter``) each level itself; False when the caller
+        passes already normalised and adapted maps (the experts of :class:`ExpertsReadout` share
+        one norm and one adapter)
     grid : average-pool every level map larger than ``grid x grid`` down to it before sampling
         (None = sample the backbone's maps as they are); a list (e.g. ``[8, 4]``) offers every
         level at every size and the level weights choose among them; see :func:`normalise_levels`
@@ -388,6 +411,11 @@ class RetinotopicReadout(Readout):
         :func:`gaussian_matrix`
     rf_size_init : the Gaussian fields' starting standard deviation in grid units (the image is 2
         wide, so 0.1 is 1/20 of the image)
+    adapter : hidden channels of a residual per-pixel MLP (one per level, shared by all voxels)
+        between the normalised level and the bottleneck, so that voxels can read features that
+        are not linear in the backbone's; its output layer starts at zero, so training starts
+        from the linear readout; 0 = none (the bottleneck reads the backbone's channels
+        linearly, as FactorTopy does)
     selector_prior : weight of a prior that holds the selectors near their neutral start
         (normalised negative entropy of the level weights, minimal when uniform, plus
         ``(mix - 0.5)^2``) and fades linearly to 0 over ``selector_prior_steps`` training steps,
@@ -400,7 +428,7 @@ class RetinotopicReadout(Readout):
                  normalise: bool = True, grid: Union[int, list[int], None] = None,
                  selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
                  selector_prior: float = 0.0, selector_prior_steps: int = 2000,
-                 rf: Literal["point", "gaussian"] = "point", rf_size_init: float = 0.1):
+                 rf: Literal["point", "gaussian"] = "point", rf_size_init: float = 0.1, adapter: int = 0):
         super().__init__(voxel_counts, spec)
         if rf not in ("point", "gaussian") or not rf_size_init > 0:
             raise ValueError(f"RetinotopicReadout: rf must be 'point' or 'gaussian' and rf_size_init > 0, got "
@@ -417,12 +445,17 @@ class RetinotopicReadout(Readout):
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
         self.shared_readout = bool(shared_readout)
         self.rf, self.rf_size_init = rf, float(rf_size_init)
+        if int(adapter) < 0:
+            raise ValueError(f"RetinotopicReadout: adapter must be >= 0 channels, got {adapter!r}")
+        self.adapter_channels = int(adapter)
         self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
         # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
         self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
         # one selector weight per (size, level); the bottleneck of a level is shared by its sizes
         self.n_levels = len(spec.shapes) * len(self.grids)
         self.norm = level_norms(spec) if normalise else nn.ModuleList([nn.Identity() for _ in spec.shapes])
+        # the caller that normalises (experts: ExpertsReadout) also adapts; see level_adapters
+        self.adapter = level_adapters(spec, self.adapter_channels) if normalise else nn.ModuleList()
         self.bottleneck = nn.ModuleList([nn.Conv2d(c, self.width, 1) for c, _, _ in spec.shapes])
         self.dropout = nn.Dropout(dropout)
         d_enc = 3 + 6 * self.n_freq
@@ -477,11 +510,14 @@ class RetinotopicReadout(Readout):
         Both readouts must have the same architecture; with coordinates in the same frame (see
         :meth:`set_voxel_info`), this readout then predicts exactly what ``other`` does for those voxels.
         """
-        if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout, other.rf) != (
-                self.width, self.n_freq, self.positions_mode, self.global_term, self.shared_readout, self.rf):
+        if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout, other.rf,
+                other.adapter_channels) != (self.width, self.n_freq, self.positions_mode, self.global_term,
+                                            self.shared_readout, self.rf, self.adapter_channels):
             raise ValueError("RetinotopicReadout.copy_from: the two readouts differ in width, n_freq, positions, "
-                             "global_term, shared_readout or rf")
+                             "global_term, shared_readout, rf or adapter")
         self.bottleneck.load_state_dict(other.bottleneck.state_dict())
+        if len(self.adapter) and len(other.adapter):
+            self.adapter.load_state_dict(other.adapter.state_dict())
         for key, idx in voxels.items():
             s = pair_slot(key)
             for mine, theirs in ((self.pos_mlp, other.pos_mlp), (self.layer_mlp, other.layer_mlp),
@@ -583,7 +619,8 @@ class RetinotopicReadout(Readout):
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""
-        return predict_points(normalise_levels(features, self.norm, self.grids), self.bottleneck_weights(),
+        maps = adapt_levels(normalise_levels(features, self.norm, self.grids), self.adapter)
+        return predict_points(maps, self.bottleneck_weights(),
                               *self.point_params(pair, voxels), dropout=self.dropout)
 
     def prior_weight(self) -> float:

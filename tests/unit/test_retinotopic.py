@@ -137,11 +137,42 @@ def test_gaussian_readout_starts_at_its_size_copies_into_experts_and_trains():
     r.train()
     opt = torch.optim.SGD(r.parameters(), lr=0.5)
     before = r.rf_sizes(PAIR).detach().clone()
-    r(feats, PAIR).pow(2).mean().backward()
+    (r(feats, PAIR) - 3).pow(2).mean().backward()
     opt.step()
-    assert not torch.allclose(r.rf_sizes(PAIR), before)
+    assert (r.rf_sizes(PAIR) - before).abs().max() > 1e-4
     with pytest.raises(ValueError, match="rf must be"):
         RetinotopicReadout({PAIR: n}, _spec(), rf="disc")
+
+
+def test_adapter_is_a_shared_nonlinear_map_between_the_levels_and_the_bottleneck():
+    n = 9
+    r = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, adapter=7).eval()
+    r.set_voxel_info(PAIR, _coords(n))
+    assert [a[0].out_channels for a in r.adapter] == [7, 7] and r.bottleneck[0].in_channels == SHAPES[0][0]
+    feats = _feats()
+    lin = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8).eval()
+    lin.set_voxel_info(PAIR, _coords(n))
+    lin.load_state_dict(r.state_dict(), strict=False)
+    # the residual's output layer starts at zero: at first exactly the linear readout
+    torch.testing.assert_close(r(feats, PAIR), lin(feats, PAIR))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for a in r.adapter:
+            a[-1].weight.copy_(torch.randn(a[-1].weight.shape, generator=g))
+    pos, levels, mix, w, b, _ = r.point_params(PAIR)
+    maps = [m + a[2](torch.nn.functional.gelu(a[0](m))) for m, a in zip(normalise_levels(feats, r.norm), r.adapter)]
+    from brainenc.models.retinotopic import predict_points
+    want = predict_points(maps, r.bottleneck_weights(), pos, levels, mix, w, b, dropout=r.dropout)
+    torch.testing.assert_close(r(feats, PAIR), want)
+    # no longer affine in the features: an affine readout gives equal steps r(3x) - r(2x) == r(2x) - r(x)
+    # (level norms frozen in eval mode)
+    def steps(readout):
+        a, b_, c = (readout(Features([k * m for m in feats.maps]), PAIR) for k in (1, 2, 3))
+        return c - b_, b_ - a
+    torch.testing.assert_close(*steps(lin), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(*steps(r), atol=1e-3)
+    with pytest.raises(ValueError, match="adapter"):
+        RetinotopicReadout({PAIR: n}, _spec(), adapter=-1)
 
 
 def test_position_convention_y_points_down_and_degrees_point_up():
@@ -469,17 +500,21 @@ def test_student_starts_from_a_checkpoint_of_the_whole_brain_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------- FactorTopy-style options
-def test_warm_started_experts_predict_exactly_the_whole_brain_model(tmp_path):
+# point fields; Gaussian fields read through a shared nonlinear adapter (copied into the experts'
+# shared adapter)
+@pytest.mark.parametrize("extra", [{}, {"rf": "gaussian", "adapter": 5}])
+def test_warm_started_experts_predict_exactly_the_whole_brain_model(tmp_path, extra):
     n = 30
     path, _ = _partition_file(tmp_path, n)
-    kw = {"width": 4, "hidden": 8, "grid": 2, "selector_init": "zero"}
+    kw = {"width": 4, "hidden": 8, "grid": 2, "selector_init": "zero", **extra}
     whole = RetinotopicReadout({PAIR: n}, _spec(), **kw)
     coords = _coords(n)
     whole.set_voxel_info(PAIR, coords)
     # move every parameter away from its initialisation, and give BatchNorm non-trivial statistics
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for prm in whole.parameters():
-            prm.add_(0.3 * torch.randn_like(prm))
+            prm.add_(0.3 * torch.randn(prm.shape, generator=g))
     whole.train()
     whole(_feats(b=8, seed=3), PAIR)
     whole.eval()
