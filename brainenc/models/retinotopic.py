@@ -154,12 +154,24 @@ def gaussian_matrix(pos: Tensor, sigma: Tensor, h: int, w: int) -> Tensor:
     return (wy[:, :, None] * wx[:, None, :]).flatten(1)
 
 
-def point_matrix(pos: Tensor, sigma: Optional[Tensor], h: int, w: int) -> Tensor:
-    """(V, h * w): :func:`bilinear_matrix` for point fields (``sigma`` None), else :func:`gaussian_matrix`."""
-    return bilinear_matrix(pos, h, w) if sigma is None else gaussian_matrix(pos, sigma, h, w)
+def point_matrix(pos: Tensor, sigma: Optional[Tensor], h: int, w: int, dtype: torch.dtype = torch.float32,
+                 memo: Optional[dict] = None) -> Tensor:
+    """(V, h * w): :func:`bilinear_matrix` for point fields (``sigma`` None), else :func:`gaussian_matrix`.
+
+    ``memo`` (a dict owned by one forward pass) keeps each map size's matrix: the levels of a
+    pyramid pooled to a grid share one size, and the matrix need not be rebuilt for each.
+    """
+    key = (h, w, dtype)
+    if memo is not None and key in memo:
+        return memo[key]
+    p = pos.to(dtype)
+    m = bilinear_matrix(p, h, w) if sigma is None else gaussian_matrix(p, sigma, h, w)
+    if memo is not None:
+        memo[key] = m
+    return m
 
 
-def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None) -> Tensor:
+def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None, memo: Optional[dict] = None) -> Tensor:
     """The map read at every voxel's field: (B, C, H, W) -> (B, C, V).
 
     A point (``sigma`` None) is sampled bilinearly (:func:`sample_at`); a Gaussian field of
@@ -167,7 +179,7 @@ def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None) -> 
     """
     if sigma is None:
         return sample_at(fmap, pos)
-    return fmap.flatten(2) @ gaussian_matrix(pos.to(fmap.dtype), sigma, *fmap.shape[-2:]).t()
+    return fmap.flatten(2) @ point_matrix(pos, sigma, *fmap.shape[-2:], fmap.dtype, memo).t()
 
 
 # Maps of up to this many pixels (or up to batch-size pixels) are sampled through bilinear_matrix,
@@ -176,7 +188,8 @@ def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None) -> 
 DENSE_MAX_PIXELS = 64
 
 
-def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tensor] = None) -> Tensor:
+def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tensor] = None,
+                memo: Optional[dict] = None) -> Tensor:
     """Every voxel's readout weights dotted with the map sampled at its position.
 
     ``out[b, v] = readout[v] . sample_points(fmap, pos, sigma)[b, :, v]``, computed the cheapest way for
@@ -192,6 +205,7 @@ def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tens
     readout : Tensor (V, C)
     sigma : Tensor (V,) or None: Gaussian fields of this size instead of points (see
         :func:`sample_points`; always through the dense matrix)
+    memo : see :func:`point_matrix`
 
     Returns
     -------
@@ -200,7 +214,7 @@ def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tens
     b, c, h, w = fmap.shape
     if sigma is None and h * w > max(b, DENSE_MAX_PIXELS):
         return dot_channels(sample_at(fmap, pos), readout)
-    m = point_matrix(pos.to(fmap.dtype), sigma, h, w)  # (V, P)
+    m = point_matrix(pos, sigma, h, w, fmap.dtype, memo)  # (V, P)
     if h * w <= b:
         return fmap.flatten(1) @ (readout[:, :, None] * m[:, None, :]).flatten(1).t()
     return dot_channels(fmap.flatten(2) @ m.t(), readout)
@@ -226,7 +240,7 @@ def _active(dropout: nn.Module) -> bool:
 
 
 def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout: Tensor,
-               dropout: nn.Module, sigma: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               dropout: nn.Module, sigma: Optional[Tensor] = None, memo: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """One level's local contribution to every voxel's prediction, and the level's pooled features.
 
     Parameters
@@ -237,6 +251,7 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     readout : Tensor (N, width), each voxel's readout weights of its local features
     dropout : applied to the voxel's bottlenecked features while training
     sigma : Tensor (N,) Gaussian field sizes in grid units, or None for points
+    memo : the pixel-weight matrices of the forward pass so far (see :func:`point_matrix`)
 
     Returns
     -------
@@ -252,14 +267,14 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     # with respect to the projected map; pick the cheaper order.
     if n * c <= SAMPLE_FIRST_ADVANTAGE * width * h * w:
         if _active(dropout):
-            feat = torch.einsum("bcn,wc->bwn", sample_points(fmap, pos, sigma), weight) + bias[:, None]
+            feat = torch.einsum("bcn,wc->bwn", sample_points(fmap, pos, sigma, memo), weight) + bias[:, None]
             return dot_channels(dropout(feat), readout), pooled
         # fold the readout into the bottleneck: no (B, width, N) features at all
-        return sampled_dot(fmap, pos, readout @ weight, sigma) + readout @ bias, pooled
+        return sampled_dot(fmap, pos, readout @ weight, sigma, memo) + readout @ bias, pooled
     proj = F.conv2d(fmap, weight[:, :, None, None], bias)  # (B, width, H, W)
     if _active(dropout):
-        return dot_channels(dropout(sample_points(proj, pos, sigma)), readout), pooled
-    return sampled_dot(proj, pos, readout, sigma), pooled
+        return dot_channels(dropout(sample_points(proj, pos, sigma, memo)), readout), pooled
+    return sampled_dot(proj, pos, readout, sigma, memo), pooled
 
 
 def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
@@ -291,9 +306,9 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     shared = weight.shape[1] == width
     # the mix scales the (small) readout weights instead of the (B, width, N) features
     w_local = weight if mix is None else weight[:, :width] * mix[:, None]
-    pred, pooled = bias, []
+    pred, pooled, memo = bias, [], {}
     for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout, sigma)
+        local, pl = read_level(m, w_l, b_l, pos, w_local, dropout, sigma, memo)
         pred = pred + local * levels[:, l]
         pooled.append(pl)
     if mix is None:
