@@ -113,6 +113,7 @@ def test_gaussian_field_weights_pixels_by_distance_and_narrows_to_the_nearest_pi
 
 
 def test_gaussian_readout_starts_at_its_size_copies_into_experts_and_trains():
+    torch.manual_seed(0)  # the MLPs' initialisation: the outcome must not depend on test order
     n = 12
     r = RetinotopicReadout({PAIR: n}, _spec(), width=4, hidden=8, rf="gaussian", rf_size_init=0.2,
                            selector_init="zero")
@@ -138,8 +139,9 @@ def test_gaussian_readout_starts_at_its_size_copies_into_experts_and_trains():
     opt = torch.optim.SGD(r.parameters(), lr=0.5)
     before = r.rf_sizes(PAIR).detach().clone()
     (r(feats, PAIR) - 3).pow(2).mean().backward()
+    assert float(r.size_mlp[PAIR.replace("/", "__")][-1].bias.grad.abs()) > 0
     opt.step()
-    assert (r.rf_sizes(PAIR) - before).abs().max() > 1e-4
+    assert (r.rf_sizes(PAIR) - before).abs().max() > 1e-6
     with pytest.raises(ValueError, match="rf must be"):
         RetinotopicReadout({PAIR: n}, _spec(), rf="disc")
 
