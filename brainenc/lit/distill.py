@@ -62,12 +62,13 @@ class DistillModule(EncoderModule):
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-student",
-                 feature_cache: Optional[FeatureCache] = None, init_from: Optional[str] = None):
+                 feature_cache: Optional[FeatureCache] = None, init_from: Optional[str] = None,
+                 lr_scale: Optional[dict[str, float]] = None):
         super().__init__(backbone, readout, voxel_counts=voxel_counts,
                          loss=loss if loss is not None else SmoothL1Loss(0.01), lr=lr,
                          weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
                          voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
-                         model_name=model_name, feature_cache=feature_cache)
+                         model_name=model_name, feature_cache=feature_cache, lr_scale=lr_scale)
         if init_from:
             self.load_weights(init_from)
         self._dark: dict[str, tuple[Tensor, Tensor]] = {}  # pair -> (row lookup (n_rows,), pred (n, V))

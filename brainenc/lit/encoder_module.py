@@ -63,6 +63,10 @@ class EncoderModule(L.LightningModule):
     feature_cache : a :class:`~brainenc.features.cache.FeatureCache`; with a frozen backbone,
         :meth:`features` reads each stimulus' features from disk and runs the backbone only on
         rows not cached yet (None = always run the backbone)
+    lr_scale : ``{parameter-name prefix: factor}``: the readout parameters whose names start
+        with a prefix train at ``factor * lr`` (e.g. ``{"readout.embedding": 3}``: the universal
+        encoder's voxel embeddings, each updated only in the steps that sample its voxel); the
+        first matching prefix wins, and a prefix that matches no parameter is an error
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory,
@@ -70,7 +74,7 @@ class EncoderModule(L.LightningModule):
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder",
-                 feature_cache: Optional[FeatureCache] = None):
+                 feature_cache: Optional[FeatureCache] = None, lr_scale: Optional[dict[str, float]] = None):
         super().__init__()
         if not voxel_counts:
             raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "
@@ -86,6 +90,9 @@ class EncoderModule(L.LightningModule):
         self.lr, self.weight_decay, self.backbone_lr = lr, weight_decay, backbone_lr
         self.warmup_fraction, self.voxels_per_step = warmup_fraction, voxels_per_step
         self.eval_voxel_chunk, self.model_name = eval_voxel_chunk, model_name
+        self.lr_scale = {str(k): float(v) for k, v in (lr_scale or {}).items()}
+        if any(not v > 0 for v in self.lr_scale.values()):
+            raise ValueError(f"EncoderModule: lr_scale factors must be > 0, got {lr_scale}")
         self.val_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
         self.test_pearson = nn.ModuleDict({pair_slot(k): VoxelPearson(n) for k, n in voxel_counts.items()})
         self.test_collect = nn.ModuleDict({pair_slot(k): PredictionCollector() for k in voxel_counts})
@@ -326,9 +333,9 @@ class EncoderModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        head = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        head = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         body = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-        groups = [{"params": head, "lr": self.lr}]
+        groups = lr_groups(head, self.lr, getattr(self, "lr_scale", {}))
         if body:
             groups.append({"params": body, "lr": self.backbone_lr})
         opt = adamw(groups, self.weight_decay)
@@ -337,6 +344,21 @@ class EncoderModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_groups(named: list[tuple[str, Tensor]], lr: float, scale: dict[str, float]) -> list[dict]:
+    """Optimiser groups of ``named`` parameters: the unmatched ones at ``lr``, and one group per
+    prefix of ``scale`` (``{prefix: factor}``, first match wins) at ``factor * lr``."""
+    members: dict[str, list[Tensor]] = {prefix: [] for prefix in scale}
+    rest = []
+    for name, prm in named:
+        prefix = next((pre for pre in scale if name.startswith(pre)), None)
+        (members[prefix] if prefix is not None else rest).append(prm)
+    unused = sorted(pre for pre, ps in members.items() if not ps)
+    if unused:
+        raise ValueError(f"lr_scale: no trainable parameter name starts with {unused}; names look like "
+                         f"{[n for n, _ in named[:3]]}")
+    return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": lr * scale[pre]} for pre, ps in members.items()]
 
 
 def adamw(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:

@@ -39,11 +39,12 @@ class ExpertsModule(EncoderModule):
                  loss: Optional[VoxelLoss] = None, lr: float = 3e-3, weight_decay: float = 1e-4,
                  backbone_lr: float = 1e-4, warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "afo-experts",
-                 feature_cache: Optional[FeatureCache] = None, expert_adapters: bool = False):
+                 feature_cache: Optional[FeatureCache] = None, expert_adapters: bool = False,
+                 lr_scale: Optional[dict[str, float]] = None):
         super().__init__(backbone, readout, voxel_counts=voxel_counts, loss=loss, lr=lr,
                          weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
                          voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
-                         model_name=model_name, feature_cache=feature_cache)
+                         model_name=model_name, feature_cache=feature_cache, lr_scale=lr_scale)
         if not isinstance(self.readout, ExpertsReadout):
             raise TypeError(f"ExpertsModule needs an ExpertsReadout, got {type(self.readout).__name__}")
         self.expert_adapters = bool(expert_adapters)

@@ -408,3 +408,27 @@ def test_attention_centres_read_where_each_voxel_attends():
 def _features_of(spec: FeatureSpec, b: int) -> Features:
     g = torch.Generator().manual_seed(1)
     return Features([torch.randn(b, c, h, w, generator=g) for c, h, w in spec.shapes])
+
+
+def test_lr_scale_puts_named_parameters_in_their_own_group_and_steps_them_further():
+    """``EncoderModule(lr_scale={prefix: k})``: parameters whose names start with the prefix get
+    k times the rate; Adam's first step moves every coordinate by about its rate, so the scaled
+    embedding moves k times as far as the unscaled attention weights."""
+    from brainenc.lit.encoder_module import adamw, lr_groups
+
+    r = _readout(dropout=0.0).train()
+    named = [(f"readout.{n}", p) for n, p in r.named_parameters()]
+    groups = lr_groups(named, 1e-3, {"readout.embedding": 3.0})
+    assert [g["lr"] for g in groups] == [1e-3, 3e-3]
+    assert len(groups[1]["params"]) == 1 and groups[1]["params"][0] is r.embedding
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    start = {n: p.detach().clone() for n, p in named}
+    opt = adamw(groups, 0.0)
+    loss = (r(_features(seed=0), "dsA/subj01") ** 2).mean()
+    loss.backward()
+    opt.step()
+    step = {n: float((p.detach() - start[n]).abs().max()) for n, p in named}
+    assert step["readout.embedding"] == pytest.approx(3e-3, rel=0.05)
+    assert step["readout.feat_embed"] == pytest.approx(1e-3, rel=0.05)
+    with pytest.raises(ValueError, match="no trainable parameter name starts with"):
+        lr_groups(named, 1e-3, {"readout.embeding": 3.0})
