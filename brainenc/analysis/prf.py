@@ -15,6 +15,13 @@ Gaussian that falls on the screen (per axis the mean of a normal truncated to th
 :func:`visible_centres`), which is the true centre for a small pRF well inside the image and
 moves onto the screen as the pRF hangs off it.
 
+Sizes.  A readout with Gaussian fields (``rf: gaussian``) also learns a size per voxel
+(:meth:`~brainenc.models.retinotopic.RetinotopicReadout.rf_sizes`); ``size_r_on_screen`` is the
+Spearman rank correlation of the learned with the true pRF sizes (``truth/prf_sigma_deg``) over
+the on-screen voxels. Rank, not value: the learned field is an extra pooling of a map whose
+pixels already integrate over the backbone's own receptive fields, so only the ordering is
+comparable.
+
 Command line (prints JSON; ``--out`` also writes it)::
 
     python -m brainenc.analysis.prf runs/quickstart/retinotopic [--rois V1,V2,V3] [--out prf.json]
@@ -103,7 +110,8 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
 
     Returns {pair: :func:`recovery_stats` of those voxels, plus the same keys suffixed
     ``_on_screen`` for the voxels whose true centre lies inside the image and ``_visible`` for all
-    of them against their :func:`visible_centres` (module docstring), and ``off_screen_fraction``}
+    of them against their :func:`visible_centres` (module docstring), ``off_screen_fraction``, and
+    for readouts with Gaussian fields ``size_r_on_screen`` (:func:`size_rank_r`)}
     """
     out = {}
     for p in pairs:
@@ -122,7 +130,20 @@ def prf_recovery(readout, pairs: Sequence, rois: Sequence[str] = EARLY_VISUAL) -
         vis = visible_centres(true[sel], sigma[sel], half)
         out[p.key].update({f"{k}_visible": v for k, v in recovery_stats(est[sel], vis).items()})
         out[p.key]["off_screen_fraction"] = float(1 - on.sum() / max(1, sel.sum()))
+        sizes = readout.rf_sizes(p.key) if callable(getattr(readout, "rf_sizes", None)) else None
+        if sizes is not None:
+            out[p.key]["size_r_on_screen"] = size_rank_r(sizes.detach().cpu().numpy()[on], sigma[on])
     return out
+
+
+def size_rank_r(est: np.ndarray, true: np.ndarray) -> float:
+    """Spearman rank correlation of learned and true field sizes (n,); NaN for fewer than 3."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(est) & np.isfinite(true)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(spearmanr(est[ok], true[ok]).statistic)
 
 
 def prf_figure(readout, pair, rois: Sequence[str] = EARLY_VISUAL):

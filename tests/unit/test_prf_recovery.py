@@ -128,3 +128,26 @@ def test_level_profile_sums_grid_sizes_per_backbone_level(tiny):
     assert dict(zip(df["roi"], df["n_voxels"])) == {**named, "all": pair.info.n_voxels}
     assert np.allclose(df["level_0"], p[0] + p[2]) and np.allclose(df["level_1"], p[1] + p[3])
     assert np.allclose(df["mean_level"], p[1] + p[3])
+
+
+def test_gaussian_field_sizes_are_scored_by_rank_against_the_true_sizes(tiny):
+    """A readout whose learned sizes are a monotone function of the true pRF sizes scores a rank
+    correlation of 1 on the on-screen voxels; a point readout reports no size at all."""
+    pair = tiny.pairs[0]
+    _, vt, _, sigma = true_centres(pair.info.path, with_sigma=True)
+    spec = FeatureSpec(((2, 8, 8),), 2)
+    point = RetinotopicReadout({pair.key: pair.info.n_voxels}, spec, width=2, hidden=8)
+    point.set_voxel_info(pair.key, pair.info.coords)
+    assert "size_r_on_screen" not in prf_recovery(point, [pair])[pair.key]
+    gauss = RetinotopicReadout({pair.key: pair.info.n_voxels}, spec, width=2, hidden=8, rf="gaussian",
+                               positions="free")
+    gauss.set_voxel_info(pair.key, pair.info.coords)
+    with torch.no_grad():  # softplus^-1 of 0.05 * sigma^2: monotone in the true size
+        target = torch.as_tensor(0.05 * sigma ** 2 + 1e-3, dtype=torch.float32)
+        gauss.free_size[pair.key.replace("/", "__")].copy_(target + torch.log(-torch.expm1(-target)))
+    got = prf_recovery(gauss, [pair])[pair.key]
+    assert got["size_r_on_screen"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():  # shuffled sizes: no rank agreement
+        perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))
+        gauss.free_size[pair.key.replace("/", "__")].copy_((target + torch.log(-torch.expm1(-target)))[perm])
+    assert abs(prf_recovery(gauss, [pair])[pair.key]["size_r_on_screen"]) < 0.2
