@@ -46,7 +46,7 @@ def timed(fn, seconds: float, min_reps: int = 3) -> float:
 
 def reference(readout, features, pair, voxels=None, norms=None):
     """Project every level, sample it, mix the levels, einsum readout: (B, V)."""
-    from brainenc.models.retinotopic import sample_at
+    from brainenc.models.fields import sample_at
 
     norms = readout.norm if norms is None else norms
     pos, levels, mix, w, b, _ = readout.point_params(pair, voxels)
@@ -68,7 +68,7 @@ def reference_experts(ex, features, pair):
 
 def grid_sample_dot(fmap, pos, readout, *_):
     """``sampled_dot`` as it was: grid_sample at every size, then the dot with the readout."""
-    from brainenc.models.retinotopic import dot_channels, sample_at
+    from brainenc.models.fields import dot_channels, sample_at
 
     return dot_channels(sample_at(fmap, pos), readout)
 

@@ -335,7 +335,7 @@ class EncoderModule(L.LightningModule):
     def configure_optimizers(self):
         head = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         body = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-        groups = lr_groups(head, self.lr, getattr(self, "lr_scale", {}))
+        groups = lr_groups(head, self.lr, self.lr_scale)
         if body:
             groups.append({"params": body, "lr": self.backbone_lr})
         opt = adamw(groups, self.weight_decay)

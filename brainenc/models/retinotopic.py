@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Features
+from .fields import dot_channels, sample_at, sample_points, sampled_dot
 from .readout import FeatureSpec, Readout, pair_slot
 
 
@@ -84,151 +85,6 @@ def _mlp(d_in: int, hidden: int, d_out: int, depth: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def sample_at(fmap: Tensor, pos: Tensor) -> Tensor:
-    """Bilinearly sample ``fmap`` at voxel positions.
-
-    Parameters
-    ----------
-    fmap : Tensor (B, C, H, W)
-    pos : Tensor (V, 2) or (B, V, 2), grid_sample units (x right, y down, align_corners=False)
-
-    Returns
-    -------
-    Tensor (B, C, V)
-    """
-    if pos.ndim == 2:
-        pos = pos.unsqueeze(0).expand(fmap.shape[0], -1, -1)
-    grid = pos.unsqueeze(1).to(fmap.dtype)  # (B, 1, V, 2)
-    # border padding: a position on the image's edge reads the edge pixels rather than
-    # blending them with zeros outside the image
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.squeeze(2)
-
-
-def bilinear_matrix(pos: Tensor, h: int, w: int) -> Tensor:
-    """The weights :func:`sample_at` gives every pixel, as a dense matrix.
-
-    ``sample_at(fmap, pos)[b, c, v] == (fmap.flatten(2) @ bilinear_matrix(pos, H, W).t())[b, c, v]``
-    (same border clamping and ``align_corners=False`` pixel centres; differentiable in ``pos``).
-
-    Parameters
-    ----------
-    pos : Tensor (V, 2), grid units (x right, y down)
-    h, w : the map's height and width
-
-    Returns
-    -------
-    Tensor (V, h * w), row-major pixels; every row sums to 1 with at most 4 non-zeros
-    """
-    x = (((pos[:, 0] + 1) * w - 1) / 2).clamp(0, w - 1)  # pixel coordinates, border-clamped
-    y = (((pos[:, 1] + 1) * h - 1) / 2).clamp(0, h - 1)
-    wx = (1 - (x[:, None] - torch.arange(w, dtype=pos.dtype, device=pos.device)).abs()).clamp_min(0)
-    wy = (1 - (y[:, None] - torch.arange(h, dtype=pos.dtype, device=pos.device)).abs()).clamp_min(0)
-    return (wy[:, :, None] * wx[:, None, :]).flatten(1)
-
-
-def gaussian_matrix(pos: Tensor, sigma: Tensor, h: int, w: int) -> Tensor:
-    """Every voxel's Gaussian receptive field over the pixels of an ``h x w`` map.
-
-    The weight of pixel (i, j) is ``exp(-((cx_j - px)^2 / sx^2 + (cy_i - py)^2 / sy^2) / 2)``,
-    normalised to sum to 1 over the map's pixels (so a field hanging off the image averages what
-    is on it), with pixel centres ``cx_j = (2j + 1) / w - 1`` as in :func:`sample_at` and
-    ``sx^2 = sigma^2 + (1 / w)^2`` (half a pixel pitch added in quadrature: a map's pixel already
-    integrates over its own width, and the field stays smooth in ``pos`` however small ``sigma``).
-
-    Parameters
-    ----------
-    pos : Tensor (V, 2), grid units (x right, y down)
-    sigma : Tensor (V,), the field's standard deviation in grid units (the image is 2 wide)
-    h, w : the map's height and width
-
-    Returns
-    -------
-    Tensor (V, h * w), row-major pixels, rows summing to 1
-    """
-    cx = (2 * torch.arange(w, dtype=pos.dtype, device=pos.device) + 1) / w - 1
-    cy = (2 * torch.arange(h, dtype=pos.dtype, device=pos.device) + 1) / h - 1
-    s2 = sigma.to(pos.dtype)[:, None] ** 2
-    wx = torch.softmax(-(cx - pos[:, :1]) ** 2 / (2 * (s2 + 1.0 / w ** 2)), dim=1)  # (V, w)
-    wy = torch.softmax(-(cy - pos[:, 1:]) ** 2 / (2 * (s2 + 1.0 / h ** 2)), dim=1)  # (V, h)
-    return (wy[:, :, None] * wx[:, None, :]).flatten(1)
-
-
-def point_matrix(pos: Tensor, sigma: Optional[Tensor], h: int, w: int, dtype: torch.dtype = torch.float32,
-                 memo: Optional[dict] = None) -> Tensor:
-    """(V, h * w): :func:`bilinear_matrix` for point fields (``sigma`` None), else :func:`gaussian_matrix`.
-
-    ``memo`` (a dict owned by one forward pass) keeps each map size's matrix: the levels of a
-    pyramid pooled to a grid share one size, and the matrix need not be rebuilt for each.
-    """
-    key = (h, w, dtype)
-    if memo is not None and key in memo:
-        return memo[key]
-    p = pos.to(dtype)
-    m = bilinear_matrix(p, h, w) if sigma is None else gaussian_matrix(p, sigma, h, w)
-    if memo is not None:
-        memo[key] = m
-    return m
-
-
-def sample_points(fmap: Tensor, pos: Tensor, sigma: Optional[Tensor] = None, memo: Optional[dict] = None) -> Tensor:
-    """The map read at every voxel's field: (B, C, H, W) -> (B, C, V).
-
-    A point (``sigma`` None) is sampled bilinearly (:func:`sample_at`); a Gaussian field of
-    standard deviation ``sigma`` (V,) averages the pixels under it (:func:`gaussian_matrix`).
-    """
-    if sigma is None:
-        return sample_at(fmap, pos)
-    return fmap.flatten(2) @ point_matrix(pos, sigma, *fmap.shape[-2:], fmap.dtype, memo).t()
-
-
-# Maps of up to this many pixels (or up to batch-size pixels) are sampled through bilinear_matrix,
-# larger ones with grid_sample: a matmul over the pixels beats grid_sample's scattered backward on
-# pooled maps (8 x 8, 4 x 4) and loses on native ones (measured with benchmarks/retinotopic_readout.py)
-DENSE_MAX_PIXELS = 64
-
-
-def sampled_dot(fmap: Tensor, pos: Tensor, readout: Tensor, sigma: Optional[Tensor] = None,
-                memo: Optional[dict] = None) -> Tensor:
-    """Every voxel's readout weights dotted with the map sampled at its position.
-
-    ``out[b, v] = readout[v] . sample_points(fmap, pos, sigma)[b, :, v]``, computed the cheapest way for
-    the map's size: grid_sample for large maps; for small ones a dense bilinear matrix, either
-    sampling first (a (B, C, V) intermediate) or, while ``pixels <= B``, folding the readout into
-    the matrix (a (V, C * pixels) intermediate no larger than (B, C, V)) so that one matmul does
-    it all -- the fastest by far: 3-16x faster than grid_sample at evaluation batch sizes.
-
-    Parameters
-    ----------
-    fmap : Tensor (B, C, H, W)
-    pos : Tensor (V, 2), grid units
-    readout : Tensor (V, C)
-    sigma : Tensor (V,) or None: Gaussian fields of this size instead of points (see
-        :func:`sample_points`; always through the dense matrix)
-    memo : see :func:`point_matrix`
-
-    Returns
-    -------
-    Tensor (B, V)
-    """
-    b, c, h, w = fmap.shape
-    if sigma is None and h * w > max(b, DENSE_MAX_PIXELS):
-        return dot_channels(sample_at(fmap, pos), readout)
-    m = point_matrix(pos, sigma, h, w, fmap.dtype, memo)  # (V, P)
-    if h * w <= b:
-        return fmap.flatten(1) @ (readout[:, :, None] * m[:, None, :]).flatten(1).t()
-    return dot_channels(fmap.flatten(2) @ m.t(), readout)
-
-
-def dot_channels(feat: Tensor, readout: Tensor) -> Tensor:
-    """``out[b, v] = readout[v] . feat[b, :, v]`` for feat (B, C, V) and readout (V, C) -> (B, V).
-
-    The readout is made contiguous in (C, V) order first: a broadcast multiply over a transposed
-    view runs at half the speed, forward and backward.
-    """
-    return (feat * readout.t().contiguous()).sum(dim=1)
-
-
 # sample-first is chosen while voxels x channels <= this x width x pixels: sampling first needs
 # no gradient with respect to the (frozen, normalised) map, which keeps it the cheaper order well
 # beyond equal sizes (measured with benchmarks/retinotopic_readout.py)
@@ -251,7 +107,7 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
     readout : Tensor (N, width), each voxel's readout weights of its local features
     dropout : applied to the voxel's bottlenecked features while training
     sigma : Tensor (N,) Gaussian field sizes in grid units, or None for points
-    memo : the pixel-weight matrices of the forward pass so far (see :func:`point_matrix`)
+    memo : the pixel-weight matrices of the forward pass so far (see :func:`~brainenc.models.fields.point_matrix`)
 
     Returns
     -------
@@ -423,7 +279,7 @@ class RetinotopicReadout(Readout):
     rf : "point" samples each level bilinearly at the voxel's position; "gaussian" averages it
         under a Gaussian field whose size is learned per voxel like the position (a third
         coordinate MLP, or one free value per voxel with ``positions="free"``); see
-        :func:`gaussian_matrix`
+        :func:`~brainenc.models.fields.gaussian_matrix`
     rf_size_init : the Gaussian fields' starting standard deviation in grid units (the image is 2
         wide, so 0.1 is 1/20 of the image)
     adapter : hidden channels of a residual per-pixel MLP (one per level, shared by all voxels)
@@ -570,27 +426,27 @@ class RetinotopicReadout(Readout):
     # ------------------------------------------------------------------ per-voxel parameters
     def voxel_params(self, pair: str, voxels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Positions (V, 2) in grid units, level weights (V, L * number of grid sizes) summing to 1, local weight (V,)."""
-        s = pair_slot(pair)
-        enc = fourier_encode(self._coords(s, voxels), self.n_freq)
-        if self.positions_mode == "mlp":
-            pos = torch.tanh(self.pos_mlp[s](enc))
-        else:
-            p = self.free_pos[s]
-            pos = torch.tanh(p if voxels is None else p[voxels])
-        levels = torch.softmax(self.layer_mlp[s](enc), dim=-1)
-        mix = torch.sigmoid(self.mix_mlp[s](enc)).squeeze(-1)
-        return pos, levels, mix
+        return self._selectors(pair, voxels)[:3]
 
     def rf_sizes(self, pair: str, voxels: Optional[Tensor] = None) -> Optional[Tensor]:
         """Gaussian field sizes (V,) in grid units (standard deviations), or None for point fields."""
-        if self.rf == "point":
-            return None
+        return None if self.rf == "point" else self._selectors(pair, voxels)[3]
+
+    def _selectors(self, pair: str, voxels: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """:meth:`voxel_params` and :meth:`rf_sizes` from one Fourier encoding of the coordinates."""
         s = pair_slot(pair)
-        if s in self.size_mlp:
-            raw = self.size_mlp[s](fourier_encode(self._coords(s, voxels), self.n_freq)).squeeze(-1)
-        else:
-            raw = self.free_size[s] if voxels is None else self.free_size[s][voxels]
-        return F.softplus(raw)
+        enc = fourier_encode(self._coords(s, voxels), self.n_freq)
+
+        def free(prm: Tensor) -> Tensor:
+            return prm if voxels is None else prm[voxels]
+
+        pos = torch.tanh(self.pos_mlp[s](enc) if self.positions_mode == "mlp" else free(self.free_pos[s]))
+        levels = torch.softmax(self.layer_mlp[s](enc), dim=-1)
+        mix = torch.sigmoid(self.mix_mlp[s](enc)).squeeze(-1)
+        sizes = None
+        if self.rf == "gaussian":
+            sizes = F.softplus(self.size_mlp[s](enc).squeeze(-1) if s in self.size_mlp else free(self.free_size[s]))
+        return pos, levels, mix, sizes
 
     @torch.no_grad()
     def positions(self, pair: str) -> Tensor:
@@ -619,7 +475,7 @@ class RetinotopicReadout(Readout):
         :meth:`regularization`.
         """
         s = pair_slot(pair)
-        pos, levels, mix = self.voxel_params(pair, voxels)
+        pos, levels, mix, sizes = self._selectors(pair, voxels)
         if self.training and self.jitter > 0:
             pos = pos + self.jitter * torch.randn_like(pos)
         if self.training and (self.layer_entropy > 0 or self.selector_prior > 0):
@@ -630,7 +486,7 @@ class RetinotopicReadout(Readout):
         w, b = self.weight[s], self.bias[s]
         if voxels is not None:
             w, b = w[voxels], b[voxels]
-        return pos, levels, mix if self.global_term else None, w, b, self.rf_sizes(pair, voxels)
+        return pos, levels, mix if self.global_term else None, w, b, sizes
 
     def forward(self, features: Features, pair: str, voxels: Optional[Tensor] = None) -> Tensor:
         """Predict (B, V) responses."""

@@ -15,9 +15,8 @@ from brainenc.models.backbones import Backbone, Features
 from brainenc.models.readout import FeatureSpec
 from brainenc.lit.experts import ExpertsModule
 from brainenc.models.experts import ExpertFeatures, ExpertsReadout
-from brainenc.models.retinotopic import (RetinotopicReadout, bilinear_matrix, fourier_encode, gaussian_matrix,
-                                         normalise_coords, normalise_levels, read_level, sample_at, sample_points,
-                                         sampled_dot)
+from brainenc.models.fields import bilinear_matrix, gaussian_matrix, sample_at, sample_points, sampled_dot
+from brainenc.models.retinotopic import RetinotopicReadout, fourier_encode, normalise_coords, normalise_levels, read_level
 from brainenc.models.partition_file import read_partitions, write_partitions
 from brainenc.recipes.partitions import kmeans_partition, random_partition
 
