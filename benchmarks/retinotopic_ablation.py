@@ -11,7 +11,8 @@ V1-V3 voxels (r per axis, median distance in degrees).
         --variant base: --variant w128:width=128 --variant multi:grid=[8,4]
 
 A variant is ``name:key=value,key=value`` over RetinotopicReadout's arguments, plus the
-training keys ``lr``, ``weight_decay``, ``beta`` (SmoothL1) and ``epochs``.  Results are appended
+training keys ``lr``, ``weight_decay``, ``beta`` (SmoothL1), ``epochs``, ``batch_size`` and ``lr_scale``
+(``{prefix: factor}`` over the readout's parameter names, as ``EncoderModule(lr_scale=...)``).  Results are appended
 to ``--out`` (JSON lines) so a long ablation can be split over several invocations.
 """
 
@@ -31,23 +32,24 @@ import yaml
 
 from brainenc.analysis.prf import prf_recovery, summarise
 from brainenc.data.datamodule import BrainDataModule, PairBatchDataset
+from brainenc.data.noise import pair_noise_factors, whiten, whiten_torch
 from brainenc.data.simbrain import oracle_ceiling
 from brainenc.features.cache import FeatureCache
-from brainenc.lit.encoder_module import warmup_cosine
+from brainenc.lit.encoder_module import adamw, lr_groups, warmup_cosine
 from brainenc.metrics.correlation import pearson_np
 from brainenc.models.backbones import Backbone, Features
 from brainenc.models.losses import SmoothL1Loss
 from brainenc.models.readout import FeatureSpec
 from brainenc.models.retinotopic import RetinotopicReadout
 
-TRAIN_KEYS = {"lr": 3e-3, "weight_decay": 0.01, "beta": 0.01, "epochs": None, "batch_size": 32}
+TRAIN_KEYS = {"lr": 3e-3, "weight_decay": 0.01, "beta": 0.01, "epochs": None, "batch_size": 32, "lr_scale": {}, "adapter_wd": None, "adapter_dropout": 0.0, "gls": False}
 ROIS = ["V1", "V2", "V3", "hV4", "FFA", "PPA"]
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
     name, _, rest = text.partition(":")
     model, train = {}, {}
-    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list
+    for item in filter(None, re.split(r",(?![^\[{]*[\]}])", rest)):  # commas inside [...] or {...} belong to it
         k, _, v = item.partition("=")
         (train if k in TRAIN_KEYS else model)[k] = yaml.safe_load(v)
     return name, model, train
@@ -87,6 +89,17 @@ def evaluate(readout, data: InMemory, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def roi_medians(per_pair: dict[str, np.ndarray], data: InMemory) -> dict[str, float]:
+    """Median r per ROI over the pairs' voxels (validation curves per ROI: where each ROI peaks)."""
+    names = {p.key: np.asarray(next(iter(p.info.rois.values())).names()) for p in data.pairs}
+    out = {}
+    for r in ROIS:
+        vals = np.concatenate([v[names[k] == r] for k, v in per_pair.items()])
+        if len(vals):
+            out[r] = float(np.nanmedian(vals))
+    return out
+
+
 def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec: FeatureSpec, epochs: int,
                 seed: int) -> dict:
     torch.manual_seed(seed)
@@ -95,15 +108,32 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
     readout = RetinotopicReadout({p.key: p.info.n_voxels for p in data.pairs}, spec, **model_kw)
     for p in data.pairs:
         readout.set_voxel_info(p.key, p.info.coords)
+    if cfg["adapter_dropout"]:  # experimental: dropout on the adapters' hidden channels
+        for mlp in readout.adapter:
+            mlp.insert(2, torch.nn.Dropout(cfg["adapter_dropout"]))
     loss_fn = SmoothL1Loss(cfg["beta"])
-    opt = torch.optim.AdamW(readout.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    white = {}
+    if cfg["gls"]:  # weigh errors by the inverse noise covariance (brainenc.data.noise)
+        for p in data.pairs:
+            white[p.key] = whiten_torch(pair_noise_factors(p, p.split.train))
+    named = [(n, p) for n, p in readout.named_parameters() if p.requires_grad]
+    groups = lr_groups(named, cfg["lr"], cfg["lr_scale"] or {})
+    if cfg["adapter_wd"] is not None:  # experimental: the adapter's own decoupled weight decay
+        ids = {id(p) for n, p in named if n.startswith("adapter.")}
+        for g in list(groups):
+            mine = [p for p in g["params"] if id(p) in ids]
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+            if mine:
+                groups.append({"params": mine, "lr": g["lr"], "weight_decay": cfg["adapter_wd"]})
+        groups = [g for g in groups if g["params"]]
+    opt = adamw(groups, cfg["weight_decay"])
     bs = int(cfg["batch_size"])
     rng = np.random.default_rng(seed)
     steps_per_epoch = sum(math.ceil(len(p.split.train) / bs) for p in data.pairs)
     total = steps_per_epoch * epochs
     warm = max(1, int(0.05 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
-    best, best_state, curve, t0 = -np.inf, None, [], time.perf_counter()
+    best, best_state, curve, roi_curve, t0 = -np.inf, None, [], {}, time.perf_counter()
     for epoch in range(epochs):
         batches = []
         for i, p in enumerate(data.pairs):
@@ -113,13 +143,19 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
             i, sel = batches[b]
             p = data.pairs[i]
             pred = readout(data.features(p, p.split.train[sel]), p.key)
-            loss = loss_fn(pred, data.resp[p.key]["train"][sel]) + readout.regularization()
+            target = data.resp[p.key]["train"][sel]
+            if p.key in white:
+                pred, target = whiten(pred, *white[p.key]), whiten(target, *white[p.key])
+            loss = loss_fn(pred, target) + readout.regularization()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        val = float(np.nanmedian(np.concatenate(list(evaluate(readout, data, "val").values()))))
+        per_pair = evaluate(readout, data, "val")
+        val = float(np.nanmedian(np.concatenate(list(per_pair.values()))))
         curve.append(round(val, 4))
+        for r, v in roi_medians(per_pair, data).items():
+            roi_curve.setdefault(r, []).append(round(v, 4))
         if val > best:
             best, best_state, best_epoch = val, {k: v.clone() for k, v in readout.state_dict().items()}, epoch
     readout.load_state_dict(best_state)
@@ -134,7 +170,7 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
                 roi[r].append(float(np.nanmedian(frac[names == r])))
     prf = prf_recovery(readout, data.pairs)
     return {"variant": name, "model": model_kw, "train": cfg | {"epochs": epochs}, "best_epoch": best_epoch,
-            "val_curve": curve, "seconds": round(time.perf_counter() - t0, 1),
+            "val_curve": curve, "val_roi_curve": roi_curve, "seconds": round(time.perf_counter() - t0, 1),
             "frac_oracle": {r: round(float(np.mean(v)), 4) for r, v in roi.items() if v},
             "prf": {k: round(v, 4) for k, v in summarise(prf).items()}}
 

@@ -163,7 +163,8 @@ class DistillModule(EncoderModule):
             dark = dark[:, voxels]
         pred = self.readout(feats, pair, voxels)
         w = gt_weight(self.current_epoch, self.ramp())
-        gt_loss, dark_loss = self.loss_fn(pred, target), self.loss_fn(pred, dark)
+        # the scanned responses carry the trial noise (whitened if so configured); the teachers' do not
+        gt_loss, dark_loss = self.loss_fn(*self.whitened(pair, pred, target, voxels)), self.loss_fn(pred, dark)
         loss = w * gt_loss + (1 - w) * dark_loss + self.readout.regularization()
         m = self.hparams.extra_per_step
         if m and self._extra_source is not None and pair in self._extra_pred and w < 1:

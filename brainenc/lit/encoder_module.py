@@ -67,6 +67,11 @@ class EncoderModule(L.LightningModule):
         with a prefix train at ``factor * lr`` (e.g. ``{"readout.embedding": 3}``: the universal
         encoder's voxel embeddings, each updated only in the steps that sample its voxel); the
         first matching prefix wins, and a prefix that matches no parameter is an error
+    noise_whitening : weigh training errors by the inverse of the noise covariance across voxels
+        (generalised least squares), estimated per pair from its repeated training images when
+        fitting (:mod:`brainenc.data.noise`): noise shared by many voxels (global signal,
+        physiology, drifts) then stops being a target that the components shared by all voxels
+        learn to reproduce; a pair whose noise is independent across voxels keeps the plain loss
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory,
@@ -74,7 +79,8 @@ class EncoderModule(L.LightningModule):
                  lr: float = 3e-3, weight_decay: float = 1e-4, backbone_lr: float = 1e-4,
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder",
-                 feature_cache: Optional[FeatureCache] = None, lr_scale: Optional[dict[str, float]] = None):
+                 feature_cache: Optional[FeatureCache] = None, lr_scale: Optional[dict[str, float]] = None,
+                 noise_whitening: bool = False):
         super().__init__()
         if not voxel_counts:
             raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "
@@ -98,6 +104,8 @@ class EncoderModule(L.LightningModule):
         self.test_collect = nn.ModuleDict({pair_slot(k): PredictionCollector() for k in voxel_counts})
         self.test_results: dict = {}
         self._t0 = time.time()
+        self.noise_whitening = bool(noise_whitening)
+        self.noise_factors: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     # ---------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
@@ -106,6 +114,38 @@ class EncoderModule(L.LightningModule):
             for p in dm.pairs:
                 if p.key in self.voxel_counts:
                     self.readout.set_voxel_info(p.key, p.info.coords)
+            if self.noise_whitening and stage == "fit":
+                self.estimate_noise(dm.pairs)
+
+    def estimate_noise(self, pairs) -> None:
+        """The shared noise factors of every pair from its repeated training images (see ``noise_whitening``)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from brainenc.data.noise import pair_noise_factors, whiten_torch
+
+        for p in pairs:
+            if p.key in self.voxel_counts and p.key not in self.noise_factors:
+                f = pair_noise_factors(p, p.split.train)
+                self.noise_factors[p.key] = whiten_torch(f)
+                rank_zero_info(f"[noise] {p.key}: {f.k} shared noise factors carry {f.shared_fraction():.0%} of the "
+                               f"noise variance ({f.n_residuals} repeat residuals)")
+
+    def whitened(self, pair: str, pred: Tensor, target: Tensor,
+                 voxels: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Predictions and targets (..., V) of ``voxels`` of ``pair`` (None = all) as the training
+        loss should compare them: with the shared noise whitened (:func:`brainenc.data.noise.whiten`)
+        when ``noise_whitening`` found some, else unchanged."""
+        factors = self.noise_factors.get(pair)
+        if factors is None or factors[0].shape[1] == 0:
+            return pred, target
+        from brainenc.data.noise import whiten
+
+        vectors, shrink, sd = (t.to(pred.device) for t in factors)
+        if voxels is not None:
+            vectors, sd = vectors[voxels], sd[voxels]
+        # a missing response carries no information: its residual is 0 before whitening spreads it
+        target = torch.where(torch.isfinite(target), target, pred.detach())
+        return whiten(pred, vectors, shrink, sd), whiten(target, vectors, shrink, sd)
 
     def features(self, batch: dict) -> Features:
         """The backbone's feature pyramid for ``batch["images"]`` (B, 3, S, S).
@@ -182,7 +222,7 @@ class EncoderModule(L.LightningModule):
         feats = self.features(batch)
         voxels, target = self.sample_voxels(batch["responses"])
         pred = self.readout(feats, pair, voxels)
-        loss = self.loss_fn(pred, target) + self.readout.regularization()
+        loss = self.loss_fn(*self.whitened(pair, pred, target, voxels)) + self.readout.regularization()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss
 

@@ -74,6 +74,7 @@ class ExpertsModule(EncoderModule):
         b, p, v = pred.shape
         # partition-major flattening on both sides: every (partition, voxel) is one output of the
         # per-voxel loss, so each partition's experts get the gradient of their own fit
-        loss = self.loss_fn(pred.reshape(b, p * v), target.repeat(1, p)) + readout.regularization()
+        pred, target = self.whitened(pair, pred, target[:, None].expand(-1, p, -1), voxels)
+        loss = self.loss_fn(pred.reshape(b, p * v), target.reshape(b, p * v)) + readout.regularization()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss

@@ -3,7 +3,7 @@
 :class:`ExpertsReadout` holds the experts of every partition (AFO stage 2) and stitches their
 predictions into whole-brain vectors; :class:`ExpertFeatures` carries one feature pyramid per
 expert when each expert runs the backbone with its own LoRA adapter.  The prediction itself is
-:func:`brainenc.models.retinotopic.predict_points`, shared with the whole-brain readout.
+:meth:`brainenc.models.retinotopic.RetinotopicReadout.predict`, shared with the whole-brain readout.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from .backbones import Features
 from .readout import FeatureSpec, Readout, pair_slot
-from .retinotopic import (RetinotopicReadout, adapt_levels, grid_sizes, level_adapters, level_norms, normalise_levels,
-                          predict_points)
+from .retinotopic import RetinotopicReadout, adapt_levels, grid_sizes, level_adapters, level_norms, normalise_levels
 
 
 def _key(name: str) -> str:
@@ -201,8 +200,7 @@ class ExpertsReadout(Readout):
         preds = []
         for e, expert, _, local in groups:
             maps = self.prepare_maps(features.of(e)) if per_expert else shared
-            preds.append(predict_points(maps, expert.bottleneck_weights(), *expert.point_params(pair, local),
-                                        dropout=expert.dropout))
+            preds.append(expert.predict(maps, pair, local))
         # each expert predicted only its ROI's voxels; scatter them into the whole-brain vectors
         out = preds[0].new_zeros(len(features), len(self.partition_names) * n)
         out[:, torch.cat([g[2] for g in groups])] = torch.cat(preds, dim=1)
