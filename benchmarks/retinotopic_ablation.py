@@ -12,7 +12,11 @@ V1-V3 voxels (r per axis, median distance in degrees).
 
 A variant is ``name:key=value,key=value`` over RetinotopicReadout's arguments, plus the
 training keys ``lr``, ``weight_decay``, ``beta`` (SmoothL1), ``epochs``, ``batch_size`` and ``lr_scale``
-(``{prefix: factor}`` over the readout's parameter names, as ``EncoderModule(lr_scale=...)``).  Results are appended
+(``{prefix: factor}`` over the readout's parameter names, as ``EncoderModule(lr_scale=...)``),
+``gls`` (the whitened loss of ``EncoderModule(noise_whitening=True)``, off here unless asked) and
+two probes of the adapter that no config offers: ``adapter_wd`` (its own decoupled weight decay)
+and ``adapter_dropout`` (dropout on its hidden channels).  Every result also carries the
+validation median per ROI after each epoch (``val_roi_curve``).  Results are appended
 to ``--out`` (JSON lines) so a long ablation can be split over several invocations.
 """
 

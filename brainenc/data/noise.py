@@ -79,7 +79,7 @@ def noise_residuals(trials: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
 
     Returns
     -------
-    float64 (n_residuals, n_voxels), scaled by ``sqrt(n / (n - 1))`` per image of ``n`` trials so
+    float32 (n_residuals, n_voxels), scaled by ``sqrt(n / (n - 1))`` per image of ``n`` trials so
     that every residual has the noise's covariance; one residual per image is dropped (the
     residuals of an image sum to zero, so the last adds nothing)
     """
@@ -90,9 +90,9 @@ def noise_residuals(trials: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
             continue
         block = np.asarray(trials[g], dtype=np.float64)
         res = (block - block.mean(0)) * np.sqrt(n / (n - 1))
-        out.append(res[:-1])
+        out.append(res[:-1].astype(np.float32))
     if not out:
-        return np.zeros((0, trials.shape[1]))
+        return np.zeros((0, trials.shape[1]), np.float32)
     return np.nan_to_num(np.concatenate(out))
 
 
@@ -123,7 +123,8 @@ def estimate_noise_factors(residuals: np.ndarray, max_factors: int = 16, margin:
 
 
 def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16,
-                       responses: Optional[np.ndarray] = None) -> NoiseFactors:
+                       responses: Optional[np.ndarray] = None, max_images: int = 2000,
+                       seed: int = 0) -> NoiseFactors:
     """:func:`estimate_noise_factors` of a (dataset, subject) pair from its repeated ``stimuli``.
 
     Parameters
@@ -131,11 +132,16 @@ def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16,
     pair : :class:`~brainenc.data.datamodule.PairData`
     stimuli : int (n,) stimulus rows to use (the training split: the test images' noise stays unseen)
     responses : the subject's (n_trials, V) responses if already in memory; read from its file otherwise
+    max_images : use at most this many repeated images (a seeded random subset): a few thousand
+        residuals pin down a handful of factors, and an NSD subject's 9,000 images x 3 repeats x
+        15,000 voxels would not fit the setup's memory
     """
     import h5py
 
     stimuli = np.asarray(stimuli, dtype=np.int64)
     stimuli = stimuli[pair.n_repeats(stimuli) >= 2]
+    if len(stimuli) > max_images:
+        stimuli = np.sort(np.random.default_rng(seed).choice(stimuli, max_images, replace=False))
     groups = pair.trials_of(stimuli)
     if not groups:
         return estimate_noise_factors(np.zeros((0, pair.info.n_voxels)), max_factors)

@@ -71,7 +71,9 @@ class EncoderModule(L.LightningModule):
         (generalised least squares), estimated per pair from its repeated training images when
         fitting (:mod:`brainenc.data.noise`): noise shared by many voxels (global signal,
         physiology, drifts) then stops being a target that the components shared by all voxels
-        learn to reproduce; a pair whose noise is independent across voxels keeps the plain loss
+        learn to reproduce; a pair whose noise is independent across voxels (or that has no
+        repeated training images) keeps the plain loss.  On by default: a no-op where it finds
+        no shared noise (docs/results.md, "Correlated noise")
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory,
@@ -80,7 +82,7 @@ class EncoderModule(L.LightningModule):
                  warmup_fraction: float = 0.05, voxels_per_step: Optional[int] = None,
                  eval_voxel_chunk: Optional[int] = None, model_name: str = "encoder",
                  feature_cache: Optional[FeatureCache] = None, lr_scale: Optional[dict[str, float]] = None,
-                 noise_whitening: bool = False):
+                 noise_whitening: bool = True):
         super().__init__()
         if not voxel_counts:
             raise ValueError("EncoderModule: 'voxel_counts' is empty; the CLI links it from "

@@ -135,7 +135,7 @@ def read_level(fmap: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, readout:
 
 def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
                    mix: Optional[Tensor], weight: Tensor, bias: Tensor, sigma: Optional[Tensor] = None, *,
-                   dropout: nn.Module, head: Optional[nn.Module] = None) -> Tensor:
+                   dropout: nn.Module) -> Tensor:
     """The retinotopic prediction of N voxels.
 
     ``pred[b, n] = sum_l levels[n, l] * (mix[n] * w_local[n] . local_l[b, n]
@@ -153,17 +153,11 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     bias : (N,)
     sigma : (N,) Gaussian receptive-field sizes in grid units, or None for point fields
     dropout : applied to each level's local features, and the global features, while training
-    head : a module (B, N, D) -> (B, N, D) applied to every voxel's features after spatial summation
-        (see :func:`voxel_features`); None = the readout is linear in them
 
     Returns
     -------
     Tensor (B, N)
     """
-    if head is not None:
-        shared = mix is not None and weight.shape[1] == bottleneck[0][0].shape[0]
-        feat = voxel_features(maps, bottleneck, pos, levels, mix, sigma, shared=shared, dropout=dropout)
-        return (head(feat) * weight).sum(-1) + bias
     width = bottleneck[0][0].shape[0]
     shared = weight.shape[1] == width
     # the mix scales the (small) readout weights instead of the (B, width, N) features
@@ -178,55 +172,6 @@ def predict_points(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], 
     glob = torch.stack(pooled, dim=2) @ levels.t()  # (B, width, N)
     w_global = weight if shared else weight[:, width:]
     return pred + dot_channels(dropout(glob), w_global * (1 - mix)[:, None])
-
-
-def voxel_features(maps: list[Tensor], bottleneck: list[tuple[Tensor, Tensor]], pos: Tensor, levels: Tensor,
-                   mix: Optional[Tensor], sigma: Optional[Tensor] = None, *, shared: bool = False,
-                   dropout: nn.Module) -> Tensor:
-    """Every voxel's features: the vector :func:`predict_points` dots with the voxel's readout weights.
-
-    With ``local[n] = sum_l levels[n, l] * bottleneck_l(map_l under the field of n)`` and
-    ``global[n]`` the same mixture of the spatially pooled maps, the features are
-    ``[mix * local, (1 - mix) * global]`` (D = 2 * width), ``mix * local + (1 - mix) * global``
-    with ``shared`` (D = width, FactorTopy's shared readout) and ``local`` (D = width) without the
-    global term (``mix`` None).  Arguments as for :func:`predict_points`.
-
-    Returns
-    -------
-    Tensor (B, N, D)
-    """
-    memo, local, pooled = {}, 0, []
-    for l, (m, (w_l, b_l)) in enumerate(zip(maps, bottleneck)):
-        # project first: pooled maps are small, so the (B, width, H, W) projection is cheap
-        proj = F.conv2d(m, w_l[:, :, None, None], b_l)
-        local = local + sample_points(proj, pos, sigma, memo) * levels[:, l]
-        pooled.append(proj.mean(dim=(2, 3)))
-    if mix is None:
-        return dropout(local).transpose(1, 2)
-    glob = torch.stack(pooled, dim=2) @ levels.t()  # (B, width, N)
-    feat = local * mix + glob * (1 - mix) if shared else torch.cat([local * mix, glob * (1 - mix)], dim=1)
-    return dropout(feat).transpose(1, 2)
-
-
-def voxel_head(d: int, channels: int) -> Optional[nn.Module]:
-    """A residual MLP ``D -> channels -> D`` shared by all voxels, applied after spatial summation
-    (:func:`voxel_features`), whose output layer starts at zero; None for ``channels == 0``."""
-    if channels <= 0:
-        return None
-    return ResidualMLP(d, channels)
-
-
-class ResidualMLP(nn.Module):
-    """``x + W2 gelu(W1 x + b1) + b2`` over the last dimension, ``W2`` and ``b2`` starting at zero."""
-
-    def __init__(self, d: int, channels: int):
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(d, channels), nn.GELU(), nn.Linear(channels, d))
-        nn.init.zeros_(self.inner[-1].weight)
-        nn.init.zeros_(self.inner[-1].bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.inner(x)
 
 
 def level_norms(spec: FeatureSpec) -> nn.ModuleList:
@@ -342,10 +287,6 @@ class RetinotopicReadout(Readout):
         are not linear in the backbone's; its output layer starts at zero, so training starts
         from the linear readout; 0 = none (the bottleneck reads the backbone's channels
         linearly, as FactorTopy does)
-    head : hidden channels of a residual MLP (shared by all voxels, output layer starting at zero)
-        applied to every voxel's features *after* they are summed over its field and mixed over
-        levels, before its linear readout: a nonlinearity of the summed drive, such as compressive
-        spatial summation, that no per-pixel adapter can express; 0 = none
     selector_prior : weight of a prior that holds the selectors near their neutral start
         (normalised negative entropy of the level weights, minimal when uniform, plus
         ``(mix - 0.5)^2``) and fades linearly to 0 over ``selector_prior_steps`` training steps,
@@ -358,8 +299,7 @@ class RetinotopicReadout(Readout):
                  normalise: bool = True, grid: Union[int, list[int], None] = None,
                  selector_init: Literal["zero", "small"] = "small", shared_readout: bool = False,
                  selector_prior: float = 0.0, selector_prior_steps: int = 2000,
-                 rf: Literal["point", "gaussian"] = "point", rf_size_init: float = 0.1, adapter: int = 0,
-                 head: int = 0):
+                 rf: Literal["point", "gaussian"] = "point", rf_size_init: float = 0.1, adapter: int = 0):
         super().__init__(voxel_counts, spec)
         if rf not in ("point", "gaussian") or not rf_size_init > 0:
             raise ValueError(f"RetinotopicReadout: rf must be 'point' or 'gaussian' and rf_size_init > 0, got "
@@ -376,10 +316,9 @@ class RetinotopicReadout(Readout):
         self.jitter, self.layer_entropy, self.global_term = float(jitter), float(layer_entropy), bool(global_term)
         self.shared_readout = bool(shared_readout)
         self.rf, self.rf_size_init = rf, float(rf_size_init)
-        if int(adapter) < 0 or int(head) < 0:
-            raise ValueError(f"RetinotopicReadout: adapter and head must be >= 0 channels, got {adapter!r} and "
-                             f"{head!r}")
-        self.adapter_channels, self.head_channels = int(adapter), int(head)
+        if int(adapter) < 0:
+            raise ValueError(f"RetinotopicReadout: adapter must be >= 0 channels, got {adapter!r}")
+        self.adapter_channels = int(adapter)
         self.selector_prior, self.selector_prior_steps = float(selector_prior), int(selector_prior_steps)
         # training steps seen by the prior's schedule; a buffer, so a resumed fit continues the ramp
         self.register_buffer("prior_step", torch.zeros((), dtype=torch.long))
@@ -392,7 +331,6 @@ class RetinotopicReadout(Readout):
         self.dropout = nn.Dropout(dropout)
         d_enc = 3 + 6 * self.n_freq
         d_feat = 2 * self.width if self.global_term and not self.shared_readout else self.width
-        self.head = voxel_head(d_feat, self.head_channels)
         self.pos_mlp, self.layer_mlp, self.mix_mlp = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.free_pos = nn.ParameterDict()
         self.size_mlp, self.free_size = nn.ModuleDict(), nn.ParameterDict()
@@ -444,14 +382,11 @@ class RetinotopicReadout(Readout):
         :meth:`set_voxel_info`), this readout then predicts exactly what ``other`` does for those voxels.
         """
         if (other.width, other.n_freq, other.positions_mode, other.global_term, other.shared_readout, other.rf,
-                other.adapter_channels, other.head_channels) != (
-                self.width, self.n_freq, self.positions_mode, self.global_term, self.shared_readout, self.rf,
-                self.adapter_channels, self.head_channels):
+                other.adapter_channels) != (self.width, self.n_freq, self.positions_mode, self.global_term,
+                                            self.shared_readout, self.rf, self.adapter_channels):
             raise ValueError("RetinotopicReadout.copy_from: the two readouts differ in width, n_freq, positions, "
-                             "global_term, shared_readout, rf, adapter or head")
+                             "global_term, shared_readout, rf or adapter")
         self.bottleneck.load_state_dict(other.bottleneck.state_dict())
-        if self.head is not None:
-            self.head.load_state_dict(other.head.state_dict())
         if len(self.adapter) and len(other.adapter):
             self.adapter.load_state_dict(other.adapter.state_dict())
         for key, idx in voxels.items():
@@ -562,7 +497,7 @@ class RetinotopicReadout(Readout):
         :func:`adapt_levels`): by this readout's own norms in :meth:`forward`, by the shared ones of
         :class:`~brainenc.models.experts.ExpertsReadout` for an expert."""
         return predict_points(maps, self.bottleneck_weights(), *self.point_params(pair, voxels),
-                              dropout=self.dropout, head=self.head)
+                              dropout=self.dropout)
 
     def prior_weight(self) -> float:
         """The selector prior's weight at the current step: ``selector_prior * max(0, 1 - step / steps)``."""
