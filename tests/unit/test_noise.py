@@ -148,3 +148,15 @@ def test_encoder_finds_shared_noise_and_trains_on_the_whitened_loss(noisy_brain,
     assert plain.noise_factors[key][0].shape[1] == 0
     p, t = torch.randn(2, plain.voxel_counts[key]), torch.randn(2, plain.voxel_counts[key])
     assert plain.whitened(key, p, t)[1] is t
+
+
+def test_whitening_acts_on_the_last_axis_of_any_batch_shape():
+    """The AFO experts whiten (B, partitions, V) predictions against targets expanded alike."""
+    rng = np.random.default_rng(5)
+    res, _, _ = _noise(rng, 300, 200, k=2, shared=0.5)
+    vectors, shrink, sd = whiten_torch(estimate_noise_factors(res))
+    assert vectors.shape[1] >= 1
+    r = torch.randn(4, 3, 200)
+    out = whiten(r, vectors, shrink, sd)
+    for p in range(3):
+        torch.testing.assert_close(out[:, p], whiten(r[:, p], vectors, shrink, sd))
