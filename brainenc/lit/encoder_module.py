@@ -73,7 +73,7 @@ class EncoderModule(L.LightningModule):
         physiology, drifts) then stops being a target that the components shared by all voxels
         learn to reproduce; a pair whose noise is independent across voxels (or that has no
         repeated training images) keeps the plain loss.  On by default: a no-op where it finds
-        no shared noise (docs/results.md, "Correlated noise")
+        no shared noise (docs/results.md, "Training budget and correlated noise")
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory,
@@ -129,8 +129,9 @@ class EncoderModule(L.LightningModule):
             if p.key in self.voxel_counts and p.key not in self.noise_factors:
                 f = pair_noise_factors(p, p.split.train)
                 self.noise_factors[p.key] = whiten_torch(f)
-                rank_zero_info(f"[noise] {p.key}: {f.k} shared noise factors carry {f.shared_fraction():.0%} of the "
-                               f"noise variance ({f.n_residuals} repeat residuals)")
+                found = (f"{f.k} shared noise factors carry {f.shared_fraction():.0%} of the noise variance: "
+                         "training on the whitened loss" if f.k else "no noise shared across voxels: the plain loss")
+                rank_zero_info(f"[noise] {p.key}: {found} ({f.n_residuals} repeat residuals)")
 
     def whitened(self, pair: str, pred: Tensor, target: Tensor,
                  voxels: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

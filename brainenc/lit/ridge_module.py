@@ -75,8 +75,11 @@ class RidgeModule(EncoderModule):
         if solve_dtype not in ("float64", "float32"):
             raise ValueError(f"RidgeModule: solve_dtype must be 'float64' or 'float32', got {solve_dtype!r}")
         factory = functools.partial(RidgeReadout, grid=grid, reduce=reduce, n_components=n_components, seed=seed)
+        # no whitening: ridge solves each voxel separately in closed form, with no parameter shared
+        # between voxels through which shared noise could spread (and without the penalty, one design
+        # for all voxels makes generalised and ordinary least squares coincide)
         super().__init__(backbone, factory, voxel_counts=voxel_counts, model_name=model_name,
-                         feature_cache=feature_cache)
+                         feature_cache=feature_cache, noise_whitening=False)
         self.save_hyperparameters(ignore=[k for k in _object_args() if k == "backbone"])
         self.alphas, self.cv = list(alphas), cv
         self.banded, self.banded_iter, self.seed = bool(banded), int(banded_iter), int(seed)
