@@ -4,7 +4,7 @@ fMRI noise is not independent across voxels: global signal, physiology, head mot
 drifts move many voxels together.  Fitted by ordinary least squares, such noise is a coherent
 target that every voxel's gradient agrees on, so a model component shared by all voxels (a
 feature adapter, the pooled features) learns to reproduce it from the training images -- and
-loses accuracy on new images (docs/results.md, "Correlated noise").  Generalised least squares
+loses accuracy on new images (docs/results.md, "Training budget and correlated noise").  Generalised least squares
 is the remedy: weigh the prediction error by the inverse noise covariance, so that directions in
 which the noise is large count less.
 
@@ -13,9 +13,11 @@ trial minus the image's mean trial (scaled by ``sqrt(n / (n - 1))`` so that it h
 variance) is pure noise.  Its eigen-decomposition gives the noise factors; eigenvalues above the
 Marchenko-Pastur edge of an independent-noise matrix of the same shape are kept (none on a brain
 whose noise is independent across voxels, so the loss is then unchanged), the rest of the
-spectrum sets the independent part ``s2``.  The whitening of a residual ``r`` (voxels last) is
+spectrum sets the independent part ``s2``.  Everything is done on the standardised noise (each
+voxel divided by its noise sd, so that a noisier voxel does not pass for a factor); the whitening
+of a standardised residual ``z`` (voxels last) is
 
-    W r = r - U (f * (U^T r)),      f_i = 1 - sqrt(s2 / lambda_i)
+    W z = z - U (f * (U^T z)),      f_i = 1 - sqrt(s2 / lambda_i)
 
 which scales the residual along factor ``i`` (noise variance ``lambda_i``) by ``sqrt(s2 /
 lambda_i)`` and leaves the orthogonal complement alone: ``Sigma^(-1/2)`` up to the constant
