@@ -27,8 +27,6 @@ lambda_i)`` and leaves the orthogonal complement alone: ``Sigma^(-1/2)`` up to t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -124,8 +122,7 @@ def estimate_noise_factors(residuals: np.ndarray, max_factors: int = 16, margin:
     return NoiseFactors(vt[:k].T.astype(np.float32), eig[:k].astype(np.float32), float(s2), sd, n)
 
 
-def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16,
-                       responses: Optional[np.ndarray] = None, max_images: int = 2000,
+def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16, max_images: int = 2000,
                        seed: int = 0) -> NoiseFactors:
     """:func:`estimate_noise_factors` of a (dataset, subject) pair from its repeated ``stimuli``.
 
@@ -133,7 +130,6 @@ def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16,
     ----------
     pair : :class:`~brainenc.data.datamodule.PairData`
     stimuli : int (n,) stimulus rows to use (the training split: the test images' noise stays unseen)
-    responses : the subject's (n_trials, V) responses if already in memory; read from its file otherwise
     max_images : use at most this many repeated images (a seeded random subset): a few thousand
         residuals pin down a handful of factors, and an NSD subject's 9,000 images x 3 repeats x
         15,000 voxels would not fit the setup's memory
@@ -147,19 +143,10 @@ def pair_noise_factors(pair, stimuli: np.ndarray, max_factors: int = 16,
     groups = pair.trials_of(stimuli)
     if not groups:
         return estimate_noise_factors(np.zeros((0, pair.info.n_voxels)), max_factors)
-    rows = np.concatenate(groups)
-    order = np.argsort(rows)
-    if responses is None:
-        with h5py.File(pair.info.path, "r") as f:
-            block = f["responses"][rows[order]]
-    else:
-        block = np.asarray(responses)[rows[order]]
-    block = np.asarray(block, dtype=np.float32)
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    trials = block[back]  # back in the order of `rows`
-    starts = np.concatenate([[0], np.cumsum([len(g) for g in groups])])
-    local = [np.arange(starts[i], starts[i + 1]) for i in range(len(groups))]
+    rows = np.sort(np.concatenate(groups))  # one increasing read (h5py's fancy indexing needs it)
+    with h5py.File(pair.info.path, "r") as f:
+        trials = np.asarray(f["responses"][rows], dtype=np.float32)
+    local = [np.searchsorted(rows, g) for g in groups]  # each image's trials as rows of `trials`
     return estimate_noise_factors(noise_residuals(trials, local), max_factors)
 
 

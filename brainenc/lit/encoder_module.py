@@ -143,7 +143,9 @@ class EncoderModule(L.LightningModule):
             return pred, target
         from brainenc.data.noise import whiten
 
-        vectors, shrink, sd = (t.to(pred.device) for t in factors)
+        if factors[0].device != pred.device:  # moved once, not every step
+            factors = self.noise_factors[pair] = tuple(t.to(pred.device) for t in factors)
+        vectors, shrink, sd = factors
         if voxels is not None:
             vectors, sd = vectors[voxels], sd[voxels]
         # a missing response carries no information: its residual is 0 before whitening spreads it

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Features
-from .fields import dot_channels, sample_at, sample_points, sampled_dot
+from .fields import dot_channels, sample_points, sampled_dot
 from .readout import FeatureSpec, Readout, pair_slot
 
 
