@@ -13,7 +13,9 @@ V1-V3 voxels (r per axis, median distance in degrees).
 A variant is ``name:key=value,key=value`` over RetinotopicReadout's arguments, plus the
 training keys ``lr``, ``weight_decay``, ``beta`` (SmoothL1), ``epochs``, ``batch_size`` and ``lr_scale``
 (``{prefix: factor}`` over the readout's parameter names, as ``EncoderModule(lr_scale=...)``),
-``gls`` (the whitened loss of ``EncoderModule(noise_whitening=True)``, off here unless asked) and
+``gls`` (the whitened loss of ``EncoderModule(noise_whitening=True)``, off here unless asked),
+``ema`` (decay of an exponential moving average of the weights, evaluated and kept instead of
+the weights themselves; 0 = none) and
 two probes of the adapter that no config offers: ``adapter_wd`` (its own decoupled weight decay)
 and ``adapter_dropout`` (dropout on its hidden channels).  Every result also carries the
 validation median per ROI after each epoch (``val_roi_curve``).  Results are appended
@@ -46,7 +48,7 @@ from brainenc.models.losses import SmoothL1Loss
 from brainenc.models.readout import FeatureSpec
 from brainenc.models.retinotopic import RetinotopicReadout
 
-TRAIN_KEYS = {"lr": 3e-3, "weight_decay": 0.01, "beta": 0.01, "epochs": None, "batch_size": 32, "lr_scale": {}, "adapter_wd": None, "adapter_dropout": 0.0, "gls": False}
+TRAIN_KEYS = {"lr": 3e-3, "weight_decay": 0.01, "beta": 0.01, "epochs": None, "batch_size": 32, "lr_scale": {}, "adapter_wd": None, "adapter_dropout": 0.0, "gls": False, "ema": 0.0}
 ROIS = ["V1", "V2", "V3", "hV4", "FFA", "PPA"]
 
 
@@ -137,6 +139,12 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
     total = steps_per_epoch * epochs
     warm = max(1, int(0.05 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
+    ema = None
+    if cfg["ema"]:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(readout, multi_avg_fn=get_ema_multi_avg_fn(float(cfg["ema"])), use_buffers=True)
+    scored = readout if ema is None else ema.module
     best, best_state, curve, roi_curve, t0 = -np.inf, None, [], {}, time.perf_counter()
     for epoch in range(epochs):
         batches = []
@@ -155,13 +163,15 @@ def run_variant(name: str, model_kw: dict, train_kw: dict, data: InMemory, spec:
             loss.backward()
             opt.step()
             sched.step()
-        per_pair = evaluate(readout, data, "val")
+            if ema is not None:
+                ema.update_parameters(readout)
+        per_pair = evaluate(scored, data, "val")
         val = float(np.nanmedian(np.concatenate(list(per_pair.values()))))
         curve.append(round(val, 4))
         for r, v in roi_medians(per_pair, data).items():
             roi_curve.setdefault(r, []).append(round(v, 4))
         if val > best:
-            best, best_state, best_epoch = val, {k: v.clone() for k, v in readout.state_dict().items()}, epoch
+            best, best_state, best_epoch = val, {k: v.clone() for k, v in scored.state_dict().items()}, epoch
     readout.load_state_dict(best_state)
     test = evaluate(readout, data, "test")
     roi = {r: [] for r in ROIS}

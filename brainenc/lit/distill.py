@@ -3,7 +3,8 @@
 ``loss = w(e) * loss(pred, measured) + (1 - w(e)) * loss(pred, dark)`` with ``w`` rising
 linearly from 0 at epoch 0 to 1 at epoch ``ramp_epochs`` (then 1): the student first learns the
 experts' smooth, noise-free predictions and ends on the measured responses.  The default loss is
-per-voxel SmoothL1 (beta 0.01) averaged over voxels, so every voxel weighs the same.
+per-voxel SmoothL1 (:class:`~brainenc.models.losses.SmoothL1Loss`, beta 1) averaged over voxels, so
+every voxel weighs the same; ``brainenc afo`` passes the base config's loss when it names one.
 
 Dark targets file (HDF5, written by ``brainenc afo``'s ``dark`` stage)::
 
@@ -53,7 +54,7 @@ class DistillModule(EncoderModule):
         feature cache like the labelled images' (one store per step)
     init_from : a checkpoint of a model with the same backbone and readout (e.g. the AFO
         whole-brain model) whose weights the student starts from; None = fresh initialisation
-    other parameters : as :class:`EncoderModule` (loss defaults to SmoothL1(beta=0.01))
+    other parameters : as :class:`EncoderModule` (loss defaults to :class:`SmoothL1Loss`)
     """
 
     def __init__(self, backbone: Backbone, readout: ReadoutFactory, dark_targets: str,
@@ -65,7 +66,7 @@ class DistillModule(EncoderModule):
                  feature_cache: Optional[FeatureCache] = None, init_from: Optional[str] = None,
                  lr_scale: Optional[dict[str, float]] = None):
         super().__init__(backbone, readout, voxel_counts=voxel_counts,
-                         loss=loss if loss is not None else SmoothL1Loss(0.01), lr=lr,
+                         loss=loss if loss is not None else SmoothL1Loss(), lr=lr,
                          weight_decay=weight_decay, backbone_lr=backbone_lr, warmup_fraction=warmup_fraction,
                          voxels_per_step=voxels_per_step, eval_voxel_chunk=eval_voxel_chunk,
                          model_name=model_name, feature_cache=feature_cache, lr_scale=lr_scale)

@@ -35,9 +35,17 @@ class MSELoss(VoxelLoss):
 
 
 class SmoothL1Loss(VoxelLoss):
-    """SmoothL1 per voxel (the Memory Encoding Model used beta = 0.01)."""
+    """SmoothL1 per voxel: quadratic for errors below ``beta``, linear above (Huber's loss / beta).
 
-    def __init__(self, beta: float = 0.01):
+    With responses z-scored per voxel, ``beta = 1`` (the default, and brainenc's retinotopic
+    configs) is a Huber loss at one response sd: ~90 % of least squares' efficiency under Gaussian
+    trial noise, and outlier trials pull linearly, not quadratically.  The Memory Encoding Model
+    used ``beta = 0.01``, which is L1 for any realistic error: its fits vary ~pi/2 times as much
+    as least squares' (tests/unit/test_losses.py), which cost the retinotopic readout 0.001-0.013
+    of the oracle per ROI on simbrain's presets (docs/results.md).
+    """
+
+    def __init__(self, beta: float = 1.0):
         super().__init__()
         self.beta = beta
 

@@ -254,8 +254,6 @@ class AFORecipe:
                 "dark_targets": str((self.dir("dark") / "dark_targets.h5").resolve()),
                 "ramp_epochs": s.get("ramp_epochs"), "extra_per_step": int(s.get("extra_per_step", 0)),
                 **dict(s.get("init_args") or {})}
-        if "loss" not in args:  # the recipe's per-voxel SmoothL1, unless the stage says otherwise
-            args["loss"] = {"class_path": "brainenc.models.losses.SmoothL1Loss", "init_args": {"beta": 0.01}}
         init = s.get("init", "scratch")
         if init == "whole":  # start from the whole-brain model (same base config, same shapes)
             args["init_from"] = str(RunDir(self.dir("whole")).require_checkpoint().resolve())
